@@ -1,0 +1,11 @@
+"""The optimizer math, in pure numpy: no web framework is imported below this package."""
+
+from .adagrad import adagrad
+from .adam import adam, adamw
+from .base import Hyperparameters, Optimizer
+from .rmsprop import rmsprop
+from .sgd import sgd
+
+OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (sgd, adagrad, rmsprop, adam, adamw)}
+
+__all__ = ["OPTIMIZERS", "Hyperparameters", "Optimizer"]

@@ -1,0 +1,98 @@
+"""Adam: momentum + RMSProp + bias correction; AdamW is the same update with decoupled weight decay."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, NamedTuple
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from .base import Bool, Float, Hyperparameters, Optimizer, lerp_
+
+Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
+
+
+class AdamHyperparameters(Hyperparameters):
+    lr: Float = 1e-3
+    betas: Betas = (0.9, 0.999)
+    eps: Float = 1e-8
+    weight_decay: Float = 0.0
+    amsgrad: Bool = False
+    maximize: Bool = False
+    decoupled_weight_decay: Bool = False
+
+    @model_validator(mode="after")
+    def _torch_checks(self):
+        if not 0.0 <= self.lr:
+            raise ValueError(f"Invalid learning rate: {self.lr}")
+        if not 0.0 <= self.eps:
+            raise ValueError(f"Invalid epsilon value: {self.eps}")
+        if not 0.0 <= self.betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {self.betas[0]}")
+        if not 0.0 <= self.betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {self.betas[1]}")
+        if not 0.0 <= self.weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+        return self
+
+
+class AdamWHyperparameters(AdamHyperparameters):
+    """torch.optim.AdamW: Adam with ``decoupled_weight_decay`` fixed on and a default decay of 1e-2."""
+
+    weight_decay: Float = 1e-2
+    decoupled_weight_decay: Annotated[Bool, Field(exclude=True)] = True
+
+    @model_validator(mode="after")
+    def _always_decoupled(self):
+        if not self.decoupled_weight_decay:
+            raise ValueError("adamw always decouples weight decay; use adam for the coupled form")
+        return self
+
+
+class AdamState(NamedTuple):
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+    max_exp_avg_sq: np.ndarray | None = None
+
+
+def init(param: np.ndarray, hp: AdamHyperparameters) -> AdamState:
+    return AdamState(
+        np.zeros_like(param),
+        np.zeros_like(param),
+        np.zeros_like(param) if hp.amsgrad else None,
+    )
+
+
+def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) -> None:
+    beta1, beta2 = hp.betas
+    if hp.maximize:
+        grad = -grad
+    if hp.weight_decay != 0:
+        if hp.decoupled_weight_decay:
+            param *= 1 - hp.lr * hp.weight_decay
+        else:
+            grad = grad + hp.weight_decay * param
+    lerp_(state.exp_avg, grad, 1 - beta1)
+    state.exp_avg_sq[...] *= beta2
+    state.exp_avg_sq[...] += (1 - beta2) * grad * grad
+    step_size = hp.lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    second = state.exp_avg_sq
+    if hp.amsgrad:
+        np.maximum(state.max_exp_avg_sq, state.exp_avg_sq, out=state.max_exp_avg_sq)
+        second = state.max_exp_avg_sq
+    denom = np.sqrt(second)
+    denom /= bias_correction2_sqrt
+    denom += hp.eps
+    param -= step_size * state.exp_avg / denom
+
+
+adam = Optimizer(
+    "adam", AdamHyperparameters, init, update, AdamState,
+    "m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − η·m̂/(√v̂ + ε) (torch.optim.Adam)",
+)
+adamw = Optimizer(
+    "adamw", AdamWHyperparameters, init, update, AdamState,
+    "Adam with decoupled weight decay θ ← θ(1 − η·λ) (torch.optim.AdamW)",
+)

@@ -1,0 +1,48 @@
+"""What every optimizer is: a hyperparameter model plus a pure-shaped ``init`` / ``update`` pair.
+
+Like optax, an optimizer is data, not a class hierarchy: ``Optimizer`` bundles a validated
+hyperparameter model with two functions over a small per-tensor NamedTuple state whose field names
+are torch's buffer names (``exp_avg``, ``square_avg``, ...). Unlike optax, ``update`` writes into the
+arrays it is given, as torch's functional core does: the session layer always hands it private copies,
+and working in place is what keeps a 10M-parameter step at a few copies of memory.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Callable, NamedTuple
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Strict
+
+# JSON numbers for hyperparameters: ints are fine, booleans and strings are not.
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
+class Hyperparameters(BaseModel):
+    """Base for each optimizer's hyperparameters: unknown names and non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class Optimizer(NamedTuple):
+    """A named recipe: hyperparameter model + ``init(param, hp)`` + ``update(param, grad, state, hp, step)``.
+
+    ``update`` is called once per tensor per step with ``step`` counting from 1 (torch's ``state["step"]``
+    after its increment); it updates ``param`` and the state buffers in place.
+    """
+
+    name: str
+    hyperparameters: type[Hyperparameters]
+    init: Callable[[np.ndarray, Any], tuple]
+    update: Callable[[np.ndarray, np.ndarray, Any, Any, int], None]
+    state_type: type
+    summary: str
+
+
+def lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:
+    """In-place ``torch.lerp_``, with torch's two-sided formula so results agree to the last bit."""
+    if weight < 0.5:
+        start += weight * (end - start)
+    else:
+        start[...] = end - (end - start) * (1.0 - weight)

@@ -1,0 +1,108 @@
+"""A session's training recipe: optimizer + hyperparameters, param groups, schedule and clipping.
+
+``TrainingConfig`` is what a client sends and what the stored record keeps, so the exact optimizer
+can be rebuilt anywhere. ``apply_step`` is the whole per-step pipeline: clip, schedule, update.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from . import OPTIMIZERS
+from .base import Hyperparameters
+from .clipping import ClipGradNorm, clip_grad_norm
+from .schedules import Schedule
+
+
+def _with_type(name: str, hp_model: type[Hyperparameters]) -> type[Hyperparameters]:
+    return create_model(
+        f"{hp_model.__name__.removesuffix('Hyperparameters')}Config",
+        __base__=hp_model,
+        type=(Literal[name], ...),  # type: ignore[valid-type]
+    )
+
+
+OptimizerConfig = Annotated[
+    Union[tuple(_with_type(n, o.hyperparameters) for n, o in OPTIMIZERS.items())],  # type: ignore[valid-type]
+    Field(discriminator="type"),
+]
+
+
+class ParamGroup(BaseModel):
+    """Hyperparameter overrides for the named tensors in ``params`` (torch's param-group semantics)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    params: Annotated[list[str], Field(min_length=1)]
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: OptimizerConfig
+    schedule: Schedule | None = None
+    clip_grad_norm: ClipGradNorm | None = None
+    param_groups: list[ParamGroup] = []
+
+    @model_validator(mode="after")
+    def _groups_are_valid(self):
+        seen: set[str] = set()
+        for i, group in enumerate(self.param_groups):
+            if dup := seen.intersection(group.params):
+                raise ValueError(
+                    f"some parameters appear in more than one parameter group: {sorted(dup)}"
+                )
+            seen.update(group.params)
+            self._group_hyperparameters(i)
+        return self
+
+    def _group_hyperparameters(self, i: int) -> Hyperparameters:
+        overrides = dict(self.param_groups[i].model_extra or {})
+        if "type" in overrides:
+            raise ValueError(f"param_groups[{i}]: a group cannot change the optimizer type")
+        merged = {**self.optimizer.model_dump(), **overrides}
+        try:
+            return type(self.optimizer).model_validate(merged)
+        except ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"param_groups[{i}]: {msgs}") from None
+
+    def hyperparameters_for(self, names: list[str]) -> list[Any]:
+        """The hyperparameters of each named tensor: its group's, else the optimizer's."""
+        unknown = {n for g in self.param_groups for n in g.params} - set(names)
+        if unknown:
+            raise ValueError(
+                f"param_groups name tensors that are not in params: {sorted(unknown)}; "
+                f"the tensors are {names}"
+            )
+        groups = [self._group_hyperparameters(i) for i in range(len(self.param_groups))]
+        by_name = {n: hp for g, hp in zip(self.param_groups, groups) for n in g.params}
+        return [by_name.get(n, self.optimizer) for n in names]
+
+    @property
+    def algorithm(self):
+        return OPTIMIZERS[self.optimizer.type]
+
+
+def apply_step(
+    config: TrainingConfig,
+    hyperparameters: list[Any],
+    params: list[np.ndarray],
+    grads: list[np.ndarray],
+    states: list[tuple],
+    step: int,
+) -> float | None:
+    """Run optimizer step number ``step`` (from 1) in place; return the gradient norm when clipping."""
+    grad_norm = clip_grad_norm(grads, config.clip_grad_norm) if config.clip_grad_norm else None
+    update = config.algorithm.update
+    scheduled: dict[int, Any] = {}
+    for param, grad, state, hp in zip(params, grads, states, hyperparameters):
+        if config.schedule is not None:
+            if id(hp) not in scheduled:
+                scheduled[id(hp)] = hp.model_copy(update={"lr": config.schedule.lr(hp.lr, step - 1)})
+            hp = scheduled[id(hp)]
+        update(param, grad, state, hp, step)
+    return grad_norm

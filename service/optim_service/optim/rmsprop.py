@@ -1,0 +1,85 @@
+"""RMSProp: divide by a root-mean-square of gradients with exponential weights α and 1−α.
+
+``square_avg_init="first_grad"`` is the lecture's original form, σ⁰ = |g⁰|: the first step sets the
+average to g² instead of mixing it with zero (torch's form, ``"zero"``, the default).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+from pydantic import model_validator
+
+from .base import Bool, Float, Hyperparameters, Optimizer, lerp_
+
+
+class RMSpropHyperparameters(Hyperparameters):
+    lr: Float = 1e-2
+    alpha: Float = 0.99
+    eps: Float = 1e-8
+    weight_decay: Float = 0.0
+    momentum: Float = 0.0
+    centered: Bool = False
+    maximize: Bool = False
+    square_avg_init: Literal["zero", "first_grad"] = "zero"
+
+    @model_validator(mode="after")
+    def _torch_checks(self):
+        if not 0.0 <= self.lr:
+            raise ValueError(f"Invalid learning rate: {self.lr}")
+        if not 0.0 <= self.eps:
+            raise ValueError(f"Invalid epsilon value: {self.eps}")
+        if not 0.0 <= self.momentum:
+            raise ValueError(f"Invalid momentum value: {self.momentum}")
+        if not 0.0 <= self.weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+        if not 0.0 <= self.alpha:
+            raise ValueError(f"Invalid alpha value: {self.alpha}")
+        return self
+
+
+class RMSpropState(NamedTuple):
+    square_avg: np.ndarray
+    momentum_buffer: np.ndarray | None = None
+    grad_avg: np.ndarray | None = None
+
+
+def init(param: np.ndarray, hp: RMSpropHyperparameters) -> RMSpropState:
+    return RMSpropState(
+        np.zeros_like(param),
+        np.zeros_like(param) if hp.momentum > 0 else None,
+        np.zeros_like(param) if hp.centered else None,
+    )
+
+
+def update(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int) -> None:
+    if hp.maximize:
+        grad = -grad
+    if hp.weight_decay != 0:
+        grad = grad + hp.weight_decay * param
+    square_avg = state.square_avg
+    if step == 1 and hp.square_avg_init == "first_grad":
+        square_avg[...] = grad * grad
+    else:
+        square_avg *= hp.alpha
+        square_avg += (1 - hp.alpha) * grad * grad
+    if hp.centered:
+        lerp_(state.grad_avg, grad, 1 - hp.alpha)
+        avg = np.sqrt(square_avg - state.grad_avg * state.grad_avg)
+    else:
+        avg = np.sqrt(square_avg)
+    avg += hp.eps
+    if hp.momentum > 0:
+        buf = state.momentum_buffer
+        buf *= hp.momentum
+        buf += grad / avg
+        param -= hp.lr * buf
+    else:
+        param -= hp.lr * grad / avg
+
+
+rmsprop = Optimizer(
+    "rmsprop", RMSpropHyperparameters, init, update, RMSpropState,
+    "σ² ← α·σ² + (1−α)·g², θ ← θ − η·g/(σ + ε) (torch.optim.RMSprop; lecture form σ⁰=|g⁰|)",
+)

@@ -1,0 +1,61 @@
+"""SGD with momentum: vᵗ = λvᵗ⁻¹ + gᵗ, θᵗ⁺¹ = θᵗ − ηvᵗ (torch's form of the lecture's momentum)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from pydantic import model_validator
+
+from .base import Bool, Float, Hyperparameters, Optimizer
+
+
+class SGDHyperparameters(Hyperparameters):
+    lr: Float = 1e-3
+    momentum: Float = 0.0
+    dampening: Float = 0.0
+    weight_decay: Float = 0.0
+    nesterov: Bool = False
+    maximize: Bool = False
+
+    @model_validator(mode="after")
+    def _torch_checks(self):
+        if self.lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {self.lr}")
+        if self.momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {self.momentum}")
+        if self.weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        return self
+
+
+class SGDState(NamedTuple):
+    momentum_buffer: np.ndarray | None = None
+
+
+def init(param: np.ndarray, hp: SGDHyperparameters) -> SGDState:
+    return SGDState(np.zeros_like(param) if hp.momentum != 0 else None)
+
+
+def update(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> None:
+    if hp.maximize:
+        grad = -grad
+    if hp.weight_decay != 0:
+        grad = grad + hp.weight_decay * param
+    if hp.momentum != 0:
+        buf = state.momentum_buffer
+        if step == 1:  # torch clones the first gradient into the buffer
+            buf[...] = grad
+        else:
+            buf *= hp.momentum
+            buf += (1 - hp.dampening) * grad
+        grad = grad + hp.momentum * buf if hp.nesterov else buf
+    param -= hp.lr * grad
+
+
+sgd = Optimizer(
+    "sgd", SGDHyperparameters, init, update, SGDState,
+    "θ ← θ − η·v, v ← λ·v + (1−dampening)·g (torch.optim.SGD)",
+)
