@@ -1,0 +1,1 @@
+"""The HTTP layer: routers, request schemas, wire formats and error mapping."""

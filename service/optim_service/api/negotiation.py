@@ -1,0 +1,71 @@
+"""Content negotiation and the conditional/idempotency headers of the step route."""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from ..errors import InvalidRequest, NotAcceptable, UnsupportedMediaType
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+_ETAG = re.compile(r'^\s*(?:W/)?"(\d{1,18})"\s*$')
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_content_type(request: Request, *allowed: str) -> str:
+    ctype = media_type(request)
+    if ctype not in allowed:
+        raise UnsupportedMediaType(
+            f"Content-Type must be {' or '.join(allowed)}, got {ctype or 'none'!r}"
+        )
+    return ctype
+
+
+def wants_binary(request: Request) -> bool:
+    """``Accept: application/octet-stream`` answers in binary; JSON otherwise (or 406)."""
+    accept = request.headers.get("accept", "").lower()
+    types = [part.split(";")[0].strip() for part in accept.split(",") if part.strip()]
+    if not types or any(t in (JSON, "*/*", "application/*", "application/problem+json") for t in types):
+        return BINARY in types[:1]
+    if BINARY in types:
+        return True
+    raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
+
+
+def parse_json(body: bytes, model: type[BaseModel]):
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
+
+
+def if_match(request: Request) -> int | None:
+    value = request.headers.get("if-match")
+    if value is None or value.strip() == "*":
+        return None
+    match = _ETAG.match(value)
+    if not match:
+        raise InvalidRequest(f'If-Match must be a quoted step number such as "12", got {value!r}')
+    return int(match.group(1))
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _KEY.match(key):
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return key

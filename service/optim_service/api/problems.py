@@ -1,0 +1,60 @@
+"""RFC 9457 problem+json for every error: domain errors by type, validation errors, and HTTP errors.
+
+Only errors we know are mapped; anything else is a bug and surfaces as Starlette's plain 500.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import errors
+from .responses import JSONResponse
+
+STATUS: dict[type[errors.OptimServiceError], int] = {
+    errors.InvalidRequest: 422,
+    errors.SessionNotFound: 404,
+    errors.VersionMismatch: 412,
+    errors.IdempotencyKeyReused: 422,
+    errors.StepConflict: 409,
+    errors.UnsupportedMediaType: 415,
+    errors.NotAcceptable: 406,
+    errors.ServiceUnavailable: 503,
+}
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, headers: dict | None = None, **extra) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def describe_validation_errors(errs) -> str:
+    """pydantic's errors as one sentence: 'optimizer.lr: Input should be a valid number; ...'."""
+    parts = []
+    for err in errs:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def install(app: FastAPI) -> None:
+    async def domain_error(request: Request, exc: errors.OptimServiceError):
+        status = STATUS[type(exc)]
+        headers = {"ETag": f'"{exc.extra["step"]}"'} if "step" in exc.extra else None
+        return problem(status, exc.title, exc.detail, headers=headers, **exc.extra)
+
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errs = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return problem(422, "Invalid request", describe_validation_errors(errs), errors=errs)
+
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error",
+                       str(exc.detail), headers=getattr(exc, "headers", None))
+
+    for cls in STATUS:
+        app.add_exception_handler(cls, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

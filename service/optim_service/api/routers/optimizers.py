@@ -1,0 +1,32 @@
+"""/v1/optimizers: the catalogue, with every hyperparameter's default and constraints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ...optim import OPTIMIZERS
+
+router = APIRouter(prefix="/v1/optimizers", tags=["optimizers"])
+
+
+def catalogue() -> list[dict]:
+    out = []
+    for name, opt in OPTIMIZERS.items():
+        schema = opt.hyperparameters.model_json_schema()["properties"]
+        hps = {}
+        for field, info in opt.hyperparameters.model_fields.items():
+            if info.exclude:
+                continue
+            entry = {k: v for k, v in schema[field].items() if k not in ("title",)}
+            entry["default"] = list(info.default) if isinstance(info.default, tuple) else info.default
+            hps[field] = entry
+        out.append({"type": name, "summary": opt.summary, "hyperparameters": hps,
+                    "state_buffers": list(opt.state_type._fields)})
+    return out
+
+
+@router.get("", summary="Every optimizer with its hyperparameters, defaults and state buffers")
+async def list_optimizers() -> list[dict]:
+    return catalogue()
+
+

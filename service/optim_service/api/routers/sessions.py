@@ -1,0 +1,182 @@
+"""/v1/sessions: create, step, read, list, delete, checkpoint."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from ...errors import InvalidRequest
+from ...record import Layout, Session, layout_from_meta
+from ...sessions import body_digest
+from .. import wire
+from ..deps import Owner, Sessions
+from ..negotiation import (
+    BINARY,
+    JSON,
+    idempotency_key,
+    if_match,
+    parse_json,
+    require_content_type,
+    wants_binary,
+)
+from ..responses import JSONResponse
+from ..schemas import EXAMPLE_CREATE, EXAMPLE_STEP, CreateSession, StepRequest
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def describe(session_id: str, meta: dict) -> dict:
+    """The metadata document of GET /v1/sessions/{id}."""
+    layout = layout_from_meta(meta)
+    config = meta["config"]
+    return {
+        "id": session_id,
+        "step": meta["step"],
+        "optimizer": {"type": config["optimizer"]["type"], **config["optimizer"]},
+        "dtype": meta["dtype"],
+        "shapes": layout.shapes_json(),
+        "num_parameters": sum(layout.sizes),
+        "schedule": config["schedule"],
+        "clip_grad_norm": config["clip_grad_norm"],
+        "param_groups": config["param_groups"],
+        "loss": meta["loss"],
+        "created_at": _iso(meta["created_at"]),
+        "updated_at": _iso(meta["updated_at"]),
+    }
+
+
+def _etag(step: int) -> dict[str, str]:
+    return {"ETag": f'"{step}"'}
+
+
+def _params_response(session: Session, binary: bool, encodings, extra: dict, headers: dict) -> Response:
+    if binary:
+        return Response(wire.encode_binary(session.params), media_type=BINARY, headers=headers)
+    body = {"step": session.step, "params": wire.encode_like(session.params, session.layout, encodings), **extra}
+    return JSONResponse(body, headers=headers)
+
+
+def json_body(model, example) -> dict:
+    return {"requestBody": {"required": True, "content": {JSON: {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}, "example": example}}}}
+
+
+@router.post("", status_code=201, openapi_extra=json_body(CreateSession, EXAMPLE_CREATE),
+             summary="Create a session, or resume one from a checkpoint")
+async def create_session(request: Request, sessions: Sessions, owner: Owner) -> Response:
+    require_content_type(request, JSON)
+    body: CreateSession = parse_json(await request.body(), CreateSession)
+    layout, params = wire.decode_params(body.params, body.dtype)
+    restored = None
+    if body.state is not None:
+        restored = (body.state.step, _decode_buffers(body.state.buffers, layout))
+    session = await sessions.create(owner, body.training_config(), layout, params, restored)
+    doc = {**describe(session.id, session.meta()),
+           "params": wire.encode_like(session.params, layout, wire.encodings_of(body.params))}
+    headers = {"Location": f"/v1/sessions/{session.id}", **_etag(session.step)}
+    return JSONResponse(doc, status_code=201, headers=headers)
+
+
+def _decode_buffers(value, layout: Layout) -> list[dict]:
+    """A checkpoint's buffers, mirroring its params: {name: {buffer: tensor}} or {buffer: tensor}."""
+    per_tensor = [value] if layout.structure == "array" else None
+    if layout.structure == "object":
+        if not isinstance(value, dict) or set(value) != set(layout.names):
+            raise InvalidRequest(f"state.buffers: expected an object with tensors {list(layout.names)}")
+        per_tensor = [value[n] for n in layout.names]
+    out = []
+    for name, shape, buffers in zip(layout.names, layout.shapes, per_tensor):
+        if not isinstance(buffers, dict):
+            raise InvalidRequest("state.buffers: expected an object of buffer name → tensor")
+        one = Layout((name,), (shape,), layout.dtype, "object")
+        out.append({
+            k: wire.decode_like({name: v}, one, f"state.buffers{'.' + name if name else ''}.{k}")[0]
+            for k, v in buffers.items()
+        })
+    return out
+
+
+@router.post("/{session_id}/step", openapi_extra={"requestBody": {"required": True, "content": {
+    JSON: {"schema": {"$ref": "#/components/schemas/StepRequest"}, "example": EXAMPLE_STEP},
+    BINARY: {"schema": {"type": "string", "format": "binary"}}}}},
+    summary="Apply one optimizer step and return the updated parameters")
+async def step(session_id: str, request: Request, sessions: Sessions, owner: Owner) -> Response:
+    ctype = require_content_type(request, JSON, BINARY)
+    binary_out = wants_binary(request)  # refuse an unanswerable Accept before doing anything
+    body = await request.body()
+    key = idempotency_key(request)
+    loss, encodings = None, "list"
+    if ctype == JSON:
+        req: StepRequest = parse_json(body, StepRequest)
+        loss, encodings = req.loss, wire.encodings_of(req.gradients)
+
+        def decode(session: Session):
+            return wire.decode_like(req.gradients, session.layout, "gradient")
+    else:
+        def decode(session: Session):
+            return wire.decode_binary(body, session.layout)
+
+    result = await sessions.step(
+        owner, session_id, decode, loss=loss, if_match=if_match(request),
+        idempotency=(key, body_digest(ctype, body)) if key else None,
+    )
+    headers = {**_etag(result.session.step), "Server-Timing": f"compute;dur={result.compute_ms:.3f}"}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
+    return _params_response(result.session, binary_out, encodings, extra, headers)
+
+
+@router.get("/{session_id}", summary="Session metadata: step, optimizer, hyperparameters, shapes")
+async def get_session(session_id: str, sessions: Sessions, owner: Owner) -> Response:
+    record, meta = await sessions.meta(owner, session_id)
+    return JSONResponse(describe(record.id, meta), headers=_etag(record.version))
+
+
+@router.get("/{session_id}/params", summary="The current parameters (JSON, or binary by Accept)")
+async def get_params(
+    session_id: str, request: Request, sessions: Sessions, owner: Owner,
+    encoding: Annotated[wire.Encoding, Query(description="list (nested JSON) or b64")] = "list",
+) -> Response:
+    session = await sessions.load(owner, session_id)
+    return _params_response(session, wants_binary(request), encoding, {}, _etag(session.step))
+
+
+@router.get("/{session_id}/state", summary="A checkpoint: POST it to /v1/sessions to resume bit-exactly")
+async def get_state(session_id: str, sessions: Sessions, owner: Owner) -> Response:
+    session = await sessions.load(owner, session_id)
+    layout = session.layout
+    buffers = [{k: wire.encode_tensor(v, "b64") for k, v in session.buffers(i).items()}
+               for i in range(len(session.params))]
+    doc = {
+        "schema_version": 1,
+        **session.config.model_dump(mode="json"),
+        "dtype": layout.dtype,
+        "params": wire.encode_like(session.params, layout, "b64"),
+        "state": {"step": session.step,
+                  "buffers": buffers[0] if layout.structure == "array" else dict(zip(layout.names, buffers))},
+    }
+    return JSONResponse(doc, headers=_etag(session.step))
+
+
+@router.get("", summary="The caller's sessions, paged by id")
+async def list_sessions(
+    request: Request, sessions: Sessions, owner: Owner,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=64, description="the last id of the previous page")] = None,
+) -> Response:
+    rows = await sessions.list(owner, limit, after)
+    items = [describe(r.id, meta) for r, meta in rows]
+    return JSONResponse({"sessions": items, "next": items[-1]["id"] if len(items) == limit else None})
+
+
+@router.delete("/{session_id}", status_code=204, summary="Delete a session and its state")
+async def delete_session(session_id: str, sessions: Sessions, owner: Owner) -> Response:
+    await sessions.delete(owner, session_id)
+    return Response(status_code=204)

@@ -1,0 +1,167 @@
+"""Tensors on the wire: nested JSON lists, ``{"shape", "b64"}`` objects, and raw octet-streams.
+
+Every decoder checks names, shapes, types and finiteness and raises ``InvalidRequest`` with a
+sentence that says which tensor is wrong and how; nothing here touches a session's stored state.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import InvalidRequest
+from ..record import DTYPES, Layout
+
+Encoding = Literal["list", "b64"]
+MAX_NAME_LENGTH = 256
+
+
+def is_b64_tensor(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"shape", "b64"} and isinstance(value["b64"], str)
+
+
+def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
+    """One tensor (nested lists or b64 object) as a writable array of ``dtype``."""
+    np_dtype = DTYPES[dtype]
+    if is_b64_tensor(value):
+        shape = value["shape"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise InvalidRequest(f"{what}: 'shape' must be a list of non-negative integers")
+        try:
+            raw = base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"{what}: 'b64' is not valid base64") from None
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if len(raw) != count * np_dtype.itemsize:
+            raise InvalidRequest(
+                f"{what}: shape {shape} needs {count * np_dtype.itemsize} bytes of {dtype}, "
+                f"the base64 holds {len(raw)}"
+            )
+        array = np.frombuffer(bytearray(raw), np_dtype).reshape(shape)
+    else:
+        array = _from_lists(value, what).astype(np_dtype)
+    check_finite(array, what, dtype)
+    return array
+
+
+def _from_lists(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, bool) or not isinstance(value, (list, int, float)):
+        raise InvalidRequest(
+            f"{what}: expected a number, nested lists of numbers, or {{\"shape\", \"b64\"}}; "
+            f"got {type(value).__name__}"
+        )
+    try:
+        objects = np.array(value, dtype=object)
+    except ValueError:
+        raise InvalidRequest(f"{what}: nested lists are ragged; every row must have the same length") from None
+    kinds = set(map(type, objects.flat))
+    if kinds - {int, float}:
+        bad = sorted(k.__name__ for k in kinds - {int, float})
+        if "list" in bad:
+            raise InvalidRequest(f"{what}: nested lists are ragged; every row must have the same length")
+        bad = ["boolean" if b == "bool" else "null" if b == "NoneType" else b for b in bad]
+        raise InvalidRequest(f"{what}: every element must be a number, found {', '.join(bad)}")
+    try:
+        return objects.astype(np.float64)
+    except OverflowError:
+        raise InvalidRequest(f"{what}: a number is too large for float64") from None
+
+
+def check_finite(array: np.ndarray, what: str, dtype: str) -> None:
+    if array.size and not np.isfinite(array).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise InvalidRequest(
+            f"{what}: non-finite value {array[index]!r} at index {list(index)} "
+            f"(NaN and ±Inf are refused; a finite JSON number may also overflow {dtype})"
+        )
+
+
+def decode_params(value: Any, dtype: str) -> tuple[Layout, list[np.ndarray]]:
+    """A new session's params: one unnamed tensor (array) or an object of named tensors."""
+    if isinstance(value, list) or is_b64_tensor(value):
+        array = decode_tensor(value, "params", dtype)
+        return Layout(("",), (array.shape,), dtype, "array"), [array]
+    if not isinstance(value, dict) or not value:
+        raise InvalidRequest("params: expected a JSON array (one tensor) or an object of named tensors")
+    arrays = []
+    for name, tensor in value.items():
+        if not name or len(name) > MAX_NAME_LENGTH:
+            raise InvalidRequest(f"params: tensor names must have 1 to {MAX_NAME_LENGTH} characters")
+        arrays.append(decode_tensor(tensor, f"tensor '{name}'", dtype))
+    layout = Layout(tuple(value), tuple(a.shape for a in arrays), dtype, "object")
+    return layout, arrays
+
+
+def encodings_of(value: Any) -> dict[str, Encoding]:
+    """How the client sent each tensor, so the answer mirrors it (unnamed tensor: key "")."""
+    def enc(v) -> Encoding:
+        return "b64" if is_b64_tensor(v) else "list"
+    if isinstance(value, dict) and not is_b64_tensor(value):
+        return {name: enc(v) for name, v in value.items()}
+    return {"": enc(value)}
+
+
+def decode_like(value: Any, layout: Layout, what: str) -> list[np.ndarray]:
+    """Tensors that must match an existing session's layout exactly (gradients, restored buffers)."""
+    if layout.structure == "array":
+        if not (isinstance(value, list) or is_b64_tensor(value)):
+            raise InvalidRequest(f"{what}: this session holds one unnamed tensor; send a JSON array")
+        items = [("", value)]
+    else:
+        if not isinstance(value, dict) or is_b64_tensor(value):
+            raise InvalidRequest(f"{what}: this session holds named tensors; send an object {list(layout.names)}")
+        missing = [n for n in layout.names if n not in value]
+        unknown = [n for n in value if n not in layout.names]
+        if missing or unknown:
+            raise InvalidRequest(
+                f"{what}: expected tensors {list(layout.names)}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unknown {unknown}" if unknown else "")
+            )
+        items = [(n, value[n]) for n in layout.names]
+    arrays = []
+    for (name, tensor), shape in zip(items, layout.shapes):
+        label = f"{what} '{name}'" if name else what
+        array = decode_tensor(tensor, label, layout.dtype)
+        if array.shape != shape:
+            raise InvalidRequest(f"{label}: expected shape {list(shape)}, got {list(array.shape)}")
+        arrays.append(array)
+    return arrays
+
+
+def decode_binary(body: bytes, layout: Layout) -> list[np.ndarray]:
+    """Every tensor's values concatenated in creation order, C order, little-endian session dtype."""
+    if len(body) != layout.nbytes:
+        raise InvalidRequest(
+            f"binary body: expected {layout.nbytes} bytes ({sum(layout.sizes)} {layout.dtype} values "
+            f"for shapes {layout.shapes_json()}), got {len(body)}"
+        )
+    flat = np.frombuffer(bytearray(body), layout.np_dtype)
+    arrays, offset = [], 0
+    for shape, size in zip(layout.shapes, layout.sizes):
+        arrays.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    for name, array in zip(layout.names, arrays):
+        check_finite(array, f"gradient '{name}'" if name else "gradient", layout.dtype)
+    return arrays
+
+
+def encode_tensor(array: np.ndarray, encoding: Encoding):
+    if encoding == "b64":
+        return {"shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode()}
+    return array  # orjson writes numpy arrays natively
+
+
+def encode_like(arrays: list[np.ndarray], layout: Layout, encodings: dict[str, Encoding] | Encoding):
+    """Tensors in the structure the client used: one array, or an object keyed by name."""
+    if isinstance(encodings, str):
+        encodings = dict.fromkeys(layout.names, encodings)
+    encoded = [encode_tensor(a, encodings.get(n, "list")) for a, n in zip(arrays, layout.names)]
+    return encoded[0] if layout.structure == "array" else dict(zip(layout.names, encoded))
+
+
+def encode_binary(arrays: list[np.ndarray]) -> bytes:
+    return b"".join(np.ascontiguousarray(a).data for a in arrays)

@@ -1,0 +1,60 @@
+"""``create_app(settings)``: the FastAPI application, its store built in the lifespan."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import __version__
+from .api import problems
+from .api.responses import JSONResponse
+from .api.routers import health, optimizers, sessions
+from .api.schemas import CreateSession, StepRequest
+from .sessions import SessionService
+from .settings import Settings
+from .store import open_store
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = open_store(settings.store)
+        app.state.sessions = SessionService(store, settings)
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = FastAPI(
+        title="optim-service",
+        version=__version__,
+        summary="Adam, AdamW, RMSProp, Adagrad and SGD over HTTP, numerically identical to torch.optim",
+        default_response_class=JSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    problems.install(app)
+    for module in (sessions, optimizers, health):
+        app.include_router(module.router)
+    _document_bodies(app)
+    return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Routes parse their bodies with orjson themselves; publish the body models in the OpenAPI doc."""
+    base = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = base()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CreateSession, StepRequest):
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(doc.pop("$defs", {}))
+                components[model.__name__] = doc
+        return app.openapi_schema
+
+    app.openapi = openapi

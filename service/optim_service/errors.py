@@ -1,0 +1,49 @@
+"""The domain's errors: everything a client can get wrong, each mapped to one HTTP status by the API.
+
+Anything that is not an ``OptimServiceError`` is a bug and is left to surface as one.
+"""
+
+from __future__ import annotations
+
+
+class OptimServiceError(Exception):
+    """Base class; ``detail`` is a sentence a person can act on."""
+
+    title = "Request failed"
+
+    def __init__(self, detail: str, **extra):
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidRequest(OptimServiceError):
+    title = "Invalid request"
+
+
+class SessionNotFound(OptimServiceError):
+    title = "Session not found"
+
+
+class VersionMismatch(OptimServiceError):
+    title = "Session is at another step"
+
+
+class IdempotencyKeyReused(OptimServiceError):
+    title = "Idempotency-Key reused with another request"
+
+
+class StepConflict(OptimServiceError):
+    title = "Conflicting step"
+
+
+class UnsupportedMediaType(OptimServiceError):
+    title = "Unsupported media type"
+
+
+class NotAcceptable(OptimServiceError):
+    title = "Not acceptable"
+
+
+class ServiceUnavailable(OptimServiceError):
+    title = "Store unavailable"

@@ -1,0 +1,194 @@
+"""The one place a step happens: load → validate → update → save-if-version-unchanged.
+
+Steps on one session are serialised in this process by a per-session lock; across processes the
+store's compare-and-set is the fence, and a lost race reloads and recomputes (bounded), so no
+update is ever lost or applied twice. Nothing is written until the new state is known to be finite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import anyio.to_thread
+import numpy as np
+
+from .errors import (
+    IdempotencyKeyReused,
+    InvalidRequest,
+    SessionNotFound,
+    StepConflict,
+    VersionMismatch,
+)
+from .optim.config import TrainingConfig, apply_step
+from .record import Layout, Session, from_record, read_meta
+from .settings import Settings
+from .store import Claim, SessionRecord, SessionStore
+
+GradientDecoder = Callable[[Session], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    session: Session
+    grad_norm: float | None
+    compute_ms: float
+    replayed: bool = False
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 random bits, URL-safe
+
+
+def body_digest(content_type: str, body: bytes) -> str:
+    return hashlib.sha256(content_type.encode() + b"\0" + body).hexdigest()
+
+
+class SessionService:
+    def __init__(self, store: SessionStore, settings: Settings):
+        self.store = store
+        self.settings = settings
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock
+
+    async def _run(self, fn, n_elements: int):
+        """Large updates go to a worker thread so the event loop keeps serving small ones."""
+        if n_elements >= self.settings.thread_offload_elements:
+            return await anyio.to_thread.run_sync(fn)
+        return fn()
+
+    async def create(
+        self,
+        owner: str | None,
+        config: TrainingConfig,
+        layout: Layout,
+        params: list[np.ndarray],
+        restored: tuple[int, list[dict[str, np.ndarray]]] | None = None,
+    ) -> Session:
+        try:
+            hps = config.hyperparameters_for(list(layout.names))
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        states = [config.algorithm.init(p, hp) for p, hp in zip(params, hps)]
+        step = 0
+        if restored is not None:
+            step, buffers = restored
+            states = [_restore_state(s, b, n) for s, b, n in zip(states, buffers, layout.names)]
+        session = Session(new_session_id(), owner, config, layout, step, params, states)
+        await self.store.create(session.to_record())
+        return session
+
+    async def load(self, owner: str | None, session_id: str) -> Session:
+        return from_record(await self._record(owner, session_id))
+
+    async def meta(self, owner: str | None, session_id: str) -> tuple[SessionRecord, dict]:
+        record = await self._record(owner, session_id)
+        return record, read_meta(record)
+
+    async def _record(self, owner: str | None, session_id: str) -> SessionRecord:
+        record = await self.store.get(session_id)
+        if record is None or record.owner != owner:
+            raise SessionNotFound(f"no session '{session_id}' (it may have been deleted or never existed)")
+        return record
+
+    async def list(self, owner: str | None, limit: int, after: str | None) -> list[tuple[SessionRecord, dict]]:
+        return [(r, read_meta(r)) for r in await self.store.list(owner, limit, after)]
+
+    async def delete(self, owner: str | None, session_id: str) -> None:
+        await self._record(owner, session_id)
+        if not await self.store.delete(session_id):
+            raise SessionNotFound(f"no session '{session_id}'")
+
+    async def step(
+        self,
+        owner: str | None,
+        session_id: str,
+        decode: GradientDecoder,
+        *,
+        loss: float | None = None,
+        if_match: int | None = None,
+        idempotency: tuple[str, str] | None = None,  # (key, body digest)
+    ) -> StepResult:
+        async with self._lock(session_id):
+            for _ in range(self.settings.cas_retries):
+                record = await self._record(owner, session_id)
+                if idempotency is not None:
+                    replay = await self._replay(record, *idempotency)
+                    if replay is not None:
+                        return replay
+                if if_match is not None and record.version != if_match:
+                    raise VersionMismatch(
+                        f"If-Match expected step {if_match}, the session is at step {record.version}",
+                        step=record.version,
+                    )
+                session = from_record(record)
+                grads = decode(session)
+                started = time.perf_counter()
+                grad_norm = await self._run(
+                    lambda: _advance(session, grads), sum(session.layout.sizes)
+                )
+                if loss is not None:
+                    session.loss = loss
+                compute_ms = (time.perf_counter() - started) * 1e3
+                claim = None
+                if idempotency is not None:
+                    claim = Claim(idempotency[0], idempotency[1], session.step,
+                                  self.settings.idempotency_ttl_seconds)
+                if await self.store.compare_and_set(session.to_record(), record.version, claim):
+                    return StepResult(session, grad_norm, compute_ms)
+            raise StepConflict(
+                f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
+            )
+
+    async def _replay(self, record: SessionRecord, key: str, digest: str) -> StepResult | None:
+        claim = await self.store.get_claim(record.id, key)
+        if claim is None:
+            return None
+        if claim.body_sha256 != digest:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key '{key}' was already used for a different request on this session; "
+                "use a new key for a new step"
+            )
+        if claim.step != record.version:
+            raise StepConflict(
+                f"Idempotency-Key '{key}' was applied as step {claim.step}; the session has since "
+                f"moved to step {record.version}, so that answer is gone. GET the params instead.",
+                step=claim.step,
+            )
+        return StepResult(from_record(record), None, 0.0, replayed=True)
+
+
+def _advance(session: Session, grads: list[np.ndarray]) -> float | None:
+    """Apply one step in place; refuse (changing nothing stored) if it produced a non-finite value."""
+    step = session.step + 1
+    grad_norm = apply_step(session.config, session.hyperparameters, session.params, grads,
+                           session.states, step)
+    for name, param, state in zip(session.layout.names, session.params, session.states):
+        arrays = [param, *(b for b in state if b is not None)]
+        if not all(np.isfinite(a).all() for a in arrays):
+            label = f"tensor '{name}'" if name else "the parameters"
+            raise InvalidRequest(
+                f"this step would make {label} non-finite (overflow in {session.layout.dtype}); "
+                "nothing was changed. Scale the gradients down or clip them (clip_grad_norm)."
+            )
+    session.step = step
+    session.updated_at = time.time()
+    return grad_norm
+
+
+def _restore_state(template: tuple, buffers: dict[str, np.ndarray], name: str) -> tuple:
+    expected = [k for k, v in template._asdict().items() if v is not None]
+    if sorted(buffers) != sorted(expected):
+        label = f"tensor '{name}'" if name else "the tensor"
+        raise InvalidRequest(f"state for {label}: expected buffers {expected}, got {sorted(buffers)}")
+    return template._replace(**buffers)

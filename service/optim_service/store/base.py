@@ -1,0 +1,56 @@
+"""The store contract every backend honours; ``tests/test_store_contract.py`` checks it for each.
+
+A store keeps opaque session records and never knows which optimizer they hold:
+
+- ``create(record)`` stores a new record; raises ``SessionExists`` if the id is taken.
+- ``get(id)`` returns the whole record (meta, data and version written together) or ``None``.
+- ``compare_and_set(record, expected_version, claim=None)`` replaces the stored record only if its
+  version is still ``expected_version`` and, when ``claim`` is given, that idempotency key is not yet
+  claimed; record and claim are written in one atomic step. Returns ``False`` when either check
+  fails or the session is gone; the caller reloads and decides.
+- ``get_claim(id, key)`` returns a live (unexpired) claim or ``None``.
+- ``delete(id)`` returns whether a record was deleted; its claims go with it.
+- ``list(owner, limit, after)`` returns up to ``limit`` records of ``owner`` with id > ``after``,
+  ordered by id; their ``data`` may be empty (listing never needs tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    id: str
+    owner: str | None
+    version: int
+    meta: bytes  # JSON: schema version, training config, layout, timestamps
+    data: bytes  # every tensor's raw little-endian bytes, in the order meta's layout gives
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An Idempotency-Key's record: which request body claimed it, and the step it produced."""
+
+    key: str
+    body_sha256: str
+    step: int
+    ttl_seconds: int
+
+
+class SessionExists(Exception):
+    pass
+
+
+class SessionStore(Protocol):
+    async def create(self, record: SessionRecord) -> None: ...
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+    async def compare_and_set(
+        self, record: SessionRecord, expected_version: int, claim: Claim | None = None
+    ) -> bool: ...
+    async def get_claim(self, session_id: str, key: str) -> Claim | None: ...
+    async def delete(self, session_id: str) -> bool: ...
+    async def list(self, owner: str | None, limit: int, after: str | None) -> list[SessionRecord]: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
