@@ -1,4 +1,77 @@
+"""Shared fixtures: the app in-process (httpx ASGITransport) and a real ``optim-service serve`` process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+from optim_service.app import create_app  # noqa: E402
+from optim_service.settings import Settings  # noqa: E402
+
+SERVICE_BIN = Path(sys.executable).with_name("optim-service")
+
+
+@pytest.fixture
+async def app():
+    application = create_app(Settings(store="memory"))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real ``optim-service serve`` on a free port; stopped (or killed) by the test."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(SERVICE_BIN), "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not become healthy in 30 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server():
+    proc = ServerProcess("--store", "memory")
+    yield proc
+    proc.stop()

@@ -171,8 +171,9 @@ class SessionService:
 def _advance(session: Session, grads: list[np.ndarray]) -> float | None:
     """Apply one step in place; refuse (changing nothing stored) if it produced a non-finite value."""
     step = session.step + 1
-    grad_norm = apply_step(session.config, session.hyperparameters, session.params, grads,
-                           session.states, step)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
+        grad_norm = apply_step(session.config, session.hyperparameters, session.params, grads,
+                               session.states, step)
     for name, param, state in zip(session.layout.names, session.params, session.states):
         arrays = [param, *(b for b in state if b is not None)]
         if not all(np.isfinite(a).all() for a in arrays):

@@ -42,7 +42,8 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
             )
         array = np.frombuffer(bytearray(raw), np_dtype).reshape(shape)
     else:
-        array = _from_lists(value, what).astype(np_dtype)
+        with np.errstate(over="ignore"):  # overflow becomes inf, which check_finite names
+            array = _from_lists(value, what).astype(np_dtype)
     check_finite(array, what, dtype)
     return array
 
@@ -74,7 +75,7 @@ def check_finite(array: np.ndarray, what: str, dtype: str) -> None:
     if array.size and not np.isfinite(array).all():
         index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
         raise InvalidRequest(
-            f"{what}: non-finite value {array[index]!r} at index {list(index)} "
+            f"{what}: non-finite value {float(array[index])} at index {list(index)} "
             f"(NaN and ±Inf are refused; a finite JSON number may also overflow {dtype})"
         )
 

@@ -1,0 +1,26 @@
+# `make run` serves on 127.0.0.1:8000; `make test` runs the whole suite. Both set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.run-deps: $(BIN)/python pyproject.toml clients/python/pyproject.toml
+	$(BIN)/pip install -q -e . -e clients/python
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.run-deps
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+run: $(VENV)/.run-deps
+	$(BIN)/optim-service serve --host 127.0.0.1 --port 8000
+
+test: $(VENV)/.test-deps
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

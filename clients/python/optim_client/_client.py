@@ -1,0 +1,296 @@
+"""Sync and async clients as thin twins over one request builder and one response reader.
+
+Only the transport call and the sleep differ between the twins. A step carries one Idempotency-Key
+for the logical call, reused across its retries, so a retry after a lost answer is never applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from . import _wire
+from .errors import APIConnectionError, APITimeoutError, for_status
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+RETRY_STATUSES = {408, 409, 429, 502, 503, 504}
+BINARY_MIN_ELEMENTS = 64  # below this JSON is as fast and easier to read in logs
+
+
+@dataclass
+class _Call:
+    """One logical request: everything needed to send it, and to send it again."""
+
+    method: str
+    path: str
+    json: Any = None
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    retry_safe: bool = True  # reads, deletes and keyed steps may be resent
+
+    def kwargs(self) -> dict:
+        kw: dict[str, Any] = {"headers": self.headers}
+        if self.json is not None:
+            kw["json"] = self.json
+        if self.content is not None:
+            kw["content"] = self.content
+        return kw
+
+
+def _read(response: httpx.Response):
+    if response.status_code >= 400:
+        try:
+            problem = response.json()
+            detail = problem.get("detail") or problem.get("title") or response.text
+        except ValueError:
+            problem, detail = None, response.text or response.reason_phrase
+        raise for_status(response.status_code, detail, problem)
+    if response.status_code == 204:
+        return None
+    if response.headers.get("content-type", "").startswith(BINARY):
+        return response
+    return response.json()
+
+
+def _backoff(attempt: int, response: httpx.Response | None, base: float = 0.25, cap: float = 8.0) -> float:
+    retry_after = response.headers.get("retry-after") if response is not None else None
+    if retry_after and retry_after.isdigit():
+        return min(float(retry_after), cap)
+    return min(cap, base * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int):
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self._headers = {"User-Agent": "optim-client/0.1"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+
+    def _retry(self, call: _Call, attempt: int, error: Exception | None, response: httpx.Response | None):
+        """Seconds to wait before another attempt, or None to give up."""
+        if attempt >= self.max_retries:
+            return None
+        if error is not None:
+            sent = not isinstance(error, httpx.ConnectError)
+            return _backoff(attempt, None) if call.retry_safe or not sent else None
+        if response is not None and response.status_code in RETRY_STATUSES and call.retry_safe:
+            return _backoff(attempt, response)
+        return None
+
+
+def _connection_error(error: Exception) -> Exception:
+    if isinstance(error, httpx.TimeoutException):
+        return APITimeoutError(f"request timed out: {error}")
+    return APIConnectionError(f"cannot reach the service: {error}")
+
+
+def _create_call(params, optimizer: str, dtype, schedule, clip_grad_norm, param_groups, hyperparameters) -> tuple[_Call, _wire.Layout]:
+    dtype = dtype or _wire.infer_dtype(params)
+    names, arrays = _wire.as_arrays(params, dtype)
+    layout = _wire.Layout(names, tuple(a.shape for a in arrays), dtype)
+    tensors = [_wire.to_b64(a) for a in arrays]
+    body = {
+        "optimizer": {"type": optimizer, **hyperparameters},
+        "params": dict(zip(names, tensors)) if isinstance(params, dict) else tensors[0],
+        "dtype": dtype,
+    }
+    for key, value in (("schedule", schedule), ("clip_grad_norm", clip_grad_norm), ("param_groups", param_groups)):
+        if value is not None:
+            body[key] = value
+    return _Call("POST", "/v1/sessions", json=body, retry_safe=False), layout
+
+
+def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
+    _, arrays = _wire.as_arrays(gradients, session.layout)
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    if loss is None and sum(a.size for a in arrays) >= BINARY_MIN_ELEMENTS:
+        headers |= {"Content-Type": BINARY, "Accept": BINARY}
+        return _Call("POST", f"/v1/sessions/{session.id}/step", headers=headers,
+                     content=b"".join(a.data for a in arrays))
+    grads = [_wire.to_b64(a) for a in arrays]
+    body: dict[str, Any] = {"gradients": dict(zip(session.layout.names, grads)) if session.layout.named else grads[0]}
+    if loss is not None:
+        body["loss"] = float(loss)
+    return _Call("POST", f"/v1/sessions/{session.id}/step", json=body, headers=headers)
+
+
+class _SessionBase:
+    """A session handle: id, layout, the step count and params last seen."""
+
+    def __init__(self, client, meta: dict, params: list[np.ndarray] | None = None):
+        self._client = client
+        self.id: str = meta["id"]
+        self.metadata = meta
+        self.layout = _wire.Layout.from_metadata(meta)
+        self.step_count: int = meta["step"]
+        self._params = params
+
+    @property
+    def params(self):
+        """The parameters after the last step (a dict if the session was made from one)."""
+        return _wire.mirror(self._params, self.layout) if self._params is not None else None
+
+    def _take(self, answer) -> Any:
+        if isinstance(answer, httpx.Response):  # binary
+            self.step_count = int(answer.headers["etag"].strip('W/"'))
+            self._params = [a.copy() for a in _wire.from_binary(answer.content, self.layout)]
+        else:
+            self.step_count = answer["step"]
+            self._params = _wire.from_json(answer["params"], self.layout)
+        return self.params
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} step={self.step_count} dtype={self.layout.dtype}>"
+
+
+class Session(_SessionBase):
+    def step(self, gradients, loss: float | None = None):
+        """Apply one optimizer step; returns the new params (numpy, mirroring what was sent)."""
+        return self._take(self._client._send(_step_call(self, gradients, loss)))
+
+    def refresh(self):
+        """Fetch the current step and params from the server."""
+        return self._take(self._client._send(_Call("GET", f"/v1/sessions/{self.id}/params?encoding=b64")))
+
+    def state(self) -> dict:
+        """A checkpoint document; ``client.restore(doc)`` resumes it bit-exactly."""
+        return self._client._send(_Call("GET", f"/v1/sessions/{self.id}/state"))
+
+    def delete(self) -> None:
+        self._client._send(_Call("DELETE", f"/v1/sessions/{self.id}"))
+
+
+class AsyncSession(_SessionBase):
+    async def step(self, gradients, loss: float | None = None):
+        return self._take(await self._client._send(_step_call(self, gradients, loss)))
+
+    async def refresh(self):
+        return self._take(await self._client._send(_Call("GET", f"/v1/sessions/{self.id}/params?encoding=b64")))
+
+    async def state(self) -> dict:
+        return await self._client._send(_Call("GET", f"/v1/sessions/{self.id}/state"))
+
+    async def delete(self) -> None:
+        await self._client._send(_Call("DELETE", f"/v1/sessions/{self.id}"))
+
+
+class OptimClient(_Base):
+    """``with OptimClient("http://127.0.0.1:8000") as client: session = client.create_session(...)``."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 60.0, max_retries: int = 3, transport: httpx.BaseTransport | None = None):
+        super().__init__(base_url, api_key, timeout, max_retries)
+        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout,
+                                  transport=transport)
+
+    def _send(self, call: _Call):
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(call.method, call.path, **call.kwargs())
+            except httpx.TransportError as e:
+                if (wait := self._retry(call, attempt, e, None)) is None:
+                    raise _connection_error(e) from e
+            else:
+                if (wait := self._retry(call, attempt, None, response)) is None:
+                    return _read(response)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
+                       clip_grad_norm=None, param_groups=None, **hyperparameters) -> Session:
+        call, layout = _create_call(params, optimizer, dtype, schedule, clip_grad_norm, param_groups, hyperparameters)
+        meta = self._send(call)
+        return Session(self, meta, _wire.from_json(meta["params"], layout))
+
+    def get_session(self, session_id: str) -> Session:
+        session = Session(self, self._send(_Call("GET", f"/v1/sessions/{session_id}")))
+        session.refresh()
+        return session
+
+    def restore(self, checkpoint: dict) -> Session:
+        meta = self._send(_Call("POST", "/v1/sessions", json=checkpoint, retry_safe=False))
+        session = Session(self, meta)
+        session._take(meta)
+        return session
+
+    def list_sessions(self, limit: int = 100, after: str | None = None) -> dict:
+        query = f"?limit={limit}" + (f"&after={after}" if after else "")
+        return self._send(_Call("GET", f"/v1/sessions{query}"))
+
+    def optimizers(self) -> list[dict]:
+        return self._send(_Call("GET", "/v1/optimizers"))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "OptimClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncOptimClient(_Base):
+    """The async twin: ``async with AsyncOptimClient(url) as client: ...``."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 60.0, max_retries: int = 3, transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(base_url, api_key, timeout, max_retries)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout,
+                                       transport=transport)
+
+    async def _send(self, call: _Call):
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = await self._http.request(call.method, call.path, **call.kwargs())
+            except httpx.TransportError as e:
+                if (wait := self._retry(call, attempt, e, None)) is None:
+                    raise _connection_error(e) from e
+            else:
+                if (wait := self._retry(call, attempt, None, response)) is None:
+                    return _read(response)
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
+                             clip_grad_norm=None, param_groups=None, **hyperparameters) -> AsyncSession:
+        call, layout = _create_call(params, optimizer, dtype, schedule, clip_grad_norm, param_groups, hyperparameters)
+        meta = await self._send(call)
+        return AsyncSession(self, meta, _wire.from_json(meta["params"], layout))
+
+    async def get_session(self, session_id: str) -> AsyncSession:
+        session = AsyncSession(self, await self._send(_Call("GET", f"/v1/sessions/{session_id}")))
+        await session.refresh()
+        return session
+
+    async def restore(self, checkpoint: dict) -> AsyncSession:
+        meta = await self._send(_Call("POST", "/v1/sessions", json=checkpoint, retry_safe=False))
+        session = AsyncSession(self, meta)
+        session._take(meta)
+        return session
+
+    async def list_sessions(self, limit: int = 100, after: str | None = None) -> dict:
+        query = f"?limit={limit}" + (f"&after={after}" if after else "")
+        return await self._send(_Call("GET", f"/v1/sessions{query}"))
+
+    async def optimizers(self) -> list[dict]:
+        return await self._send(_Call("GET", "/v1/optimizers"))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncOptimClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

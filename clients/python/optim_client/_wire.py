@@ -1,0 +1,78 @@
+"""numpy ⇄ the service's wire: b64 tensors in JSON, and the raw little-endian octet-stream."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    names: tuple[str, ...]  # ("",) for one unnamed tensor
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+
+    @property
+    def named(self) -> bool:
+        return self.names != ("",)
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> "Layout":
+        shapes = meta["shapes"]
+        if isinstance(shapes, dict):
+            return cls(tuple(shapes), tuple(tuple(s) for s in shapes.values()), meta["dtype"])
+        return cls(("",), (tuple(shapes),), meta["dtype"])
+
+
+def infer_dtype(params) -> str:
+    arrays = params.values() if isinstance(params, dict) else [params]
+    return "float64" if all(np.asarray(a).dtype == np.float64 for a in arrays) else "float32"
+
+
+def as_arrays(tensors, layout_or_dtype) -> tuple[tuple[str, ...], list[np.ndarray]]:
+    """Name order and contiguous little-endian arrays of the session dtype."""
+    dtype = DTYPES[layout_or_dtype if isinstance(layout_or_dtype, str) else layout_or_dtype.dtype]
+    if isinstance(tensors, dict):
+        names = tuple(tensors) if isinstance(layout_or_dtype, str) else layout_or_dtype.names
+        missing = [n for n in names if n not in tensors]
+        if missing or len(tensors) != len(names):
+            raise ValueError(f"expected tensors {list(names)}, got {list(tensors)}")
+        return names, [np.ascontiguousarray(tensors[n], dtype=dtype) for n in names]
+    return ("",), [np.ascontiguousarray(tensors, dtype=dtype)]
+
+
+def to_b64(array: np.ndarray) -> dict:
+    return {"shape": list(array.shape), "b64": base64.b64encode(array.data).decode()}
+
+
+def from_b64(doc: dict, dtype: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(doc["b64"]), DTYPES[dtype]).reshape(doc["shape"]).copy()
+
+
+def from_json(value, layout: Layout) -> list[np.ndarray]:
+    def one(v):
+        if isinstance(v, dict):
+            return from_b64(v, layout.dtype)
+        return np.asarray(v, dtype=DTYPES[layout.dtype])
+    if layout.named:
+        return [one(value[n]) for n in layout.names]
+    return [one(value)]
+
+
+def from_binary(body: bytes, layout: Layout) -> list[np.ndarray]:
+    flat = np.frombuffer(body, DTYPES[layout.dtype])
+    out, offset = [], 0
+    for shape in layout.shapes:
+        size = int(np.prod(shape, dtype=np.int64))
+        out.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return out
+
+
+def mirror(arrays: list[np.ndarray], layout: Layout):
+    """One array in → one array out; a dict in → a dict out."""
+    return dict(zip(layout.names, arrays)) if layout.named else arrays[0]
