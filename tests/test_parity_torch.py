@@ -139,3 +139,31 @@ def test_param_groups_match_torch(kind, override, dtype):
     cfg = {"optimizer": {"type": kind, "lr": 0.01}, "param_groups": [{"params": ["b"], **override}],
            "schedule": {"type": "step", "step_size": 5, "gamma": 0.5}}
     assert_parity(cfg, dtype)
+
+
+BAD_HYPERPARAMETERS = [
+    ("sgd", {"lr": -0.1}), ("sgd", {"momentum": -1.0}), ("sgd", {"weight_decay": -1.0}),
+    ("sgd", {"nesterov": True}), ("sgd", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}),
+    ("adagrad", {"lr": -1.0}), ("adagrad", {"lr_decay": -1.0}), ("adagrad", {"weight_decay": -1.0}),
+    ("adagrad", {"initial_accumulator_value": -1.0}), ("adagrad", {"eps": -1.0}),
+    ("rmsprop", {"lr": -1.0}), ("rmsprop", {"eps": -1.0}), ("rmsprop", {"momentum": -1.0}),
+    ("rmsprop", {"weight_decay": -1.0}), ("rmsprop", {"alpha": -1.0}),
+    ("adam", {"lr": -1.0}), ("adam", {"eps": -1.0}), ("adam", {"betas": [1.0, 0.9]}),
+    ("adam", {"betas": [0.9, -0.1]}), ("adam", {"weight_decay": -1.0}),
+    ("adamw", {"lr": -1.0}), ("adamw", {"betas": [0.9, 1.5]}),
+]
+
+
+@pytest.mark.parametrize("kind,bad", BAD_HYPERPARAMETERS)
+def test_validation_messages_are_torchs(kind, bad):
+    import torch
+    from pydantic import ValidationError
+
+    from torch_oracle import TORCH_CLASSES
+
+    torch_kwargs = {k: tuple(v) if k == "betas" else v for k, v in bad.items()}
+    with pytest.raises(ValueError) as torch_error:
+        TORCH_CLASSES[kind]([torch.zeros(1, requires_grad=True)], **torch_kwargs)
+    with pytest.raises(ValidationError) as ours:
+        TrainingConfig.model_validate({"optimizer": {"type": kind, **bad}})
+    assert str(torch_error.value) in str(ours.value)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer
+from .base import Bool, Float, Hyperparameters, Optimizer, require_non_negative
 
 
 class AdagradHyperparameters(Hyperparameters):
@@ -20,18 +20,10 @@ class AdagradHyperparameters(Hyperparameters):
 
     @model_validator(mode="after")
     def _torch_checks(self):
-        if not 0.0 <= self.lr:
-            raise ValueError(f"Invalid learning rate: {self.lr}")
-        if not 0.0 <= self.lr_decay:
-            raise ValueError(f"Invalid lr_decay value: {self.lr_decay}")
-        if not 0.0 <= self.weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
-        if not 0.0 <= self.initial_accumulator_value:
-            raise ValueError(
-                f"Invalid initial_accumulator_value value: {self.initial_accumulator_value}"
-            )
-        if not 0.0 <= self.eps:
-            raise ValueError(f"Invalid epsilon value: {self.eps}")
+        require_non_negative(
+            self, lr="learning rate", lr_decay="lr_decay value", weight_decay="weight_decay value",
+            initial_accumulator_value="initial_accumulator_value value", eps="epsilon value",
+        )
         return self
 
 

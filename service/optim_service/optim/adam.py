@@ -8,7 +8,7 @@ from typing import Annotated, NamedTuple
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer, lerp_
+from .base import Bool, Float, Hyperparameters, Optimizer, lerp_, require_non_negative
 
 Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
 
@@ -24,16 +24,12 @@ class AdamHyperparameters(Hyperparameters):
 
     @model_validator(mode="after")
     def _torch_checks(self):
-        if not 0.0 <= self.lr:
-            raise ValueError(f"Invalid learning rate: {self.lr}")
-        if not 0.0 <= self.eps:
-            raise ValueError(f"Invalid epsilon value: {self.eps}")
+        require_non_negative(self, lr="learning rate", eps="epsilon value")
         if not 0.0 <= self.betas[0] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 0: {self.betas[0]}")
         if not 0.0 <= self.betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {self.betas[1]}")
-        if not 0.0 <= self.weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+        require_non_negative(self, weight_decay="weight_decay value")
         return self
 
 

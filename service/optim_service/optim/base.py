@@ -40,6 +40,14 @@ class Optimizer(NamedTuple):
     summary: str
 
 
+def require_non_negative(hp: Hyperparameters, **labels: str) -> None:
+    """torch's constructor checks, in torch's order and words: ``Invalid learning rate: -1.0``."""
+    for field, label in labels.items():
+        value = getattr(hp, field)
+        if not 0.0 <= value:
+            raise ValueError(f"Invalid {label}: {value}")
+
+
 def lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:
     """In-place ``torch.lerp_``, with torch's two-sided formula so results agree to the last bit."""
     if weight < 0.5:

@@ -11,7 +11,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer, lerp_
+from .base import Bool, Float, Hyperparameters, Optimizer, lerp_, require_non_negative
 
 
 class RMSpropHyperparameters(Hyperparameters):
@@ -26,16 +26,10 @@ class RMSpropHyperparameters(Hyperparameters):
 
     @model_validator(mode="after")
     def _torch_checks(self):
-        if not 0.0 <= self.lr:
-            raise ValueError(f"Invalid learning rate: {self.lr}")
-        if not 0.0 <= self.eps:
-            raise ValueError(f"Invalid epsilon value: {self.eps}")
-        if not 0.0 <= self.momentum:
-            raise ValueError(f"Invalid momentum value: {self.momentum}")
-        if not 0.0 <= self.weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
-        if not 0.0 <= self.alpha:
-            raise ValueError(f"Invalid alpha value: {self.alpha}")
+        require_non_negative(
+            self, lr="learning rate", eps="epsilon value", momentum="momentum value",
+            weight_decay="weight_decay value", alpha="alpha value",
+        )
         return self
 
 

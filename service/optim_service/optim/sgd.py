@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer
+from .base import Bool, Float, Hyperparameters, Optimizer, require_non_negative
 
 
 class SGDHyperparameters(Hyperparameters):
@@ -20,12 +20,8 @@ class SGDHyperparameters(Hyperparameters):
 
     @model_validator(mode="after")
     def _torch_checks(self):
-        if self.lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {self.lr}")
-        if self.momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {self.momentum}")
-        if self.weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+        require_non_negative(self, lr="learning rate", momentum="momentum value",
+                             weight_decay="weight_decay value")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         return self
