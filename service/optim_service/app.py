@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -15,17 +17,21 @@ from .sessions import SessionService
 from .settings import Settings
 from .store import open_store
 
+logger = logging.getLogger("optim_service")
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = open_store(settings.store)
+        store = open_store(settings.store, settings.session_ttl_seconds)
         app.state.sessions = SessionService(store, settings)
+        sweeper = asyncio.create_task(_sweep_forever(store, settings.sweep_interval_seconds))
         try:
             yield
         finally:
+            sweeper.cancel()
             await store.close()
 
     app = FastAPI(
@@ -41,6 +47,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     _document_bodies(app)
     return app
+
+
+async def _sweep_forever(store, interval: float) -> None:
+    """Reclaim expired sessions; reads already treat them as gone, this frees their space."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await store.sweep()
+        except Exception:  # a store hiccup must not end the sweeper; the next round retries
+            logger.exception("sweeping expired sessions failed")
 
 
 def _document_bodies(app: FastAPI) -> None:

@@ -37,6 +37,10 @@ class StepConflict(OptimServiceError):
     title = "Conflicting step"
 
 
+class TooManySessions(OptimServiceError):
+    title = "Too many sessions"
+
+
 class UnsupportedMediaType(OptimServiceError):
     title = "Unsupported media type"
 

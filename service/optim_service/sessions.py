@@ -23,6 +23,7 @@ from .errors import (
     InvalidRequest,
     SessionNotFound,
     StepConflict,
+    TooManySessions,
     VersionMismatch,
 )
 from .optim.config import TrainingConfig, apply_step
@@ -84,6 +85,11 @@ class SessionService:
         if restored is not None:
             step, buffers = restored
             states = [_restore_state(s, b, n) for s, b, n in zip(states, buffers, layout.names)]
+        if await self.store.count() >= self.settings.max_sessions:
+            raise TooManySessions(
+                f"the service holds its maximum of {self.settings.max_sessions} sessions; delete "
+                "sessions you no longer need (idle ones expire on their own)"
+            )
         session = Session(new_session_id(), owner, config, layout, step, params, states)
         await self.store.create(session.to_record())
         return session

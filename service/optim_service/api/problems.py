@@ -18,6 +18,7 @@ STATUS: dict[type[errors.OptimServiceError], int] = {
     errors.VersionMismatch: 412,
     errors.IdempotencyKeyReused: 422,
     errors.StepConflict: 409,
+    errors.TooManySessions: 429,
     errors.UnsupportedMediaType: 415,
     errors.NotAcceptable: 406,
     errors.ServiceUnavailable: 503,

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 from .base import Claim, SessionExists, SessionRecord, SessionStore
 from .memory import MemoryStore
 
 
-def open_store(url: str) -> SessionStore:
-    """``memory`` today; ``sqlite:///path`` and ``redis://host:port/db`` plug in here."""
+def open_store(url: str, session_ttl_seconds: int = 0) -> SessionStore:
+    """``memory``, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (``?synchronous=full``),
+    ``redis://host:port/db`` (and ``rediss://`` for TLS)."""
     if url == "memory":
-        return MemoryStore()
-    raise ValueError(f"unsupported store URL {url!r}; expected 'memory'")
+        return MemoryStore(session_ttl_seconds)
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path:
+            raise ValueError(f"store URL {url!r} names no file; use sqlite:///data/optim.db")
+        synchronous = parse_qs(parts.query).get("synchronous", ["normal"])[0]
+        return SQLiteStore(path, session_ttl_seconds, synchronous)
+    if parts.scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+
+        return RedisStore(url, session_ttl_seconds)
+    raise ValueError(f"unsupported store URL {url!r}; use memory, sqlite:///path or redis://host:port/db")
 
 
 __all__ = ["Claim", "MemoryStore", "SessionExists", "SessionRecord", "SessionStore", "open_store"]

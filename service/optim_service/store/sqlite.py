@@ -1,0 +1,152 @@
+"""The embedded store: one SQLite file in WAL mode, shared by every worker process on the host.
+
+Each read-modify-write runs in ``BEGIN IMMEDIATE`` (a deferred transaction that reads and then
+writes can fail with SQLITE_BUSY despite the busy timeout), and a step's record and idempotency
+claim commit in that one transaction before the answer leaves. ``synchronous=NORMAL`` survives a
+killed process; ``FULL`` (``?synchronous=full`` in the URL) also survives a power cut. WAL needs one
+host and a local filesystem.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import anyio.to_thread
+
+from .base import Claim, SessionExists, SessionRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    version INTEGER NOT NULL,
+    meta BLOB NOT NULL,
+    data BLOB NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, id);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
+CREATE TABLE IF NOT EXISTS claims (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (session_id, key)
+);
+CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (expires_at);
+"""
+NEVER = float("inf")
+
+
+class SQLiteStore:
+    def __init__(self, path: str, session_ttl_seconds: int = 0, synchronous: str = "normal"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._ttl = session_ttl_seconds
+        self._lock = threading.Lock()  # one connection per process, used by one thread at a time
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.lower() == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    async def _run(self, fn, write: bool = True):
+        """Run ``fn(db)`` in a worker thread; writes inside one BEGIN IMMEDIATE transaction."""
+        def locked():
+            with self._lock:
+                if not write:
+                    return fn(self._db)
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+                return result
+        return await anyio.to_thread.run_sync(locked)
+
+    def _expiry(self) -> float:
+        return time.time() + self._ttl if self._ttl else NEVER
+
+    async def create(self, record: SessionRecord) -> None:
+        def insert(db):
+            db.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (record.id, time.time()))
+            try:
+                db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                           (record.id, record.owner, record.version, record.meta, record.data, self._expiry()))
+            except sqlite3.IntegrityError:
+                raise SessionExists(record.id) from None
+        await self._run(insert)
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        def select(db):
+            row = db.execute("SELECT id, owner, version, meta, data FROM sessions WHERE id = ? AND expires_at > ?",
+                             (session_id, time.time())).fetchone()
+            return SessionRecord(*row) if row else None
+        return await self._run(select, write=False)
+
+    async def compare_and_set(self, record, expected_version, claim: Claim | None = None) -> bool:
+        def cas(db):
+            now = time.time()
+            row = db.execute("SELECT version FROM sessions WHERE id = ? AND expires_at > ?",
+                             (record.id, now)).fetchone()
+            if row is None or row[0] != expected_version:
+                return False
+            if claim is not None:
+                db.execute("DELETE FROM claims WHERE session_id = ? AND key = ? AND expires_at <= ?",
+                           (record.id, claim.key, now))
+                try:
+                    db.execute("INSERT INTO claims VALUES (?, ?, ?, ?, ?)",
+                               (record.id, claim.key, claim.body_sha256, claim.step, now + claim.ttl_seconds))
+                except sqlite3.IntegrityError:
+                    return False
+            db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ? WHERE id = ?",
+                       (record.version, record.meta, record.data, self._expiry(), record.id))
+            return True
+        return await self._run(cas)
+
+    async def get_claim(self, session_id: str, key: str) -> Claim | None:
+        def select(db):
+            row = db.execute(
+                "SELECT body_sha256, step, expires_at FROM claims WHERE session_id = ? AND key = ? AND expires_at > ?",
+                (session_id, key, time.time())).fetchone()
+            return Claim(key, row[0], row[1], max(1, int(row[2] - time.time()))) if row else None
+        return await self._run(select, write=False)
+
+    async def delete(self, session_id: str) -> bool:
+        def remove(db):
+            return db.execute("DELETE FROM sessions WHERE id = ? AND expires_at > ?",
+                              (session_id, time.time())).rowcount == 1
+        return await self._run(remove)
+
+    async def list(self, owner, limit, after):
+        def select(db):
+            rows = db.execute(
+                "SELECT id, owner, version, meta FROM sessions WHERE owner IS ? AND id > ? AND expires_at > ? "
+                "ORDER BY id LIMIT ?", (owner, after or "", time.time(), limit)).fetchall()
+            return [SessionRecord(*row, b"") for row in rows]
+        return await self._run(select, write=False)
+
+    async def count(self) -> int:
+        return await self._run(
+            lambda db: db.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (time.time(),)).fetchone()[0],
+            write=False)
+
+    async def sweep(self) -> int:
+        def purge(db):
+            now = time.time()
+            db.execute("DELETE FROM claims WHERE expires_at <= ?", (now,))
+            return db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
+        return await self._run(purge)
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone(), write=False)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()

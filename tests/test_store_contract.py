@@ -1,0 +1,157 @@
+"""ONE contract, run against every backend: memory, SQLite, and a real Redis started by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from optim_service.store import Claim, SessionExists, SessionRecord, open_store
+from optim_service.store.redis import RedisStore
+
+BACKENDS = ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def make_store(request, tmp_path, redis_url):
+    """A factory of fresh, isolated stores of one backend (each Redis store gets its own prefix)."""
+
+    def make(ttl: int = 0):
+        if request.param == "memory":
+            store = open_store("memory", ttl)
+        elif request.param == "sqlite":
+            store = open_store(f"sqlite:///{tmp_path}/{uuid.uuid4().hex}.db", ttl)
+        else:
+            store = RedisStore(redis_url, ttl, prefix=f"test-{uuid.uuid4().hex}")
+        return store
+
+    return make
+
+
+def record(sid="s1", owner="alice", version=0, data=b"\x00\x01" * 8):
+    return SessionRecord(sid, owner, version, b'{"m": %d}' % version, data)
+
+
+async def test_create_get_round_trip_and_duplicates(make_store):
+    store = make_store()
+    big = os.urandom(1 << 20)
+    await store.create(record(data=big))
+    got = await store.get("s1")
+    assert got == record(data=big)
+    with pytest.raises(SessionExists):
+        await store.create(record())
+    assert await store.get("missing") is None
+    await store.close()
+
+
+async def test_compare_and_set_only_from_the_expected_version(make_store):
+    store = make_store()
+    await store.create(record())
+    assert await store.compare_and_set(record(version=1, data=b"one"), 0)
+    assert not await store.compare_and_set(record(version=2, data=b"stale"), 0)
+    assert await store.get("s1") == record(version=1, data=b"one")
+    assert not await store.compare_and_set(record("ghost", version=1), 0)
+    assert await store.get("ghost") is None
+    await store.close()
+
+
+async def test_exactly_one_of_many_concurrent_writers_wins(make_store):
+    store = make_store()
+    await store.create(record())
+    results = await asyncio.gather(*(store.compare_and_set(record(version=1, data=bytes([i])), 0)
+                                     for i in range(20)))
+    assert sum(results) == 1
+    winner = results.index(True)
+    assert (await store.get("s1")).data == bytes([winner])
+    await store.close()
+
+
+async def test_claims_are_written_with_the_record_and_refuse_reuse(make_store):
+    store = make_store()
+    await store.create(record())
+    claim = Claim("key-1", "a" * 64, 1, 60)
+    assert await store.get_claim("s1", "key-1") is None
+    assert await store.compare_and_set(record(version=1), 0, claim)
+    got = await store.get_claim("s1", "key-1")
+    assert (got.key, got.body_sha256, got.step) == ("key-1", "a" * 64, 1) and 0 < got.ttl_seconds <= 60
+    # the same key cannot be claimed again, even from the current version: nothing is written
+    assert not await store.compare_and_set(record(version=2), 1, Claim("key-1", "b" * 64, 2, 60))
+    assert (await store.get("s1")).version == 1
+    assert await store.compare_and_set(record(version=2), 1, Claim("key-2", "b" * 64, 2, 60))
+    await store.close()
+
+
+async def test_claims_expire(make_store):
+    store = make_store()
+    await store.create(record())
+    assert await store.compare_and_set(record(version=1), 0, Claim("k", "c" * 64, 1, 1))
+    await asyncio.sleep(1.2)
+    assert await store.get_claim("s1", "k") is None
+    assert await store.compare_and_set(record(version=2), 1, Claim("k", "d" * 64, 2, 60))
+    await store.close()
+
+
+async def test_delete_removes_record_and_claims(make_store):
+    store = make_store()
+    await store.create(record())
+    await store.compare_and_set(record(version=1), 0, Claim("k", "e" * 64, 1, 60))
+    assert await store.delete("s1")
+    assert await store.get("s1") is None
+    assert await store.get_claim("s1", "k") is None
+    assert not await store.delete("s1")
+    assert not await store.compare_and_set(record(version=2), 1)
+    assert await store.list("alice", 10, None) == []
+    await store.close()
+
+
+async def test_list_pages_by_owner_and_count(make_store):
+    store = make_store()
+    ids = [f"id{i:02d}" for i in range(7)]
+    for sid in ids:
+        await store.create(record(sid, "alice"))
+    await store.create(record("zz", "bob"))
+    await store.create(record("nobody", None))
+    first = await store.list("alice", 3, None)
+    assert [r.id for r in first] == ids[:3]
+    assert all(r.owner == "alice" and r.meta == b'{"m": 0}' for r in first)
+    rest = await store.list("alice", 10, first[-1].id)
+    assert [r.id for r in rest] == ids[3:]
+    assert [r.id for r in await store.list("bob", 10, None)] == ["zz"]
+    assert [r.id for r in await store.list(None, 10, None)] == ["nobody"]
+    assert await store.count() == 9
+    await store.close()
+
+
+async def test_idle_sessions_expire_everywhere(make_store):
+    store = make_store(ttl=1)
+    await store.create(record("old"))
+    await store.create(record("busy"))
+    await asyncio.sleep(0.6)
+    assert await store.compare_and_set(record("busy", version=1), 0)  # a write keeps it alive
+    await asyncio.sleep(0.6)
+    assert await store.sweep() == 1  # "old" is reclaimed, "busy" stays
+    assert await store.get("old") is None
+    assert await store.get("busy") is not None
+    assert [r.id for r in await store.list("alice", 10, None)] == ["busy"]
+    assert await store.count() == 1
+    assert not await store.compare_and_set(record("old", version=1), 0)
+    await store.create(record("old"))  # an expired id is free again
+    await store.close()
+
+
+async def test_every_redis_key_has_a_ttl(redis_url):
+    prefix = f"ttl-{uuid.uuid4().hex}"
+    store = RedisStore(redis_url, 3600, prefix=prefix)
+    await store.create(record())
+    await store.compare_and_set(record(version=1), 0, Claim("k", "f" * 64, 1, 600))
+    await store.list("alice", 10, None)
+    client = aioredis.Redis.from_url(redis_url)
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    assert len(keys) >= 4
+    for key in keys:
+        assert await client.ttl(key) > 0, key
+    await client.aclose()
+    await store.close()
