@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -21,9 +22,17 @@ from optim_service.settings import Settings  # noqa: E402
 SERVICE_BIN = Path(sys.executable).with_name("optim-service")
 
 
-@pytest.fixture
-async def app():
-    application = create_app(Settings(store="memory"))
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def app(request, tmp_path):
+    """The app in-process on each store backend."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        redis_client = redis.Redis.from_url(url)
+        redis_client.flushdb()  # our private server: no one else's keys
+        redis_client.close()
+    else:
+        url = {"memory": "memory", "sqlite": f"sqlite:///{tmp_path}/api.db"}[request.param]
+    application = create_app(Settings(store=url))
     async with application.router.lifespan_context(application):
         yield application
 
