@@ -1,4 +1,4 @@
-# Slim, non-root image of the service; the healthcheck asks /healthz.
+# Slim, non-root image of the service; the healthcheck asks /healthz. Default store: SQLite in the volume.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -6,12 +6,13 @@ COPY service ./service
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 optim
+RUN useradd --create-home --uid 10001 optim && install -d -o optim /home/optim/data
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER optim
 WORKDIR /home/optim
-ENV OPTIM_HOST=0.0.0.0 OPTIM_PORT=8000
+ENV OPTIM_HOST=0.0.0.0 OPTIM_PORT=8000 OPTIM_STORE=sqlite:///data/optim.db
+VOLUME /home/optim/data
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]

@@ -52,10 +52,13 @@ def free_port() -> int:
 class ServerProcess:
     """A real ``optim-service serve`` on a free port; stopped (or killed) by the test."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, replace_port: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(SERVICE_BIN), "serve", "--port", str(self.port), *args]
+        if replace_port:  # args carry their own --port {port}
+            cmd = [str(SERVICE_BIN), "serve", *(a.replace("{port}", str(self.port)) for a in args)]
+        else:
+            cmd = [str(SERVICE_BIN), "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30

@@ -1,0 +1,82 @@
+"""The container files: docker-compose.yml validated by docker-compose itself, and the service started
+locally with the exact command and environment the compose file gives a replica, against real Redis."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import yaml
+
+from conftest import ServerProcess
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed; .ci/run installs it (apt-get install docker-compose)")
+    result = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def replicas(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if svc.get("image") == "optim-service:latest"}
+
+
+def test_compose_runs_two_replicas_on_append_only_redis_behind_a_balancer(compose):
+    services = compose["services"]
+    assert all("healthcheck" in svc for svc in services.values())
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    optims = replicas(compose)
+    assert len(optims) >= 2
+    stores = {svc["environment"]["OPTIM_STORE"] for svc in optims.values()}
+    assert stores == {"redis://redis:6379/0"}
+    assert all(svc["depends_on"]["redis"]["condition"] == "service_healthy" for svc in optims.values())
+    nginx = (ROOT / "deploy/nginx.conf").read_text()
+    assert set(re.findall(r"server (optim-\d):8000", nginx)) == set(optims)
+    assert set(services["lb"]["depends_on"]) == set(optims)
+    assert services["lb"]["ports"][0]["published"] == 8000
+
+
+def test_dockerfile_is_slim_non_root_with_a_healthcheck():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+    assert re.search(r"^USER optim$", dockerfile, re.M)
+    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
+
+
+def test_replicas_start_with_the_compose_command_and_environment(compose, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", (ROOT / "Dockerfile").read_text(), re.M).group(1))
+    assert entrypoint == ["optim-service", "serve"]
+    servers = []
+    try:
+        for svc in replicas(compose).values():
+            env = {k: str(v).replace("redis://redis:6379/0", redis_url) for k, v in svc["environment"].items()}
+            args = list(svc["command"])
+            args[args.index("--port") + 1] = "{port}"  # the one change: a free port instead of 8000
+            servers.append(ServerProcess(*args, env=env, replace_port=True))
+        sid = httpx.post(f"{servers[0].url}/v1/sessions",
+                         json={"optimizer": {"type": "adam"}, "params": [1.0]}).json()["id"]
+        for i in range(4):
+            r = httpx.post(f"{servers[i % 2].url}/v1/sessions/{sid}/step", json={"gradients": [1.0]})
+            assert r.status_code == 200 and r.json()["step"] == i + 1
+        ready = [httpx.get(f"{s.url}/readyz").json() for s in servers]
+        assert ready == [{"status": "ready"}] * len(servers)
+    finally:
+        for s in servers:
+            s.stop()
