@@ -9,24 +9,27 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from optim_service.store import Claim, SessionExists, SessionRecord, open_store
+from optim_service.store import CachedStore, Claim, MemoryStore, SessionExists, SessionRecord, open_store
 from optim_service.store.redis import RedisStore
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "sqlite+cache", "redis+cache"]
 
 
 @pytest.fixture(params=BACKENDS)
 def make_store(request, tmp_path, redis_url):
     """A factory of fresh, isolated stores of one backend (each Redis store gets its own prefix)."""
 
+    backend, _, cache = request.param.partition("+")
+    sqlite_path = f"{tmp_path}/{uuid.uuid4().hex}.db"
+    prefix = f"test-{uuid.uuid4().hex}"
+
     def make(ttl: int = 0):
-        if request.param == "memory":
-            store = open_store("memory", ttl)
-        elif request.param == "sqlite":
-            store = open_store(f"sqlite:///{tmp_path}/{uuid.uuid4().hex}.db", ttl)
-        else:
-            store = RedisStore(redis_url, ttl, prefix=f"test-{uuid.uuid4().hex}")
-        return store
+        """Every store a test makes shares one backend instance's data, like replicas do."""
+        if backend == "memory":
+            return open_store("memory", ttl)
+        store = (open_store(f"sqlite:///{sqlite_path}", ttl) if backend == "sqlite"
+                 else RedisStore(redis_url, ttl, prefix=prefix))
+        return CachedStore(store, 1 << 30) if cache else store
 
     return make
 
@@ -50,7 +53,9 @@ async def test_create_get_round_trip_and_duplicates(make_store):
 async def test_compare_and_set_only_from_the_expected_version(make_store):
     store = make_store()
     await store.create(record())
+    assert await store.version("s1") == 0 and await store.version("ghost") is None
     assert await store.compare_and_set(record(version=1, data=b"one"), 0)
+    assert await store.version("s1") == 1
     assert not await store.compare_and_set(record(version=2, data=b"stale"), 0)
     assert await store.get("s1") == record(version=1, data=b"one")
     assert not await store.compare_and_set(record("ghost", version=1), 0)
@@ -155,3 +160,19 @@ async def test_every_redis_key_has_a_ttl(redis_url):
         assert await client.ttl(key) > 0, key
     await client.aclose()
     await store.close()
+
+
+async def test_a_replica_never_reads_a_stale_copy(make_store):
+    """Two stores over one backend, as two replicas: whatever one writes, the other reads next."""
+    a, b = make_store(), make_store()
+    if isinstance(a, MemoryStore):
+        pytest.skip("a memory store lives in one process: nothing is shared to go stale")
+    await a.create(record())
+    assert (await a.get("s1")).version == 0 and (await b.get("s1")).version == 0
+    assert await b.compare_and_set(record(version=1, data=b"from b"), 0)
+    assert await a.get("s1") == record(version=1, data=b"from b")
+    assert not await a.compare_and_set(record(version=1, data=b"stale"), 0)
+    assert await b.delete("s1")
+    assert await a.get("s1") is None
+    await a.close()
+    await b.close()

@@ -25,7 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = open_store(settings.store, settings.session_ttl_seconds)
+        store = open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes)
         app.state.sessions = SessionService(store, settings)
         sweeper = asyncio.create_task(_sweep_forever(store, settings.sweep_interval_seconds))
         try:

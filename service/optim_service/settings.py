@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     session_ttl_seconds: int = Field(30 * 24 * 3600, ge=0, description="idle sessions expire after this; 0 never")
+    cache_bytes: int = Field(256 << 20, ge=0, description="local copy of hot sessions' state in front of sqlite/redis; 0 off")
     max_sessions: int = Field(100_000, ge=1, description="sessions the service holds at most")
     sweep_interval_seconds: float = Field(60.0, gt=0, description="how often expired sessions are reclaimed")
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a step's Idempotency-Key is remembered")

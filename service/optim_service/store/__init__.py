@@ -5,12 +5,21 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from .base import Claim, SessionExists, SessionRecord, SessionStore
+from .cached import CachedStore
 from .memory import MemoryStore
 
 
-def open_store(url: str, session_ttl_seconds: int = 0) -> SessionStore:
+def open_store(url: str, session_ttl_seconds: int = 0, cache_bytes: int = 0) -> SessionStore:
     """``memory``, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (``?synchronous=full``),
-    ``redis://host:port/db`` (and ``rediss://`` for TLS)."""
+    ``redis://host:port/db`` (and ``rediss://`` for TLS). ``cache_bytes`` > 0 puts a version-checked
+    local cache of that size in front of SQLite and Redis."""
+    store = _open(url, session_ttl_seconds)
+    if cache_bytes > 0 and not isinstance(store, MemoryStore):
+        return CachedStore(store, cache_bytes)
+    return store
+
+
+def _open(url: str, session_ttl_seconds: int) -> SessionStore:
     if url == "memory":
         return MemoryStore(session_ttl_seconds)
     parts = urlsplit(url)
@@ -29,4 +38,4 @@ def open_store(url: str, session_ttl_seconds: int = 0) -> SessionStore:
     raise ValueError(f"unsupported store URL {url!r}; use memory, sqlite:///path or redis://host:port/db")
 
 
-__all__ = ["Claim", "MemoryStore", "SessionExists", "SessionRecord", "SessionStore", "open_store"]
+__all__ = ["CachedStore", "Claim", "MemoryStore", "SessionExists", "SessionRecord", "SessionStore", "open_store"]

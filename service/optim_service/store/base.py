@@ -4,6 +4,7 @@ A store keeps opaque session records and never knows which optimizer they hold:
 
 - ``create(record)`` stores a new record; raises ``SessionExists`` if the id is taken.
 - ``get(id)`` returns the whole record (meta, data and version written together) or ``None``.
+- ``version(id)`` returns just the live record's version, or ``None``: cheap, for cache checks.
 - ``compare_and_set(record, expected_version, claim=None)`` replaces the stored record only if its
   version is still ``expected_version`` and, when ``claim`` is given, that idempotency key is not yet
   claimed; record and claim are written in one atomic step. Returns ``False`` when either check
@@ -49,6 +50,7 @@ class SessionExists(Exception):
 class SessionStore(Protocol):
     async def create(self, record: SessionRecord) -> None: ...
     async def get(self, session_id: str) -> SessionRecord | None: ...
+    async def version(self, session_id: str) -> int | None: ...
     async def compare_and_set(
         self, record: SessionRecord, expected_version: int, claim: Claim | None = None
     ) -> bool: ...

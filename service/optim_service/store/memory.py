@@ -43,6 +43,10 @@ class MemoryStore:
     async def get(self, session_id: str) -> SessionRecord | None:
         return self._live(session_id)
 
+    async def version(self, session_id: str) -> int | None:
+        record = self._live(session_id)
+        return None if record is None else record.version
+
     async def compare_and_set(self, record, expected_version, claim=None) -> bool:
         current = self._live(record.id)
         if current is None or current.version != expected_version:

@@ -1,7 +1,8 @@
 """The shared store: Redis, so that replicas on several hosts serve one set of sessions.
 
 A step's compare-and-set is one Lua script (a script is a transaction): it checks the version and
-the idempotency key's absence, then writes record and claim with their TTLs together. Every key of a
+the idempotency key's absence, then moves the staged tensors into place and writes record and claim
+with their TTLs together. Every key of a
 session shares the hash tag ``{s:ID}``, so the script stays atomic on Redis Cluster. Indexes used only
 for listing and counting (by owner, all sessions) are updated beside the script; a crash between the
 two can leave an index entry behind, which reads skip and ``sweep`` removes.
@@ -12,37 +13,51 @@ Durability is the server's: run Redis with ``appendonly yes`` (docker-compose.ym
 from __future__ import annotations
 
 import time
+import uuid
 
 import redis.asyncio as aioredis
 
 from .base import Claim, SessionExists, SessionRecord
 
+# The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
+# place in O(1), so megabytes never pass through Lua's argument copies.
 CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3], 'data', ARGV[4])
-if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[3]) return 0 end
+redis.call('RENAME', KEYS[3], KEYS[2])
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4]) redis.call('EXPIRE', KEYS[2], ARGV[4])
+else
+  redis.call('PERSIST', KEYS[2])
+end
 return 1
 """
 COMPARE_AND_SET = """
 local version = redis.call('HGET', KEYS[1], 'version')
-if not version or version ~= ARGV[1] then return 0 end
-if ARGV[6] ~= '' then
-  if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-  redis.call('SET', KEYS[2], ARGV[6], 'EX', ARGV[7])
-  redis.call('ZADD', KEYS[3], ARGV[8] + ARGV[7], KEYS[2])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[8])
-  redis.call('EXPIRE', KEYS[3], ARGV[7])
+if not version or version ~= ARGV[1] then redis.call('DEL', KEYS[3]) return 0 end
+if ARGV[5] ~= '' then
+  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('DEL', KEYS[3]) return 0 end
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6])
+  redis.call('ZADD', KEYS[5], ARGV[7] + ARGV[6], KEYS[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[7])
+  redis.call('EXPIRE', KEYS[5], ARGV[6])
 end
-redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3], 'data', ARGV[4])
-if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+redis.call('RENAME', KEYS[3], KEYS[2])
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4]) redis.call('EXPIRE', KEYS[2], ARGV[4])
+else
+  redis.call('PERSIST', KEYS[2])
+end
 return 1
 """
 DELETE = """
-local claims = redis.call('ZRANGE', KEYS[2], 0, -1)
+local claims = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, key in ipairs(claims) do redis.call('DEL', key) end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 return redis.call('DEL', KEYS[1])
 """
+STAGING_TTL = 60  # a staged copy whose script never ran (the process died) cleans itself up
 
 
 class RedisStore:
@@ -56,6 +71,17 @@ class RedisStore:
 
     def _rec(self, sid: str) -> str:
         return f"{self._p}:{{s:{sid}}}:rec"
+
+    def _data(self, sid: str) -> str:
+        return f"{self._p}:{{s:{sid}}}:data"
+
+    def _staging(self, sid: str) -> str:
+        return f"{self._p}:{{s:{sid}}}:staging:{uuid.uuid4().hex}"
+
+    async def _stage(self, record: SessionRecord) -> str:
+        key = self._staging(record.id)
+        await self._redis.set(key, record.data, ex=STAGING_TTL)
+        return key
 
     def _claim(self, sid: str, key: str) -> str:
         return f"{self._p}:{{s:{sid}}}:idem:{key}"
@@ -81,25 +107,34 @@ class RedisStore:
             await pipe.execute()
 
     async def create(self, record: SessionRecord) -> None:
-        created = await self._create(keys=[self._rec(record.id)], args=[
-            record.version, record.owner or "", record.meta, record.data, self._ttl])
+        staged = await self._stage(record)
+        created = await self._create(keys=[self._rec(record.id), self._data(record.id), staged],
+                                     args=[record.version, record.owner or "", record.meta, self._ttl])
         if not created:
             raise SessionExists(record.id)
         await self._touch_indexes(record)
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        values = await self._redis.hmget(self._rec(session_id), "version", "owner", "meta", "data")
-        if values[0] is None:
+        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one consistent snapshot
+            pipe.hmget(self._rec(session_id), "version", "owner", "meta")
+            pipe.get(self._data(session_id))
+            (version, owner, meta), data = await pipe.execute()
+        if version is None or data is None:
             return None
-        version, owner, meta, data = values
         return SessionRecord(session_id, owner.decode() or None, int(version), meta, data)
+
+    async def version(self, session_id: str) -> int | None:
+        version = await self._redis.hget(self._rec(session_id), "version")
+        return None if version is None else int(version)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None) -> bool:
         claim_value = f"{claim.body_sha256}:{claim.step}" if claim else ""
         key = claim.key if claim else ""
+        staged = await self._stage(record)
         ok = await self._cas(
-            keys=[self._rec(record.id), self._claim(record.id, key), self._claims(record.id)],
-            args=[expected_version, record.version, record.meta, record.data, self._ttl,
+            keys=[self._rec(record.id), self._data(record.id), staged, self._claim(record.id, key),
+                  self._claims(record.id)],
+            args=[expected_version, record.version, record.meta, self._ttl,
                   claim_value, claim.ttl_seconds if claim else 0, int(time.time())],
         )
         if ok:
@@ -118,7 +153,7 @@ class RedisStore:
 
     async def delete(self, session_id: str) -> bool:
         record = await self.get(session_id)
-        deleted = await self._delete(keys=[self._rec(session_id), self._claims(session_id)])
+        deleted = await self._delete(keys=[self._rec(session_id), self._data(session_id), self._claims(session_id)])
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zrem(self._all, session_id)
             if record is not None:

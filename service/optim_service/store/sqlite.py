@@ -49,6 +49,9 @@ class SQLiteStore:
         self._lock = threading.Lock()  # one connection per process, used by one thread at a time
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
         self._db.execute("PRAGMA busy_timeout=5000")
+        # Tensor blobs are megabytes: 64 KiB pages write them 3× faster than 4 KiB (bench/stores.py).
+        # Only takes effect when the file is created.
+        self._db.execute("PRAGMA page_size=65536")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.lower() == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -88,6 +91,13 @@ class SQLiteStore:
             row = db.execute("SELECT id, owner, version, meta, data FROM sessions WHERE id = ? AND expires_at > ?",
                              (session_id, time.time())).fetchone()
             return SessionRecord(*row) if row else None
+        return await self._run(select, write=False)
+
+    async def version(self, session_id: str) -> int | None:
+        def select(db):
+            row = db.execute("SELECT version FROM sessions WHERE id = ? AND expires_at > ?",
+                             (session_id, time.time())).fetchone()
+            return row[0] if row else None
         return await self._run(select, write=False)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None) -> bool:

@@ -1,0 +1,89 @@
+"""A version-checked local cache in front of a remote store, so that the replica serving a hot
+session writes its state but does not read it back every step.
+
+Each ``get`` asks the store only for the version (a few bytes); when it matches the cached copy, the
+copy is the record. The store's compare-and-set stays the only fence, so a stale copy can cost a
+retry but never a lost update. Copies are evicted least-recently-used beyond ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .base import Claim, SessionRecord, SessionStore
+
+
+class CachedStore:
+    def __init__(self, inner: SessionStore, max_bytes: int):
+        self.inner = inner
+        self._max = max_bytes
+        self._bytes = 0
+        self._copies: OrderedDict[str, SessionRecord] = OrderedDict()
+
+    def _put(self, record: SessionRecord) -> None:
+        self._evict(record.id)
+        size = len(record.data) + len(record.meta)
+        if size > self._max:
+            return
+        self._copies[record.id] = record
+        self._bytes += size
+        while self._bytes > self._max:
+            self._evict(next(iter(self._copies)))
+
+    def _evict(self, session_id: str) -> None:
+        old = self._copies.pop(session_id, None)
+        if old is not None:
+            self._bytes -= len(old.data) + len(old.meta)
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        copy = self._copies.get(session_id)
+        if copy is not None:
+            version = await self.inner.version(session_id)
+            if version == copy.version:
+                self._copies.move_to_end(session_id)
+                return copy
+            self._evict(session_id)
+            if version is None:
+                return None
+        record = await self.inner.get(session_id)
+        if record is not None:
+            self._put(record)
+        return record
+
+    async def create(self, record: SessionRecord) -> None:
+        await self.inner.create(record)
+        self._put(record)
+
+    async def compare_and_set(self, record: SessionRecord, expected_version: int, claim: Claim | None = None) -> bool:
+        ok = await self.inner.compare_and_set(record, expected_version, claim)
+        if ok:
+            self._put(record)
+        else:
+            self._evict(record.id)
+        return ok
+
+    async def delete(self, session_id: str) -> bool:
+        self._evict(session_id)
+        return await self.inner.delete(session_id)
+
+    async def version(self, session_id: str) -> int | None:
+        return await self.inner.version(session_id)
+
+    async def get_claim(self, session_id: str, key: str) -> Claim | None:
+        return await self.inner.get_claim(session_id, key)
+
+    async def list(self, owner, limit, after):
+        return await self.inner.list(owner, limit, after)
+
+    async def count(self) -> int:
+        return await self.inner.count()
+
+    async def sweep(self) -> int:
+        return await self.inner.sweep()
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def close(self) -> None:
+        self._copies.clear()
+        await self.inner.close()
