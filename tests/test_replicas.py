@@ -3,7 +3,9 @@ kill -9 at the worst moment, and idempotent retries that cross replicas and rest
 
 from __future__ import annotations
 
+import subprocess
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -198,3 +200,41 @@ def test_idempotent_retry_after_restart_on_sqlite(tmp_path):
         assert httpx.get(f"{restarted.url}/v1/sessions/{sid}").json()["step"] == 1
     finally:
         restarted.stop()
+
+
+def test_redis_killed_with_aof_on_keeps_every_acknowledged_step(tmp_path):
+    """kill -9 of redis-server itself (appendonly yes, appendfsync everysec): while it is down the
+    service answers 503 and changes nothing; after the restart every acknowledged step is there."""
+    from conftest import free_port, wait_for_port
+
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+           "--appendfsync", "everysec", "--dir", str(tmp_path)]
+    redis_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    wait_for_port(port)
+    server = ServerProcess("--store", f"redis://127.0.0.1:{port}/0")
+    try:
+        sid = create(server.url)
+        for k in range(30):
+            assert httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"gradients": one_hot(k)}).status_code == 200
+        redis_proc.kill()
+        redis_proc.wait()
+        down = httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"gradients": one_hot(0)})
+        assert down.status_code == 503 and down.headers["retry-after"] == "1"
+        assert "nothing was changed" in down.json()["detail"]
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        redis_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        wait_for_port(port)
+        for _ in range(50):  # the client reconnects on its own
+            if httpx.get(f"{server.url}/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        r = httpx.get(f"{server.url}/v1/sessions/{sid}/params")
+        assert r.status_code == 200 and r.json()["step"] == 30
+        expected = np.zeros(SIZE)
+        for k in range(30):
+            expected[k % SIZE] -= 1.0
+        np.testing.assert_array_equal(r.json()["params"], expected)
+    finally:
+        server.stop()
+        redis_proc.kill()

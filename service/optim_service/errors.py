@@ -47,7 +47,3 @@ class UnsupportedMediaType(OptimServiceError):
 
 class NotAcceptable(OptimServiceError):
     title = "Not acceptable"
-
-
-class ServiceUnavailable(OptimServiceError):
-    title = "Store unavailable"

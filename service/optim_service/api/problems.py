@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors
+from ..store import StoreUnavailable
 from .responses import JSONResponse
 
 STATUS: dict[type[errors.OptimServiceError], int] = {
@@ -21,7 +22,6 @@ STATUS: dict[type[errors.OptimServiceError], int] = {
     errors.TooManySessions: 429,
     errors.UnsupportedMediaType: 415,
     errors.NotAcceptable: 406,
-    errors.ServiceUnavailable: 503,
 }
 PROBLEM = "application/problem+json"
 
@@ -55,7 +55,13 @@ def install(app: FastAPI) -> None:
         return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error",
                        str(exc.detail), headers=getattr(exc, "headers", None))
 
+    async def store_unavailable(request: Request, exc: StoreUnavailable):
+        return problem(503, "Store unavailable",
+                       "the session store is not answering; nothing was changed, retry shortly",
+                       headers={"Retry-After": "1"})
+
     for cls in STATUS:
         app.add_exception_handler(cls, domain_error)
+    app.add_exception_handler(StoreUnavailable, store_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

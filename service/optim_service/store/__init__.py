@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from .base import Claim, SessionExists, SessionRecord, SessionStore
+from .base import Claim, SessionExists, SessionRecord, SessionStore, StoreUnavailable
 from .cached import CachedStore
 from .memory import MemoryStore
 
@@ -38,4 +38,4 @@ def _open(url: str, session_ttl_seconds: int) -> SessionStore:
     raise ValueError(f"unsupported store URL {url!r}; use memory, sqlite:///path or redis://host:port/db")
 
 
-__all__ = ["CachedStore", "Claim", "MemoryStore", "SessionExists", "SessionRecord", "SessionStore", "open_store"]
+__all__ = ["CachedStore", "Claim", "MemoryStore", "SessionExists", "SessionRecord", "SessionStore", "StoreUnavailable", "open_store"]

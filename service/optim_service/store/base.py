@@ -47,6 +47,29 @@ class SessionExists(Exception):
     pass
 
 
+class StoreUnavailable(Exception):
+    """The backend cannot be reached or is busy; the request changed nothing and may be retried."""
+
+
+def translate_errors(*backend_errors: type[BaseException]):
+    """Decorate a store's async methods so its backend's outage errors become ``StoreUnavailable``."""
+    def decorate(cls):
+        for name, fn in list(vars(cls).items()):
+            if name.startswith("_") or not callable(fn):
+                continue
+
+            async def method(self, *args, __fn=fn, **kwargs):
+                try:
+                    return await __fn(self, *args, **kwargs)
+                except backend_errors as e:
+                    raise StoreUnavailable(f"{type(e).__name__}: {e}") from e
+
+            method.__name__, method.__doc__ = fn.__name__, fn.__doc__
+            setattr(cls, name, method)
+        return cls
+    return decorate
+
+
 class SessionStore(Protocol):
     async def create(self, record: SessionRecord) -> None: ...
     async def get(self, session_id: str) -> SessionRecord | None: ...

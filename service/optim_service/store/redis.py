@@ -17,7 +17,10 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from .base import Claim, SessionExists, SessionRecord
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .base import Claim, SessionExists, SessionRecord, translate_errors
 
 # The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
 # place in O(1), so megabytes never pass through Lua's argument copies.
@@ -60,6 +63,7 @@ return redis.call('DEL', KEYS[1])
 STAGING_TTL = 60  # a staged copy whose script never ran (the process died) cleans itself up
 
 
+@translate_errors(RedisConnectionError, RedisTimeoutError)
 class RedisStore:
     def __init__(self, url: str, session_ttl_seconds: int = 0, prefix: str = "optim"):
         self._redis = aioredis.Redis.from_url(url, decode_responses=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from .base import Claim, SessionExists, SessionRecord
+from .base import Claim, SessionExists, SessionRecord, translate_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -42,6 +42,7 @@ CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (expires_at);
 NEVER = float("inf")
 
 
+@translate_errors(sqlite3.OperationalError)
 class SQLiteStore:
     def __init__(self, path: str, session_ttl_seconds: int = 0, synchronous: str = "normal"):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
