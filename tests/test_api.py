@@ -355,3 +355,33 @@ async def test_clipping_reports_the_gradient_norm(client):
     r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": GRADS})
     assert r.json()["grad_norm"] == 1.0  # max |g| before clipping
     np.testing.assert_allclose(r.json()["params"]["b"], np.array(NAMED["b"]) - 0.1 * 0.5 / (1 + 1e-6) * np.array(GRADS["b"]))
+
+
+async def test_nan_policy_skip_leaves_state_unchanged_and_says_so(client):
+    r = await client.post("/v1/sessions", json={"optimizer": {"type": "adam", "lr": 0.1}, "params": [1.0, 2.0],
+                                                "dtype": "float32", "nan_policy": "skip"})
+    sid = r.json()["id"]
+    assert r.json()["nan_policy"] == "skip"
+    await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5, 0.5]})
+    before = await snapshot(client, sid)
+    nan = np.array([np.nan, 1.0], "<f4").tobytes()
+    r = await client.post(f"/v1/sessions/{sid}/step", content=nan, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200 and r.json()["skipped"] is True and r.json()["step"] == 1
+    assert r.headers["etag"] == '"1"' and r.headers["optim-step-skipped"] == "true"
+    r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"shape": [2], "b64": b64([np.inf, 0], "<f4")["b64"]}})
+    assert r.json()["skipped"] is True
+    r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [1e30, 1.0]})  # g² overflows float32
+    assert r.json()["skipped"] is True
+    assert await snapshot(client, sid) == before  # params and buffers untouched
+    meta = (await client.get(f"/v1/sessions/{sid}")).json()
+    assert meta["step"] == 1 and meta["skipped_steps"] == 3
+    r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5, 0.5]})
+    assert r.json()["step"] == 2 and "skipped" not in r.json()
+
+
+async def test_nan_policy_error_is_the_default(client):
+    sid = await create(client)
+    nan = np.full(8, np.nan).tobytes()
+    r = await client.post(f"/v1/sessions/{sid}/step", content=nan, headers={"content-type": "application/octet-stream"})
+    assert_problem(r, 422, "gradient 'w'", "non-finite")
+    assert (await client.get(f"/v1/sessions/{sid}")).json()["skipped_steps"] == 0

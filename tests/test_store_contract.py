@@ -77,32 +77,32 @@ async def test_exactly_one_of_many_concurrent_writers_wins(make_store):
 async def test_claims_are_written_with_the_record_and_refuse_reuse(make_store):
     store = make_store()
     await store.create(record())
-    claim = Claim("key-1", "a" * 64, 1, 60)
+    claim = Claim("key-1", "a" * 64, 1, 1, 60)
     assert await store.get_claim("s1", "key-1") is None
     assert await store.compare_and_set(record(version=1), 0, claim)
     got = await store.get_claim("s1", "key-1")
-    assert (got.key, got.body_sha256, got.step) == ("key-1", "a" * 64, 1) and 0 < got.ttl_seconds <= 60
+    assert (got.key, got.body_sha256, got.version, got.step) == ("key-1", "a" * 64, 1, 1) and 0 < got.ttl_seconds <= 60
     # the same key cannot be claimed again, even from the current version: nothing is written
-    assert not await store.compare_and_set(record(version=2), 1, Claim("key-1", "b" * 64, 2, 60))
+    assert not await store.compare_and_set(record(version=2), 1, Claim("key-1", "b" * 64, 2, 2, 60))
     assert (await store.get("s1")).version == 1
-    assert await store.compare_and_set(record(version=2), 1, Claim("key-2", "b" * 64, 2, 60))
+    assert await store.compare_and_set(record(version=2), 1, Claim("key-2", "b" * 64, 2, 2, 60))
     await store.close()
 
 
 async def test_claims_expire(make_store):
     store = make_store()
     await store.create(record())
-    assert await store.compare_and_set(record(version=1), 0, Claim("k", "c" * 64, 1, 1))
+    assert await store.compare_and_set(record(version=1), 0, Claim("k", "c" * 64, 1, 1, 1))
     await asyncio.sleep(1.2)
     assert await store.get_claim("s1", "k") is None
-    assert await store.compare_and_set(record(version=2), 1, Claim("k", "d" * 64, 2, 60))
+    assert await store.compare_and_set(record(version=2), 1, Claim("k", "d" * 64, 2, 2, 60))
     await store.close()
 
 
 async def test_delete_removes_record_and_claims(make_store):
     store = make_store()
     await store.create(record())
-    await store.compare_and_set(record(version=1), 0, Claim("k", "e" * 64, 1, 60))
+    await store.compare_and_set(record(version=1), 0, Claim("k", "e" * 64, 1, 1, 60))
     assert await store.delete("s1")
     assert await store.get("s1") is None
     assert await store.get_claim("s1", "k") is None
@@ -151,7 +151,7 @@ async def test_every_redis_key_has_a_ttl(redis_url):
     prefix = f"ttl-{uuid.uuid4().hex}"
     store = RedisStore(redis_url, 3600, prefix=prefix)
     await store.create(record())
-    await store.compare_and_set(record(version=1), 0, Claim("k", "f" * 64, 1, 600))
+    await store.compare_and_set(record(version=1), 0, Claim("k", "f" * 64, 1, 1, 600))
     await store.list("alice", 10, None)
     client = aioredis.Redis.from_url(redis_url)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]

@@ -54,12 +54,14 @@ class Session:
     owner: str | None
     config: TrainingConfig
     layout: Layout
-    step: int
+    step: int  # optimizer steps applied: the ETag
     params: list[np.ndarray]
     states: list[tuple]  # one optimizer NamedTuple per tensor, buffers may be None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     loss: float | None = None  # the last loss a client reported with a step
+    skipped_steps: int = 0  # steps refused by nan_policy "skip"
+    version: int = 0  # every write bumps it; the store's compare-and-set fences on it
 
     @cached_property
     def hyperparameters(self) -> list:
@@ -75,6 +77,7 @@ class Session:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "loss": self.loss,
+            "skipped_steps": self.skipped_steps,
             "config": self.config.model_dump(mode="json"),
             "dtype": self.layout.dtype,
             "structure": self.layout.structure,
@@ -90,7 +93,7 @@ class Session:
             chunks.append(p)
             chunks.extend(self.buffers(i).values())
         data = b"".join(np.ascontiguousarray(c).data for c in chunks)
-        return SessionRecord(self.id, self.owner, self.step, orjson.dumps(self.meta()), data)
+        return SessionRecord(self.id, self.owner, self.version, orjson.dumps(self.meta()), data)
 
 
 def read_meta(record: SessionRecord) -> dict:
@@ -130,4 +133,5 @@ def from_record(record: SessionRecord) -> Session:
         id=record.id, owner=record.owner, config=config, layout=layout, step=meta["step"],
         params=params, states=states,
         created_at=meta["created_at"], updated_at=meta["updated_at"], loss=meta["loss"],
+        skipped_steps=meta["skipped_steps"], version=record.version,
     )

@@ -26,6 +26,7 @@ from .errors import (
     TooManySessions,
     VersionMismatch,
 )
+from .finite import first_non_finite, require_finite
 from .optim.config import TrainingConfig, apply_step
 from .record import Layout, Session, from_record, read_meta
 from .settings import Settings
@@ -40,6 +41,7 @@ class StepResult:
     grad_norm: float | None
     compute_ms: float
     replayed: bool = False
+    skipped: bool = False
 
 
 def new_session_id() -> str:
@@ -132,26 +134,33 @@ class SessionService:
                     replay = await self._replay(record, *idempotency)
                     if replay is not None:
                         return replay
-                if if_match is not None and record.version != if_match:
-                    raise VersionMismatch(
-                        f"If-Match expected step {if_match}, the session is at step {record.version}",
-                        step=record.version,
-                    )
                 session = from_record(record)
+                if if_match is not None and session.step != if_match:
+                    raise VersionMismatch(
+                        f"If-Match expected step {if_match}, the session is at step {session.step}",
+                        step=session.step,
+                    )
                 grads = decode(session)
                 started = time.perf_counter()
                 grad_norm = await self._run(
                     lambda: _advance(session, grads), sum(session.layout.sizes)
                 )
-                if loss is not None:
-                    session.loss = loss
                 compute_ms = (time.perf_counter() - started) * 1e3
+                skipped = grad_norm is SKIPPED
+                if skipped:  # store only the count: the arrays may be half-updated
+                    session = from_record(record)
+                    session.skipped_steps += 1
+                    session.updated_at = time.time()
+                    grad_norm = None
+                elif loss is not None:
+                    session.loss = loss
+                session.version += 1
                 claim = None
                 if idempotency is not None:
-                    claim = Claim(idempotency[0], idempotency[1], session.step,
+                    claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
                                   self.settings.idempotency_ttl_seconds)
                 if await self.store.compare_and_set(session.to_record(), record.version, claim):
-                    return StepResult(session, grad_norm, compute_ms)
+                    return StepResult(session, grad_norm, compute_ms, skipped=skipped)
             raise StepConflict(
                 f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
             )
@@ -165,28 +174,43 @@ class SessionService:
                 f"Idempotency-Key '{key}' was already used for a different request on this session; "
                 "use a new key for a new step"
             )
-        if claim.step != record.version:
+        session = from_record(record)
+        if claim.version != record.version:
             raise StepConflict(
                 f"Idempotency-Key '{key}' was applied as step {claim.step}; the session has since "
-                f"moved to step {record.version}, so that answer is gone. GET the params instead.",
+                f"moved to step {session.step}, so that answer is gone. GET the params instead.",
                 step=claim.step,
             )
-        return StepResult(from_record(record), None, 0.0, replayed=True)
+        return StepResult(session, None, 0.0, replayed=True)
 
 
-def _advance(session: Session, grads: list[np.ndarray]) -> float | None:
-    """Apply one step in place; refuse (changing nothing stored) if it produced a non-finite value."""
+SKIPPED = object()  # what _advance returns when nan_policy "skip" refuses the step
+
+
+def _advance(session: Session, grads: list[np.ndarray]):
+    """Apply one step in place; a non-finite gradient or result is refused (``nan_policy: "error"``)
+    or skipped, with the state unchanged (``"skip"``). Returns the gradient norm when clipping."""
+    skip = session.config.nan_policy == "skip"
+    names = [f"gradient '{n}'" if n else "gradient" for n in session.layout.names]
+    for name, grad in zip(names, grads):
+        if first_non_finite(grad) is not None:
+            if skip:
+                return SKIPPED
+            require_finite(grad, name, session.layout.dtype)
     step = session.step + 1
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
         grad_norm = apply_step(session.config, session.hyperparameters, session.params, grads,
                                session.states, step)
     for name, param, state in zip(session.layout.names, session.params, session.states):
         arrays = [param, *(b for b in state if b is not None)]
-        if not all(np.isfinite(a).all() for a in arrays):
+        if any(first_non_finite(a) is not None for a in arrays):
+            if skip:
+                return SKIPPED
             label = f"tensor '{name}'" if name else "the parameters"
             raise InvalidRequest(
                 f"this step would make {label} non-finite (overflow in {session.layout.dtype}); "
-                "nothing was changed. Scale the gradients down or clip them (clip_grad_norm)."
+                "nothing was changed. Scale the gradients down or clip them (clip_grad_norm), "
+                'or create the session with "nan_policy": "skip".'
             )
     session.step = step
     session.updated_at = time.time()

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any, Literal
 
 import numpy as np
 
 from ..errors import InvalidRequest
+from ..finite import require_finite
 from ..record import DTYPES, Layout
 
 Encoding = Literal["list", "b64"]
 MAX_NAME_LENGTH = 256
+MAX_DIMENSIONS = 32  # numpy's limit
 
 
 def is_b64_tensor(value: Any) -> bool:
@@ -24,17 +27,20 @@ def is_b64_tensor(value: Any) -> bool:
 
 
 def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
-    """One tensor (nested lists or b64 object) as a writable array of ``dtype``."""
+    """One tensor (nested lists or b64 object) as a writable array of ``dtype``; finiteness is the
+    caller's to check (gradients may be non-finite under ``nan_policy: "skip"``)."""
     np_dtype = DTYPES[dtype]
     if is_b64_tensor(value):
         shape = value["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise InvalidRequest(f"{what}: 'shape' must be a list of non-negative integers")
+        if len(shape) > MAX_DIMENSIONS:
+            raise InvalidRequest(f"{what}: at most {MAX_DIMENSIONS} dimensions, got {len(shape)}")
         try:
             raw = base64.b64decode(value["b64"], validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequest(f"{what}: 'b64' is not valid base64") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # exact: a declared shape far larger than the data cannot overflow
         if len(raw) != count * np_dtype.itemsize:
             raise InvalidRequest(
                 f"{what}: shape {shape} needs {count * np_dtype.itemsize} bytes of {dtype}, "
@@ -42,9 +48,8 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
             )
         array = np.frombuffer(bytearray(raw), np_dtype).reshape(shape)
     else:
-        with np.errstate(over="ignore"):  # overflow becomes inf, which check_finite names
+        with np.errstate(over="ignore"):  # overflow becomes inf, which the finite check names
             array = _from_lists(value, what).astype(np_dtype)
-    check_finite(array, what, dtype)
     return array
 
 
@@ -71,19 +76,11 @@ def _from_lists(value: Any, what: str) -> np.ndarray:
         raise InvalidRequest(f"{what}: a number is too large for float64") from None
 
 
-def check_finite(array: np.ndarray, what: str, dtype: str) -> None:
-    if array.size and not np.isfinite(array).all():
-        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-        raise InvalidRequest(
-            f"{what}: non-finite value {float(array[index])} at index {list(index)} "
-            f"(NaN and ±Inf are refused; a finite JSON number may also overflow {dtype})"
-        )
-
-
 def decode_params(value: Any, dtype: str) -> tuple[Layout, list[np.ndarray]]:
     """A new session's params: one unnamed tensor (array) or an object of named tensors."""
     if isinstance(value, list) or is_b64_tensor(value):
         array = decode_tensor(value, "params", dtype)
+        require_finite(array, "params", dtype)
         return Layout(("",), (array.shape,), dtype, "array"), [array]
     if not isinstance(value, dict) or not value:
         raise InvalidRequest("params: expected a JSON array (one tensor) or an object of named tensors")
@@ -92,6 +89,7 @@ def decode_params(value: Any, dtype: str) -> tuple[Layout, list[np.ndarray]]:
         if not name or len(name) > MAX_NAME_LENGTH:
             raise InvalidRequest(f"params: tensor names must have 1 to {MAX_NAME_LENGTH} characters")
         arrays.append(decode_tensor(tensor, f"tensor '{name}'", dtype))
+        require_finite(arrays[-1], f"tensor '{name}'", dtype)
     layout = Layout(tuple(value), tuple(a.shape for a in arrays), dtype, "object")
     return layout, arrays
 
@@ -105,7 +103,7 @@ def encodings_of(value: Any) -> dict[str, Encoding]:
     return {"": enc(value)}
 
 
-def decode_like(value: Any, layout: Layout, what: str) -> list[np.ndarray]:
+def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> list[np.ndarray]:
     """Tensors that must match an existing session's layout exactly (gradients, restored buffers)."""
     if layout.structure == "array":
         if not (isinstance(value, list) or is_b64_tensor(value)):
@@ -129,6 +127,8 @@ def decode_like(value: Any, layout: Layout, what: str) -> list[np.ndarray]:
         array = decode_tensor(tensor, label, layout.dtype)
         if array.shape != shape:
             raise InvalidRequest(f"{label}: expected shape {list(shape)}, got {list(array.shape)}")
+        if finite:
+            require_finite(array, label, layout.dtype)
         arrays.append(array)
     return arrays
 
@@ -145,8 +145,6 @@ def decode_binary(body: bytes, layout: Layout) -> list[np.ndarray]:
     for shape, size in zip(layout.shapes, layout.sizes):
         arrays.append(flat[offset:offset + size].reshape(shape))
         offset += size
-    for name, array in zip(layout.names, arrays):
-        check_finite(array, f"gradient '{name}'" if name else "gradient", layout.dtype)
     return arrays
 
 

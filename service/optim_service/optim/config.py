@@ -46,6 +46,9 @@ class TrainingConfig(BaseModel):
     schedule: Schedule | None = None
     clip_grad_norm: ClipGradNorm | None = None
     param_groups: list[ParamGroup] = []
+    nan_policy: Literal["error", "skip"] = Field(
+        "error", description='non-finite gradients or results: "error" refuses the step (422); '
+        '"skip" leaves the state unchanged and answers {"skipped": true}, as AMP loss scaling does')
 
     @model_validator(mode="after")
     def _groups_are_valid(self):

@@ -35,10 +35,12 @@ class SessionRecord:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """An Idempotency-Key's record: which request body claimed it, and the step it produced."""
+    """An Idempotency-Key's record: which request body claimed it, the record version it wrote and
+    the optimizer step that version holds."""
 
     key: str
     body_sha256: str
+    version: int
     step: int
     ttl_seconds: int
 

@@ -132,7 +132,7 @@ class RedisStore:
         return None if version is None else int(version)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None) -> bool:
-        claim_value = f"{claim.body_sha256}:{claim.step}" if claim else ""
+        claim_value = f"{claim.body_sha256}:{claim.version}:{claim.step}" if claim else ""
         key = claim.key if claim else ""
         staged = await self._stage(record)
         ok = await self._cas(
@@ -152,8 +152,8 @@ class RedisStore:
             value, ttl = await pipe.execute()
         if value is None:
             return None
-        digest, step = value.decode().rsplit(":", 1)
-        return Claim(key, digest, int(step), max(int(ttl), 1))
+        digest, version, step = value.decode().split(":")
+        return Claim(key, digest, int(version), int(step), max(int(ttl), 1))
 
     async def delete(self, session_id: str) -> bool:
         record = await self.get(session_id)

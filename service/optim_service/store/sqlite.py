@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS claims (
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     key TEXT NOT NULL,
     body_sha256 TEXT NOT NULL,
+    version INTEGER NOT NULL,
     step INTEGER NOT NULL,
     expires_at REAL NOT NULL,
     PRIMARY KEY (session_id, key)
@@ -112,8 +113,9 @@ class SQLiteStore:
                 db.execute("DELETE FROM claims WHERE session_id = ? AND key = ? AND expires_at <= ?",
                            (record.id, claim.key, now))
                 try:
-                    db.execute("INSERT INTO claims VALUES (?, ?, ?, ?, ?)",
-                               (record.id, claim.key, claim.body_sha256, claim.step, now + claim.ttl_seconds))
+                    db.execute("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?)",
+                               (record.id, claim.key, claim.body_sha256, claim.version, claim.step,
+                                now + claim.ttl_seconds))
                 except sqlite3.IntegrityError:
                     return False
             db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ? WHERE id = ?",
@@ -124,9 +126,9 @@ class SQLiteStore:
     async def get_claim(self, session_id: str, key: str) -> Claim | None:
         def select(db):
             row = db.execute(
-                "SELECT body_sha256, step, expires_at FROM claims WHERE session_id = ? AND key = ? AND expires_at > ?",
+                "SELECT body_sha256, version, step, expires_at FROM claims WHERE session_id = ? AND key = ? AND expires_at > ?",
                 (session_id, key, time.time())).fetchone()
-            return Claim(key, row[0], row[1], max(1, int(row[2] - time.time()))) if row else None
+            return Claim(key, row[0], row[1], row[2], max(1, int(row[3] - time.time()))) if row else None
         return await self._run(select, write=False)
 
     async def delete(self, session_id: str) -> bool:

@@ -46,6 +46,8 @@ def describe(session_id: str, meta: dict) -> dict:
         "clip_grad_norm": config["clip_grad_norm"],
         "param_groups": config["param_groups"],
         "loss": meta["loss"],
+        "skipped_steps": meta["skipped_steps"],
+        "nan_policy": config["nan_policy"],
         "created_at": _iso(meta["created_at"]),
         "updated_at": _iso(meta["updated_at"]),
     }
@@ -96,7 +98,7 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
             raise InvalidRequest("state.buffers: expected an object of buffer name → tensor")
         one = Layout((name,), (shape,), layout.dtype, "object")
         out.append({
-            k: wire.decode_like({name: v}, one, f"state.buffers{'.' + name if name else ''}.{k}")[0]
+            k: wire.decode_like({name: v}, one, f"state.buffers{'.' + name if name else ''}.{k}", finite=True)[0]
             for k, v in buffers.items()
         })
     return out
@@ -130,13 +132,16 @@ async def step(session_id: str, request: Request, sessions: Sessions, owner: Own
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
     extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
+    if result.skipped:
+        headers["Optim-Step-Skipped"] = "true"
+        extra["skipped"] = True
     return _params_response(result.session, binary_out, encodings, extra, headers)
 
 
 @router.get("/{session_id}", summary="Session metadata: step, optimizer, hyperparameters, shapes")
 async def get_session(session_id: str, sessions: Sessions, owner: Owner) -> Response:
     record, meta = await sessions.meta(owner, session_id)
-    return JSONResponse(describe(record.id, meta), headers=_etag(record.version))
+    return JSONResponse(describe(record.id, meta), headers=_etag(meta["step"]))
 
 
 @router.get("/{session_id}/params", summary="The current parameters (JSON, or binary by Accept)")
