@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -59,12 +60,13 @@ class ServerProcess:
             cmd = [str(SERVICE_BIN), "serve", *(a.replace("{port}", str(self.port)) for a in args)]
         else:
             cmd = [str(SERVICE_BIN), "serve", "--port", str(self.port), *args]
+        self._log = tempfile.TemporaryFile()  # a file, not a pipe: a busy server never blocks on it
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.logs()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return
@@ -72,6 +74,11 @@ class ServerProcess:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("server did not become healthy in 30 s")
+
+    def logs(self) -> str:
+        """Everything the server printed (access log and errors)."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -6,13 +6,16 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from . import __version__
 from .api import problems
+from .api.auth import KeyRing, authenticate
+from .api.limits import BodyLimitMiddleware
 from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions
 from .api.schemas import CreateSession, StepRequest
+from .ratelimit import Unlimited, open_limiter
 from .sessions import SessionService
 from .settings import Settings
 from .store import open_store
@@ -23,15 +26,20 @@ logger = logging.getLogger("optim_service")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
+    keys = KeyRing(settings.key_list())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store = open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes)
         app.state.sessions = SessionService(store, settings)
+        app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst)
+                             if keys.enabled else Unlimited())
         sweeper = asyncio.create_task(_sweep_forever(store, settings.sweep_interval_seconds))
         try:
             yield
         finally:
             sweeper.cancel()
+            await app.state.limiter.close()
             await store.close()
 
     app = FastAPI(
@@ -40,11 +48,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Adam, AdamW, RMSProp, Adagrad and SGD over HTTP, numerically identical to torch.optim",
         default_response_class=JSONResponse,
         lifespan=lifespan,
+        docs_url="/docs" if settings.expose_docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.expose_docs else None,
     )
     app.state.settings = settings
+    app.state.keys = keys
     problems.install(app)
-    for module in (sessions, optimizers, health):
-        app.include_router(module.router)
+    for module in (sessions, optimizers):
+        app.include_router(module.router, dependencies=[Depends(authenticate)])
+    app.include_router(health.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     _document_bodies(app)
     return app
 

@@ -11,9 +11,10 @@ class OptimServiceError(Exception):
 
     title = "Request failed"
 
-    def __init__(self, detail: str, **extra):
+    def __init__(self, detail: str, headers: dict[str, str] | None = None, **extra):
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -39,6 +40,18 @@ class StepConflict(OptimServiceError):
 
 class TooManySessions(OptimServiceError):
     title = "Too many sessions"
+
+
+class Unauthorized(OptimServiceError):
+    title = "Missing or invalid API key"
+
+
+class PayloadTooLarge(OptimServiceError):
+    title = "Request body too large"
+
+
+class RateLimited(OptimServiceError):
+    title = "Too many requests"
 
 
 class UnsupportedMediaType(OptimServiceError):

@@ -87,6 +87,17 @@ class SessionService:
         if restored is not None:
             step, buffers = restored
             states = [_restore_state(s, b, n) for s, b, n in zip(states, buffers, layout.names)]
+        if len(layout.names) > self.settings.max_tensors_per_session:
+            raise InvalidRequest(f"params has {len(layout.names)} tensors; this service allows at most "
+                                 f"{self.settings.max_tensors_per_session} per session")
+        if sum(layout.sizes) > self.settings.max_elements_per_session:
+            raise InvalidRequest(f"params has {sum(layout.sizes)} elements; this service allows at most "
+                                 f"{self.settings.max_elements_per_session} per session")
+        if owner is not None and await self.store.count_owned(owner) >= self.settings.max_sessions_per_key:
+            raise TooManySessions(
+                f"this API key holds its maximum of {self.settings.max_sessions_per_key} sessions; "
+                "delete sessions you no longer need"
+            )
         if await self.store.count() >= self.settings.max_sessions:
             raise TooManySessions(
                 f"the service holds its maximum of {self.settings.max_sessions} sessions; delete "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,7 +21,25 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(256 << 20, ge=0, description="local copy of hot sessions' state in front of sqlite/redis; 0 off")
     max_sessions: int = Field(100_000, ge=1, description="sessions the service holds at most")
     sweep_interval_seconds: float = Field(60.0, gt=0, description="how often expired sessions are reclaimed")
+    api_keys: str | None = Field(None, description="comma-separated; when set every /v1 call needs one")
+    api_keys_file: Path | None = Field(None, description="one key per line (# comments allowed)")
+    expose_docs: bool = Field(True, description="serve /docs and /openapi.json")
+    rate_limit_per_second: float = Field(1000.0, ge=0, description="requests per API key; 0 off (only with keys)")
+    rate_limit_burst: int = Field(2000, ge=1)
+    max_sessions_per_key: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(256 << 20, ge=1024, description="counted while streaming; 413 beyond")
+    max_elements_per_session: int = Field(1 << 24, ge=1, description="parameters per session (each tensor's size summed)")
+    max_tensors_per_session: int = Field(1024, ge=1)
+    max_json_depth: int = Field(64, ge=4, description="nesting of arrays and objects in a JSON body")
+
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a step's Idempotency-Key is remembered")
     cas_retries: int = Field(32, ge=1, description="reload-and-recompute attempts when another process wins a step")
     thread_offload_elements: int = Field(1 << 16, ge=0, description="updates this large run off the event loop")
-    max_page_size: int = Field(1000, ge=1)
+
+    def key_list(self) -> list[str]:
+        """The configured API keys, from OPTIM_API_KEYS and OPTIM_API_KEYS_FILE together."""
+        keys = [k.strip() for k in (self.api_keys or "").split(",")]
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                keys.append(line.split("#", 1)[0].strip())
+        return [k for k in keys if k]

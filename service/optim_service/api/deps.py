@@ -14,8 +14,8 @@ def get_sessions(request: Request) -> SessionService:
 
 
 def get_owner(request: Request) -> str | None:
-    """The tenant a request acts for; every session belongs to one. API keys set it (issue #4)."""
-    return None
+    """The tenant a request acts for (set by ``auth.authenticate``); None when keys are off."""
+    return request.state.owner
 
 
 Sessions = Annotated[SessionService, Depends(get_sessions)]

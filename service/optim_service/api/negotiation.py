@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from ..errors import InvalidRequest, NotAcceptable, UnsupportedMediaType
+from .limits import check_json_depth
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -41,7 +42,8 @@ def wants_binary(request: Request) -> bool:
     raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
 
 
-def parse_json(body: bytes, model: type[BaseModel]):
+def parse_json(request: Request, body: bytes, model: type[BaseModel]):
+    check_json_depth(body, request.app.state.settings.max_json_depth)
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -20,6 +20,9 @@ STATUS: dict[type[errors.OptimServiceError], int] = {
     errors.IdempotencyKeyReused: 422,
     errors.StepConflict: 409,
     errors.TooManySessions: 429,
+    errors.Unauthorized: 401,
+    errors.PayloadTooLarge: 413,
+    errors.RateLimited: 429,
     errors.UnsupportedMediaType: 415,
     errors.NotAcceptable: 406,
 }
@@ -44,7 +47,9 @@ def describe_validation_errors(errs) -> str:
 def install(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: errors.OptimServiceError):
         status = STATUS[type(exc)]
-        headers = {"ETag": f'"{exc.extra["step"]}"'} if "step" in exc.extra else None
+        headers = dict(exc.headers)
+        if "step" in exc.extra:
+            headers["ETag"] = f'"{exc.extra["step"]}"'
         return problem(status, exc.title, exc.detail, headers=headers, **exc.extra)
 
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -78,6 +78,9 @@ class CachedStore:
     async def count(self) -> int:
         return await self.inner.count()
 
+    async def count_owned(self, owner: str | None) -> int:
+        return await self.inner.count_owned(owner)
+
     async def sweep(self) -> int:
         return await self.inner.sweep()
 

@@ -92,6 +92,10 @@ class MemoryStore:
     async def count(self) -> int:
         return sum(1 for _, expires in self._records.values() if expires > time.monotonic())
 
+    async def count_owned(self, owner: str | None) -> int:
+        now = time.monotonic()
+        return sum(1 for r, expires in self._records.values() if r.owner == owner and expires > now)
+
     async def sweep(self) -> int:
         now = time.monotonic()
         expired = [sid for sid, (_, expires) in self._records.items() if expires <= now]

@@ -96,6 +96,9 @@ class RedisStore:
     def _owner_index(self, owner: str | None) -> str:
         return f"{self._p}:owner:{owner or '-'}"
 
+    def _owner_expiry(self, owner: str | None) -> str:
+        return f"{self._p}:owner-expiry:{owner or '-'}"
+
     @property
     def _all(self) -> str:
         return f"{self._p}:sessions"
@@ -105,9 +108,10 @@ class RedisStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self._all, {record.id: expires})
             pipe.zadd(self._owner_index(record.owner), {record.id: 0})
+            pipe.zadd(self._owner_expiry(record.owner), {record.id: expires})
             if self._ttl:  # indexes outlive every session they list, and still expire
-                pipe.expire(self._all, 2 * self._ttl)
-                pipe.expire(self._owner_index(record.owner), 2 * self._ttl)
+                for index in (self._all, self._owner_index(record.owner), self._owner_expiry(record.owner)):
+                    pipe.expire(index, 2 * self._ttl)
             await pipe.execute()
 
     async def create(self, record: SessionRecord) -> None:
@@ -162,6 +166,7 @@ class RedisStore:
             pipe.zrem(self._all, session_id)
             if record is not None:
                 pipe.zrem(self._owner_index(record.owner), session_id)
+                pipe.zrem(self._owner_expiry(record.owner), session_id)
             await pipe.execute()
         return bool(deleted)
 
@@ -190,6 +195,9 @@ class RedisStore:
 
     async def count(self) -> int:
         return await self._redis.zcount(self._all, time.time(), "+inf")
+
+    async def count_owned(self, owner: str | None) -> int:
+        return await self._redis.zcount(self._owner_expiry(owner), time.time(), "+inf")
 
     async def sweep(self) -> int:
         return await self._redis.zremrangebyscore(self._all, "-inf", time.time())

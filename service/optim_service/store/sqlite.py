@@ -150,6 +150,12 @@ class SQLiteStore:
             lambda db: db.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (time.time(),)).fetchone()[0],
             write=False)
 
+    async def count_owned(self, owner: str | None) -> int:
+        return await self._run(
+            lambda db: db.execute("SELECT COUNT(*) FROM sessions WHERE owner IS ? AND expires_at > ?",
+                                  (owner, time.time())).fetchone()[0],
+            write=False)
+
     async def sweep(self) -> int:
         def purge(db):
             now = time.time()

@@ -73,7 +73,7 @@ def json_body(model, example) -> dict:
              summary="Create a session, or resume one from a checkpoint")
 async def create_session(request: Request, sessions: Sessions, owner: Owner) -> Response:
     require_content_type(request, JSON)
-    body: CreateSession = parse_json(await request.body(), CreateSession)
+    body: CreateSession = parse_json(request, await request.body(), CreateSession)
     layout, params = wire.decode_params(body.params, body.dtype)
     restored = None
     if body.state is not None:
@@ -115,7 +115,7 @@ async def step(session_id: str, request: Request, sessions: Sessions, owner: Own
     key = idempotency_key(request)
     loss, encodings = None, "list"
     if ctype == JSON:
-        req: StepRequest = parse_json(body, StepRequest)
+        req: StepRequest = parse_json(request, body, StepRequest)
         loss, encodings = req.loss, wire.encodings_of(req.gradients)
 
         def decode(session: Session):
