@@ -122,3 +122,22 @@ def server():
     proc = ServerProcess("--store", "memory")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzz_client():
+    """A running app (sync client), one Adam float32 session, and a reader of its raw stored record."""
+    from starlette.testclient import TestClient
+
+    application = create_app(Settings(store="memory"))
+    with TestClient(application) as client:
+        body = {"optimizer": {"type": "adam", "lr": 0.1}, "dtype": "float32",
+                "params": {"w": [[1.0, 2.0], [3.0, 4.0]], "b": [0.5]}}
+        sid = client.post("/v1/sessions", json=body).json()["id"]
+        client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"w": [[0.1, 0.1], [0.1, 0.1]], "b": [0.1]}})
+        store = application.state.sessions.store
+
+        def stored(session_id: str):
+            return client.portal.call(store.get, session_id)
+
+        yield client, sid, stored

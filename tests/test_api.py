@@ -385,3 +385,13 @@ async def test_nan_policy_error_is_the_default(client):
     r = await client.post(f"/v1/sessions/{sid}/step", content=nan, headers={"content-type": "application/octet-stream"})
     assert_problem(r, 422, "gradient 'w'", "non-finite")
     assert (await client.get(f"/v1/sessions/{sid}")).json()["skipped_steps"] == 0
+
+
+async def test_scalar_tensors(client):
+    r = await client.post("/v1/sessions", json={"optimizer": {"type": "sgd", "lr": 0.5}, "dtype": "float64",
+                                                "params": {"w": [1.0, 2.0], "temperature": 3}})
+    assert r.status_code == 201 and r.json()["params"]["temperature"] == 3.0
+    assert r.json()["shapes"]["temperature"] == []
+    sid = r.json()["id"]
+    r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"w": [0.0, 0.0], "temperature": 1.0}})
+    assert r.json()["params"]["temperature"] == 2.5

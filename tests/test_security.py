@@ -234,6 +234,8 @@ def test_real_server_refuses_twice_the_limit_with_memory_flat():
     (b'{"optimizer": {"type": "adam"}, "params": {"w": {"shape": [100000, 100000, 100000], "b64": "AAAA"}}}',
      "needs"),
     (b'{"optimizer": {"type": "adam"}, "params": {"w": {"shape": [1], "b64": "AAA"}}}', "base64"),
+    (b'{"optimizer": {"type": "adam"}, "params": {"w": {"shape": [4294967296, 4294967296, 0], "b64": ""}}}',
+     "too large"),
     (b'{"optimizer": {"type": "adam"}, "params": [1.0, 2.0', "not valid JSON"),
     (b'{"optimizer": {"type": "adam"}, "params": [1.0], "owner": "someone-else"}', "owner"),
     (b'{"optimizer": {"type": "adam"}, "params": [1.0], "id": "chosen"}', "id"),

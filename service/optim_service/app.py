@@ -14,7 +14,7 @@ from .api.auth import KeyRing, authenticate
 from .api.limits import BodyLimitMiddleware
 from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions
-from .api.schemas import CreateSession, StepRequest
+from .api.schemas import DOCUMENTED, CreateSession, StepRequest
 from .ratelimit import Unlimited, open_limiter
 from .sessions import SessionService
 from .settings import Settings
@@ -81,7 +81,7 @@ def _document_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = base()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CreateSession, StepRequest):
+            for model in (CreateSession, StepRequest, *DOCUMENTED):
                 doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(doc.pop("$defs", {}))
                 components[model.__name__] = doc

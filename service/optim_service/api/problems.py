@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import errors
 from ..store import StoreUnavailable
@@ -44,6 +45,14 @@ def describe_validation_errors(errs) -> str:
     return "; ".join(parts)
 
 
+def allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return methods
+
+
 def install(app: FastAPI) -> None:
     async def domain_error(request: Request, exc: errors.OptimServiceError):
         status = STATUS[type(exc)]
@@ -57,8 +66,11 @@ def install(app: FastAPI) -> None:
         return problem(422, "Invalid request", describe_validation_errors(errs), errors=errs)
 
     async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods; name them all
+            headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
         return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error",
-                       str(exc.detail), headers=getattr(exc, "headers", None))
+                       str(exc.detail), headers=headers)
 
     async def store_unavailable(request: Request, exc: StoreUnavailable):
         return problem(503, "Store unavailable",

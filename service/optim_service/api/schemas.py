@@ -60,3 +60,91 @@ EXAMPLE_CREATE = {
     "schedule": {"type": "inverse_sqrt"},
 }
 EXAMPLE_STEP = {"gradients": {"w": [[0.1, -0.1], [0.2, 0.0]], "b": [0.05, -0.05]}, "loss": 0.42}
+
+
+# --- responses, for the OpenAPI document (and so schemathesis can check every answer) -----------
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; ``detail`` says what to change."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+
+
+class SessionInfo(BaseModel):
+    id: str
+    step: int
+    optimizer: dict[str, Any]
+    dtype: Literal["float32", "float64"]
+    shapes: Annotated[Any, Field(json_schema_extra={"description": "a shape list, or name → shape"})]
+    num_parameters: int
+    schedule: dict[str, Any] | None
+    clip_grad_norm: dict[str, Any] | None
+    param_groups: list[dict[str, Any]]
+    nan_policy: Literal["error", "skip"]
+    loss: float | None
+    skipped_steps: int
+    created_at: str
+    updated_at: str
+
+
+class CreatedSession(SessionInfo):
+    params: Tensors
+
+
+class StepAnswer(BaseModel):
+    step: int
+    params: Tensors
+    grad_norm: float | None = None
+    skipped: bool | None = None
+
+
+class ParamsAnswer(BaseModel):
+    step: int
+    params: Tensors
+
+
+class SessionPage(BaseModel):
+    sessions: list[SessionInfo]
+    next: str | None
+
+
+class OptimizerInfo(BaseModel):
+    type: str
+    summary: str
+    hyperparameters: dict[str, dict[str, Any]]
+    state_buffers: list[str]
+
+
+def _problem(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+PROBLEMS = {
+    401: _problem("missing or invalid API key (when keys are configured)"),
+    413: _problem("body over OPTIM_MAX_BODY_BYTES"),
+    422: _problem("invalid input; nothing was changed"),
+    429: _problem("rate limit, or a session cap"),
+    503: _problem("the session store is unreachable; nothing was changed"),
+}
+SESSION_PROBLEMS = {404: _problem("no such session (or not yours)"), **PROBLEMS}
+STEP_PROBLEMS = {
+    **SESSION_PROBLEMS,
+    406: _problem("Accept names neither JSON nor octet-stream"),
+    409: _problem("an Idempotency-Key's answer is gone, or the session kept changing"),
+    412: _problem("If-Match names another step"),
+    415: _problem("Content-Type is neither JSON nor octet-stream"),
+}
+
+
+def answers(model: type[BaseModel], binary: bool = False, status: int = 200) -> dict:
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if binary:
+        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+    return {status: {"description": "OK", "content": content}}
+
+
+DOCUMENTED = (Problem, SessionInfo, CreatedSession, StepAnswer, ParamsAnswer, SessionPage, OptimizerInfo)

@@ -20,6 +20,7 @@ from ..record import DTYPES, Layout
 Encoding = Literal["list", "b64"]
 MAX_NAME_LENGTH = 256
 MAX_DIMENSIONS = 32  # numpy's limit
+MAX_EXTENT_PRODUCT = 2**60
 
 
 def is_b64_tensor(value: Any) -> bool:
@@ -34,8 +35,10 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
         shape = value["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise InvalidRequest(f"{what}: 'shape' must be a list of non-negative integers")
-        if len(shape) > MAX_DIMENSIONS:
-            raise InvalidRequest(f"{what}: at most {MAX_DIMENSIONS} dimensions, got {len(shape)}")
+        # numpy refuses a shape whose non-zero extents multiply past its index range, even when
+        # another extent is zero and the array would be empty
+        if len(shape) > MAX_DIMENSIONS or math.prod(d for d in shape if d) > MAX_EXTENT_PRODUCT:
+            raise InvalidRequest(f"{what}: shape {shape} is too large to be an array")
         try:
             raw = base64.b64decode(value["b64"], validate=True)
         except (binascii.Error, ValueError):
@@ -151,7 +154,9 @@ def decode_binary(body: bytes, layout: Layout) -> list[np.ndarray]:
 def encode_tensor(array: np.ndarray, encoding: Encoding):
     if encoding == "b64":
         return {"shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode()}
-    return array  # orjson writes numpy arrays natively
+    if array.ndim == 0:
+        return array.item()  # orjson writes arrays of any rank but not 0-d ones
+    return array  # orjson writes numpy arrays natively, without a Python-list detour
 
 
 def encode_like(arrays: list[np.ndarray], layout: Layout, encodings: dict[str, Encoding] | Encoding):

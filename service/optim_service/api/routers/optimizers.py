@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ...optim import OPTIMIZERS
+from ..schemas import PROBLEMS, OptimizerInfo
 
 router = APIRouter(prefix="/v1/optimizers", tags=["optimizers"])
 
@@ -25,7 +26,8 @@ def catalogue() -> list[dict]:
     return out
 
 
-@router.get("", summary="Every optimizer with its hyperparameters, defaults and state buffers")
+@router.get("", response_model=list[OptimizerInfo], responses=PROBLEMS,
+            summary="Every optimizer with its hyperparameters, defaults and state buffers")
 async def list_optimizers() -> list[dict]:
     return catalogue()
 

@@ -22,7 +22,21 @@ from ..negotiation import (
     wants_binary,
 )
 from ..responses import JSONResponse
-from ..schemas import EXAMPLE_CREATE, EXAMPLE_STEP, CreateSession, StepRequest
+from ..schemas import (
+    EXAMPLE_CREATE,
+    EXAMPLE_STEP,
+    PROBLEMS,
+    SESSION_PROBLEMS,
+    STEP_PROBLEMS,
+    CreatedSession,
+    CreateSession,
+    ParamsAnswer,
+    SessionInfo,
+    SessionPage,
+    StepAnswer,
+    StepRequest,
+    answers,
+)
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -70,6 +84,8 @@ def json_body(model, example) -> dict:
 
 
 @router.post("", status_code=201, openapi_extra=json_body(CreateSession, EXAMPLE_CREATE),
+             responses={**answers(CreatedSession, status=201), **PROBLEMS,
+                        415: STEP_PROBLEMS[415]},
              summary="Create a session, or resume one from a checkpoint")
 async def create_session(request: Request, sessions: Sessions, owner: Owner) -> Response:
     require_content_type(request, JSON)
@@ -107,6 +123,7 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
 @router.post("/{session_id}/step", openapi_extra={"requestBody": {"required": True, "content": {
     JSON: {"schema": {"$ref": "#/components/schemas/StepRequest"}, "example": EXAMPLE_STEP},
     BINARY: {"schema": {"type": "string", "format": "binary"}}}}},
+    responses={**answers(StepAnswer, binary=True), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
 async def step(session_id: str, request: Request, sessions: Sessions, owner: Owner) -> Response:
     ctype = require_content_type(request, JSON, BINARY)
@@ -138,13 +155,16 @@ async def step(session_id: str, request: Request, sessions: Sessions, owner: Own
     return _params_response(result.session, binary_out, encodings, extra, headers)
 
 
-@router.get("/{session_id}", summary="Session metadata: step, optimizer, hyperparameters, shapes")
+@router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},
+            summary="Session metadata: step, optimizer, hyperparameters, shapes")
 async def get_session(session_id: str, sessions: Sessions, owner: Owner) -> Response:
     record, meta = await sessions.meta(owner, session_id)
     return JSONResponse(describe(record.id, meta), headers=_etag(meta["step"]))
 
 
-@router.get("/{session_id}/params", summary="The current parameters (JSON, or binary by Accept)")
+@router.get("/{session_id}/params", responses={**answers(ParamsAnswer, binary=True), **SESSION_PROBLEMS,
+                                               406: STEP_PROBLEMS[406]},
+            summary="The current parameters (JSON, or binary by Accept)")
 async def get_params(
     session_id: str, request: Request, sessions: Sessions, owner: Owner,
     encoding: Annotated[wire.Encoding, Query(description="list (nested JSON) or b64")] = "list",
@@ -153,7 +173,8 @@ async def get_params(
     return _params_response(session, wants_binary(request), encoding, {}, _etag(session.step))
 
 
-@router.get("/{session_id}/state", summary="A checkpoint: POST it to /v1/sessions to resume bit-exactly")
+@router.get("/{session_id}/state", responses={**answers(CreateSession), **SESSION_PROBLEMS},
+            summary="A checkpoint: POST it to /v1/sessions to resume bit-exactly")
 async def get_state(session_id: str, sessions: Sessions, owner: Owner) -> Response:
     session = await sessions.load(owner, session_id)
     layout = session.layout
@@ -170,7 +191,7 @@ async def get_state(session_id: str, sessions: Sessions, owner: Owner) -> Respon
     return JSONResponse(doc, headers=_etag(session.step))
 
 
-@router.get("", summary="The caller's sessions, paged by id")
+@router.get("", responses={**answers(SessionPage), **PROBLEMS}, summary="The caller's sessions, paged by id")
 async def list_sessions(
     request: Request, sessions: Sessions, owner: Owner,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -181,7 +202,8 @@ async def list_sessions(
     return JSONResponse({"sessions": items, "next": items[-1]["id"] if len(items) == limit else None})
 
 
-@router.delete("/{session_id}", status_code=204, summary="Delete a session and its state")
+@router.delete("/{session_id}", status_code=204, responses={204: {"description": "Deleted"}, **SESSION_PROBLEMS},
+               summary="Delete a session and its state")
 async def delete_session(session_id: str, sessions: Sessions, owner: Owner) -> Response:
     await sessions.delete(owner, session_id)
     return Response(status_code=204)
