@@ -14,7 +14,9 @@ from .api.auth import KeyRing, authenticate
 from .api.limits import BodyLimitMiddleware
 from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions
+from .api.routers import metrics as metrics_router
 from .api.schemas import DOCUMENTED, CreateSession, StepRequest
+from .observability import MeteredStore, Metrics, RequestContextMiddleware
 from .ratelimit import Unlimited, open_limiter
 from .sessions import SessionService
 from .settings import Settings
@@ -27,10 +29,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     keys = KeyRing(settings.key_list())
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes)
+        store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes),
+                             metrics.store_seconds)
         app.state.sessions = SessionService(store, settings)
         app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst)
                              if keys.enabled else Unlimited())
@@ -54,11 +58,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.keys = keys
+    app.state.metrics = metrics
     problems.install(app)
     for module in (sessions, optimizers):
         app.include_router(module.router, dependencies=[Depends(authenticate)])
     app.include_router(health.router)
+    if settings.expose_metrics:
+        app.include_router(metrics_router.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer
     _document_bodies(app)
     return app
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .observability import logging_config
 from .settings import Settings
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(
         "optim_service.app:create_app", factory=True, host=settings.host, port=settings.port,
         workers=settings.workers, log_level=settings.log_level,
+        log_config=logging_config(settings.log_level), access_log=False,  # ours has the request id
     )
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import Annotated
 
@@ -126,6 +127,7 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
     responses={**answers(StepAnswer, binary=True), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
 async def step(session_id: str, request: Request, sessions: Sessions, owner: Owner) -> Response:
+    started = time.perf_counter()
     ctype = require_content_type(request, JSON, BINARY)
     binary_out = wants_binary(request)  # refuse an unanswerable Accept before doing anything
     body = await request.body()
@@ -152,7 +154,19 @@ async def step(session_id: str, request: Request, sessions: Sessions, owner: Own
     if result.skipped:
         headers["Optim-Step-Skipped"] = "true"
         extra["skipped"] = True
-    return _params_response(result.session, binary_out, encodings, extra, headers)
+    response = _params_response(result.session, binary_out, encodings, extra, headers)
+    _observe(request, result, "binary" if ctype == BINARY else "json", started)
+    return response
+
+
+def _observe(request: Request, result, wire_format: str, started: float) -> None:
+    metrics = request.app.state.metrics
+    optimizer = result.session.config.optimizer.type
+    outcome = "replayed" if result.replayed else "skipped" if result.skipped else "applied"
+    metrics.steps.labels(optimizer, outcome).inc()
+    if outcome == "applied":
+        metrics.compute_seconds.labels(optimizer).observe(result.compute_ms / 1e3)
+    metrics.step_seconds.labels(optimizer, wire_format).observe(time.perf_counter() - started)
 
 
 @router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},

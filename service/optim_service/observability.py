@@ -1,0 +1,120 @@
+"""Metrics (Prometheus, one registry per app) and JSON logs that carry a request id.
+
+Nothing here sees a body, a tensor or an Authorization header: the access log has method, path,
+status, duration and the request id, which is taken from ``X-Request-ID`` or made, and sent back.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import re
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+access_log = logging.getLogger("optim_service.access")
+_REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
+LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step_seconds = Histogram(
+            "optim_step_duration_seconds", "Step requests, from body read to answer",
+            ["optimizer", "wire"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram(
+            "optim_compute_duration_seconds", "The update itself (Server-Timing: compute)",
+            ["optimizer"], buckets=LATENCY_BUCKETS, registry=r)
+        self.steps = Counter("optim_steps", "Steps answered, by outcome (applied, skipped, replayed)",
+                             ["optimizer", "outcome"], registry=r)
+        self.errors = Counter("optim_http_errors", "Answers with status >= 400", ["status"], registry=r)
+        self.sessions = Gauge("optim_sessions", "Live sessions in the store", registry=r)
+        self.store_seconds = Histogram("optim_store_operation_duration_seconds", "Store calls",
+                                       ["operation"], buckets=LATENCY_BUCKETS, registry=r)
+
+
+class MeteredStore:
+    """Times every coroutine method of the store it wraps, by method name."""
+
+    def __init__(self, inner, histogram: Histogram):
+        self._inner = inner
+        self._histogram = histogram
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+        timer = self._histogram.labels(name)
+
+        async def timed(*args, **kwargs):
+            with timer.time():
+                return await attr(*args, **kwargs)
+
+        return timed
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+def logging_config(level: str) -> dict:
+    """dictConfig for uvicorn and the service: one JSON object a line on stderr."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": RequestIdFilter}},
+        "formatters": {"json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        }},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                "filters": ["request_id"], "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+            "optim_service": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+        },
+    }
+
+
+class RequestContextMiddleware:
+    """Request id in and out, one access-log line per request, and the error counter."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if status >= 400:
+                self.metrics.errors.labels(str(status)).inc()
+            access_log.info("request", extra={
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
+            })
+            request_id_var.reset(token)

@@ -1,0 +1,75 @@
+"""Prometheus metrics, request ids, and JSON logs that never carry tensors or keys."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ServerProcess
+
+
+def samples(text: str) -> dict[tuple, float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_metrics_count_steps_by_optimizer_wire_and_outcome(client):
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "adam"}, "params": [1.0, 2.0],
+                                                   "nan_policy": "skip"})).json()["id"]
+    await client.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0]})
+    for _ in range(3):
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.1, 0.2]})
+    await client.post(f"/v1/sessions/{sid}/step", content=np.ones(2, "<f4").tobytes(),
+                      headers={"content-type": "application/octet-stream", "idempotency-key": "k"})
+    await client.post(f"/v1/sessions/{sid}/step", content=np.ones(2, "<f4").tobytes(),
+                      headers={"content-type": "application/octet-stream", "idempotency-key": "k"})
+    await client.post(f"/v1/sessions/{sid}/step", content=np.array([np.nan, 1], "<f4").tobytes(),
+                      headers={"content-type": "application/octet-stream"})
+    await client.get("/v1/sessions/nope")
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = samples(r.text)
+    assert m[("optim_steps_total", (("optimizer", "adam"), ("outcome", "applied")))] == 4
+    assert m[("optim_steps_total", (("optimizer", "adam"), ("outcome", "replayed")))] == 1
+    assert m[("optim_steps_total", (("optimizer", "adam"), ("outcome", "skipped")))] == 1
+    assert m[("optim_step_duration_seconds_count", (("optimizer", "adam"), ("wire", "json")))] == 3
+    assert m[("optim_step_duration_seconds_count", (("optimizer", "adam"), ("wire", "binary")))] == 3
+    assert m[("optim_compute_duration_seconds_count", (("optimizer", "adam"),))] == 4
+    assert m[("optim_http_errors_total", (("status", "404"),))] == 1
+    assert m[("optim_sessions", ())] == 2
+    assert m[("optim_store_operation_duration_seconds_count", (("operation", "compare_and_set"),))] >= 5
+
+
+async def test_request_id_is_echoed_or_made(client):
+    r = await client.get("/healthz", headers={"x-request-id": "trace-abc.123"})
+    assert r.headers["x-request-id"] == "trace-abc.123"
+    r = await client.get("/healthz", headers={"x-request-id": "bad id\twith spaces"})
+    assert r.headers["x-request-id"] != "bad id\twith spaces" and len(r.headers["x-request-id"]) == 32
+    r = await client.get("/v1/sessions/unknown")
+    assert len(r.headers["x-request-id"]) == 32  # errors carry one too
+
+
+def test_json_logs_carry_the_request_id_and_no_tensors():
+    server = ServerProcess("--store", "memory", env={"OPTIM_EXPOSE_METRICS": "false"})
+    try:
+        sid = httpx.post(f"{server.url}/v1/sessions", json={"optimizer": {"type": "sgd"},
+                                                           "params": [0.123456789]}).json()["id"]
+        r = httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"gradients": [0.987654321]},
+                       headers={"x-request-id": "req-42"})
+        assert r.headers["x-request-id"] == "req-42"
+        assert httpx.get(f"{server.url}/metrics").status_code == 404
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    assert lines and all("level" in line and "time" in line for line in lines)
+    step = next(line for line in lines if line.get("request_id") == "req-42")
+    assert step["logger"] == "optim_service.access" and step["status"] == 200
+    assert step["path"] == f"/v1/sessions/{sid}/step" and step["duration_ms"] > 0
+    text = server.logs()
+    assert "0.98765" not in text and "0.12345" not in text
