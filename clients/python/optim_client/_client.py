@@ -94,7 +94,7 @@ def _connection_error(error: Exception) -> Exception:
     return APIConnectionError(f"cannot reach the service: {error}")
 
 
-def _create_call(params, optimizer: str, dtype, schedule, clip_grad_norm, param_groups, hyperparameters) -> tuple[_Call, _wire.Layout]:
+def _create_call(params, optimizer: str, dtype, options: dict, hyperparameters) -> tuple[_Call, _wire.Layout]:
     dtype = dtype or _wire.infer_dtype(params)
     names, arrays = _wire.as_arrays(params, dtype)
     layout = _wire.Layout(names, tuple(a.shape for a in arrays), dtype)
@@ -104,9 +104,7 @@ def _create_call(params, optimizer: str, dtype, schedule, clip_grad_norm, param_
         "params": dict(zip(names, tensors)) if isinstance(params, dict) else tensors[0],
         "dtype": dtype,
     }
-    for key, value in (("schedule", schedule), ("clip_grad_norm", clip_grad_norm), ("param_groups", param_groups)):
-        if value is not None:
-            body[key] = value
+    body.update({key: value for key, value in options.items() if value is not None})
     return _Call("POST", "/v1/sessions", json=body, retry_safe=False), layout
 
 
@@ -207,8 +205,11 @@ class OptimClient(_Base):
         raise AssertionError("unreachable")
 
     def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
-                       clip_grad_norm=None, param_groups=None, **hyperparameters) -> Session:
-        call, layout = _create_call(params, optimizer, dtype, schedule, clip_grad_norm, param_groups, hyperparameters)
+                       clip_grad_norm=None, param_groups=None, nan_policy=None, **hyperparameters) -> Session:
+        """A new session; hyperparameters are torch's keyword names (``lr=1e-3, betas=(0.9, 0.99)``)."""
+        options = dict(schedule=schedule, clip_grad_norm=clip_grad_norm, param_groups=param_groups,
+                       nan_policy=nan_policy)
+        call, layout = _create_call(params, optimizer, dtype, options, hyperparameters)
         meta = self._send(call)
         return Session(self, meta, _wire.from_json(meta["params"], layout))
 
@@ -263,8 +264,11 @@ class AsyncOptimClient(_Base):
         raise AssertionError("unreachable")
 
     async def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
-                             clip_grad_norm=None, param_groups=None, **hyperparameters) -> AsyncSession:
-        call, layout = _create_call(params, optimizer, dtype, schedule, clip_grad_norm, param_groups, hyperparameters)
+                             clip_grad_norm=None, param_groups=None, nan_policy=None,
+                             **hyperparameters) -> AsyncSession:
+        options = dict(schedule=schedule, clip_grad_norm=clip_grad_norm, param_groups=param_groups,
+                       nan_policy=nan_policy)
+        call, layout = _create_call(params, optimizer, dtype, options, hyperparameters)
         meta = await self._send(call)
         return AsyncSession(self, meta, _wire.from_json(meta["params"], layout))
 

@@ -1,0 +1,103 @@
+"""optim_client.torch.RemoteOptimizer trains a small model to the same weights as local torch.optim."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optim_client.torch import RemoteOptimizer
+
+CASES = [
+    ("adam", torch.optim.Adam, {"lr": 0.01, "amsgrad": True}),
+    ("adamw", torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}),
+    ("sgd", torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    ("rmsprop", torch.optim.RMSprop, {"lr": 0.005, "centered": True}),
+    ("adagrad", torch.optim.Adagrad, {"lr": 0.05, "lr_decay": 0.01}),
+]
+
+
+def model_and_data(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+    x = torch.randn(32, 4, dtype=dtype)
+    y = (x[:, :1] * 2 - x[:, 1:2]).sin()
+    return model, x, y
+
+
+def train(model, opt, x, y, steps: int, closure: bool = False):
+    for _ in range(steps):
+        def compute():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(compute)
+        else:
+            compute()
+            opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind,local_cls,hp", CASES, ids=[c[0] for c in CASES])
+def test_remote_training_equals_local(server, kind, local_cls, hp, dtype):
+    local, x, y = model_and_data(dtype)
+    remote = copy.deepcopy(local)
+    train(local, local_cls(local.parameters(), **hp), x, y, 30)
+    opt = RemoteOptimizer(remote.parameters(), server.url, optimizer=kind, **hp)
+    train(remote, opt, x, y, 30)
+    tol = dict(rtol=1e-7, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(local.parameters(), remote.parameters()):
+        torch.testing.assert_close(b, a, **tol)
+    assert opt.session.step_count == 30
+
+
+def test_param_groups_and_closures(server):
+    local, x, y = model_and_data()
+    remote = copy.deepcopy(local)
+
+    def groups(model):
+        return [{"params": model[0].parameters(), "lr": 0.05}, {"params": model[2].parameters()}]
+
+    train(local, torch.optim.Adam(groups(local), lr=0.01), x, y, 20, closure=True)
+    opt = RemoteOptimizer(groups(remote), server.url, optimizer="adam", lr=0.01)
+    train(remote, opt, x, y, 20, closure=True)
+    for a, b in zip(local.parameters(), remote.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+    assert opt.session.metadata["param_groups"][0]["lr"] == 0.05
+
+
+def test_state_dict_round_trip_resumes_exactly(server):
+    straight, x, y = model_and_data()
+    resumed = copy.deepcopy(straight)
+    opt = RemoteOptimizer(straight.parameters(), server.url, optimizer="adam", lr=0.02)
+    train(straight, opt, x, y, 10)
+
+    opt2 = RemoteOptimizer(resumed.parameters(), server.url, optimizer="adam", lr=0.02)
+    train(resumed, opt2, x, y, 5)
+    saved = {"model": copy.deepcopy(resumed.state_dict()), "opt": opt2.state_dict()}
+    fresh, _, _ = model_and_data()
+    fresh.load_state_dict(saved["model"])
+    opt3 = RemoteOptimizer(fresh.parameters(), server.url, optimizer="adam", lr=0.02)
+    opt3.load_state_dict(saved["opt"])
+    assert opt3.session.step_count == 5
+    train(fresh, opt3, x, y, 5)
+    for a, b in zip(straight.parameters(), fresh.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+
+
+def test_refuses_what_it_cannot_do_faithfully(server):
+    model, x, y = model_and_data()
+    opt = RemoteOptimizer(model.parameters(), server.url, optimizer="sgd", lr=0.1)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        opt.step()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train(model, opt, x, y, 1)
+    scheduler.step()
+    with pytest.raises(RuntimeError, match="schedule="):
+        train(model, opt, x, y, 1)
+    with pytest.raises(ValueError, match="float32 or all float64"):
+        RemoteOptimizer([torch.zeros(2, dtype=torch.float16, requires_grad=True)], server.url)
