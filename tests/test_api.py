@@ -395,3 +395,30 @@ async def test_scalar_tensors(client):
     sid = r.json()["id"]
     r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"w": [0.0, 0.0], "temperature": 1.0}})
     assert r.json()["params"]["temperature"] == 2.5
+
+
+async def test_every_route_documents_an_example(client):
+    spec = (await client.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+
+    def has_example(content: dict) -> bool:
+        for media in content.values():
+            if "example" in media or "examples" in media:
+                return True
+            ref = media.get("schema", {}).get("$ref", "")
+            if ref and "examples" in schemas[ref.rsplit("/", 1)[1]]:
+                return True
+            items = media.get("schema", {}).get("items", {}).get("$ref", "")
+            if items and "examples" in schemas[items.rsplit("/", 1)[1]]:
+                return True
+        return False
+
+    missing = []
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            documented = [r.get("content", {}) for r in op["responses"].values()]
+            if "requestBody" in op:
+                documented.append(op["requestBody"]["content"])
+            if not any(has_example(c) for c in documented):
+                missing.append(f"{method.upper()} {path}")
+    assert missing == []

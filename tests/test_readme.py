@@ -1,18 +1,25 @@
-"""The README's curl walk-through runs, as written, against a live server."""
+"""Every example in the README runs, as written, against a live server: the curl walk-through, the
+Python snippets (SDK and torch drop-in) and the JavaScript one."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 README = Path(__file__).parents[1] / "README.md"
+JS_CLIENT = Path(__file__).parents[1] / "clients" / "js" / "index.js"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
 
 
 def walkthrough() -> str:
-    text = README.read_text()
-    section = text.split("<!-- walkthrough")[1].split("<!-- /walkthrough -->")[0]
+    section = README.read_text().split("<!-- walkthrough")[1].split("<!-- /walkthrough -->")[0]
     return "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S))
 
 
@@ -27,11 +34,26 @@ def test_curl_walkthrough_runs(server, tmp_path):
     assert not (tmp_path / "checkpoint.json").exists()
 
 
-def test_sdk_snippet_runs(server):
-    text = README.read_text().split("## The Python SDK")[1]
-    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    result = subprocess.run([sys.executable, "-c", snippet.replace("http://127.0.0.1:8000", server.url)],
+def test_python_snippets_run(server):
+    snippets = blocks("python")
+    assert len(snippets) == 2
+    outputs = []
+    for snippet in snippets:
+        result = subprocess.run([sys.executable, "-c", snippet.replace(DEFAULT_URL, server.url)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout.split())
+    session_id, steps, dtype = outputs[0]
+    assert steps == "100" and dtype == "float64" and len(session_id) >= 22
+    assert outputs[1] == ["20"]
+
+
+def test_javascript_snippet_runs(server, tmp_path):
+    (snippet,) = blocks("js")
+    program = snippet.replace(DEFAULT_URL, server.url).replace('"optim-client"', f'"{JS_CLIENT.as_uri()}"')
+    (tmp_path / "snippet.mjs").write_text(program)
+    result = subprocess.run([shutil.which("node") or "node", str(tmp_path / "snippet.mjs")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    session_id, steps, dtype = result.stdout.split()
-    assert steps == "100" and dtype == "float64" and len(session_id) >= 22
+    steps, w0, b0 = result.stdout.split()
+    assert steps == "1" and abs(float(w0) + 0.001) < 1e-7 and abs(float(b0) - 0.001) < 1e-7

@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import fastapi_offline
 from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.cors import CORSMiddleware
 
 from . import __version__
 from .api import problems
@@ -23,6 +29,9 @@ from .settings import Settings
 from .store import open_store
 
 logger = logging.getLogger("optim_service")
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Accept", "If-Match", "Idempotency-Key", "X-Request-ID")
+CORS_RESPONSE_HEADERS = ("ETag", "Location", "Server-Timing", "X-Request-ID", "Retry-After",
+                         "Idempotent-Replayed", "Optim-Step-Skipped")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Adam, AdamW, RMSProp, Adagrad and SGD over HTTP, numerically identical to torch.optim",
         default_response_class=JSONResponse,
         lifespan=lifespan,
-        docs_url="/docs" if settings.expose_docs else None,
+        docs_url=None,  # served below from local assets: no CDN is reachable from every deployment
         redoc_url=None,
         openapi_url="/openapi.json" if settings.expose_docs else None,
     )
@@ -65,7 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     if settings.expose_metrics:
         app.include_router(metrics_router.router)
+    if settings.expose_docs:
+        _serve_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST", "DELETE"], allow_headers=list(CORS_REQUEST_HEADERS),
+            expose_headers=list(CORS_RESPONSE_HEADERS), max_age=600)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer
     _document_bodies(app)
     return app
@@ -79,6 +95,19 @@ async def _sweep_forever(store, interval: float) -> None:
             await store.sweep()
         except Exception:  # a store hiccup must not end the sweeper; the next round retries
             logger.exception("sweeping expired sessions failed")
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs with its assets from the fastapi-offline package, not a CDN."""
+    app.mount("/docs-static", StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static"),
+              name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="optim-service — API",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js", swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/docs-static/favicon.png")
 
 
 def _document_bodies(app: FastAPI) -> None:

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="comma-separated; when set every /v1 call needs one")
     api_keys_file: Path | None = Field(None, description="one key per line (# comments allowed)")
     expose_docs: bool = Field(True, description="serve /docs and /openapi.json")
+    cors_origins: str | None = Field(None, description="comma-separated origins browsers may call from")
     expose_metrics: bool = Field(True, description="serve /metrics (Prometheus text format)")
     rate_limit_per_second: float = Field(1000.0, ge=0, description="requests per API key; 0 off (only with keys)")
     rate_limit_burst: int = Field(2000, ge=1)

@@ -64,8 +64,27 @@ EXAMPLE_STEP = {"gradients": {"w": [[0.1, -0.1], [0.2, 0.0]], "b": [0.05, -0.05]
 
 # --- responses, for the OpenAPI document (and so schemathesis can check every answer) -----------
 
+INFO_EXAMPLE = {
+    "id": "f_joPwoJg9ouOaD6w5TJvA", "step": 12,
+    "optimizer": {"type": "adam", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                  "amsgrad": False, "maximize": False, "decoupled_weight_decay": False},
+    "dtype": "float32", "shapes": {"w": [2, 2], "b": [2]}, "num_parameters": 6,
+    "schedule": {"type": "inverse_sqrt"}, "clip_grad_norm": None, "param_groups": [], "nan_policy": "error",
+    "loss": 0.42, "skipped_steps": 0,
+    "created_at": "2026-11-24T17:57:32.772250Z", "updated_at": "2026-11-24T18:02:11.104519Z",
+}
+PARAMS_EXAMPLE = {"w": [[0.499, -0.199], [0.101, 0.299]], "b": [-0.001, 0.001]}
+
+
+def _examples(*examples) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details; ``detail`` says what to change."""
+
+    model_config = _examples({"type": "about:blank", "title": "Invalid request", "status": 422,
+                              "detail": "gradient 'w': expected shape [2, 2], got [1, 2]"})
 
     type: str = "about:blank"
     title: str
@@ -74,6 +93,8 @@ class Problem(BaseModel):
 
 
 class SessionInfo(BaseModel):
+    model_config = _examples(INFO_EXAMPLE)
+
     id: str
     step: int
     optimizer: dict[str, Any]
@@ -91,10 +112,14 @@ class SessionInfo(BaseModel):
 
 
 class CreatedSession(SessionInfo):
+    model_config = _examples({**INFO_EXAMPLE, "step": 0, "params": PARAMS_EXAMPLE})
+
     params: Tensors
 
 
 class StepAnswer(BaseModel):
+    model_config = _examples({"step": 13, "params": PARAMS_EXAMPLE})
+
     step: int
     params: Tensors
     grad_norm: float | None = None
@@ -102,16 +127,24 @@ class StepAnswer(BaseModel):
 
 
 class ParamsAnswer(BaseModel):
+    model_config = _examples({"step": 13, "params": PARAMS_EXAMPLE})
+
     step: int
     params: Tensors
 
 
 class SessionPage(BaseModel):
+    model_config = _examples({"sessions": [INFO_EXAMPLE], "next": None})
+
     sessions: list[SessionInfo]
     next: str | None
 
 
 class OptimizerInfo(BaseModel):
+    model_config = _examples({"type": "adagrad", "summary": "θ ← θ − η/(1+(t−1)·lr_decay) · g / (√Σg² + ε)",
+                              "hyperparameters": {"lr": {"default": 0.01, "type": "number"}},
+                              "state_buffers": ["sum"]})
+
     type: str
     summary: str
     hyperparameters: dict[str, dict[str, Any]]

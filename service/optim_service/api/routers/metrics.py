@@ -11,7 +11,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/metrics", summary="Prometheus metrics: step latency, steps, errors, sessions, store latency",
-            response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "OK"}})
+            response_class=Response, responses={200: {"description": "OK", "content": {"text/plain": {"example": (
+                '# TYPE optim_steps_total counter\n'
+                'optim_steps_total{optimizer="adam",outcome="applied"} 1280.0\n')}}}})
 async def metrics(request: Request, sessions: Sessions) -> Response:
     registry = request.app.state.metrics
     registry.sessions.set(await sessions.store.count())
