@@ -9,11 +9,11 @@ from fastapi import Depends, Request
 from ..sessions import SessionService
 
 
-def get_sessions(request: Request) -> SessionService:
+async def get_sessions(request: Request) -> SessionService:  # async: FastAPI runs plain defs in a thread
     return request.app.state.sessions
 
 
-def get_owner(request: Request) -> str | None:
+async def get_owner(request: Request) -> str | None:
     """The tenant a request acts for (set by ``auth.authenticate``); None when keys are off."""
     return request.state.owner
 

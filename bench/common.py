@@ -1,0 +1,116 @@
+"""Helpers shared by the benchmarks: servers on free ports, medians, and the ratio table."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on a free port: ``optim-service serve`` or the bare echo under uvicorn."""
+
+    def __init__(self, kind: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if kind == "service":
+            cmd = [str(BIN / "optim-service"), "serve", "--port", str(self.port), "--store", "memory"]
+        else:
+            cmd = [str(BIN / "uvicorn"), "echo_app:app", "--port", str(self.port), "--log-level", "warning",
+                   "--no-access-log"]
+        self.proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, env={**os.environ, **(env or {})},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            try:
+                httpx.get(self.url + ("/healthz" if kind == "service" else "/"), timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{kind} did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class TcpEcho:
+    """The wire's floor: a raw TCP echo (8-byte length, then the bytes back)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            conn, _ = self.sock.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with conn:
+                while True:
+                    head = recv_exactly(conn, 8)
+                    if not head:
+                        break
+                    conn.sendall(recv_exactly(conn, int.from_bytes(head, "little")))
+
+    def client(self):
+        conn = socket.create_connection(("127.0.0.1", self.port))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def roundtrip(payload: bytes) -> bytes:
+            conn.sendall(len(payload).to_bytes(8, "little") + payload)
+            return recv_exactly(conn, len(payload))
+
+        return roundtrip
+
+
+def recv_exactly(conn, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if k == 0:
+            return b""
+        got += k
+    return bytes(buf)
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def row(name: str, value: float, floor_name: str, floor: float, target: float | None, unit: str = "ms") -> str:
+    ratio = value / floor
+    verdict = "" if target is None else ("met" if ratio <= target else "MISSED")
+    target_text = "" if target is None else f"≤ {target:g}×"
+    return f"| {name} | {value:.3f} {unit} | {floor_name} | {floor:.3f} {unit} | {ratio:.2f}× | {target_text} | {verdict} |"
+
+
+HEADER = "| measurement | value | floor | floor value | ratio | target | |\n|---|---:|---|---:|---:|---|---|"
+__all__ = ["HEADER", "Server", "TcpEcho", "median_ms", "row", "shutil"]

@@ -1,0 +1,120 @@
+"""The step over the wire against its floors, measured side by side in one run.
+
+    python bench/wire.py [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import orjson
+
+from common import HEADER, Server, TcpEcho, median_ms, row
+from optim_client import OptimClient
+
+
+def http_post(port: int):
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+
+    def post(path: str, body: bytes, content_type: str, accept: str = "application/json") -> bytes:
+        conn.request("POST", path, body=body, headers={"Content-Type": content_type, "Accept": accept})
+        response = conn.getresponse()
+        data = response.read()
+        assert response.status == 200, data[:300]
+        return data
+
+    return post
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+    service, echo, tcp = Server("service"), Server("echo"), TcpEcho()
+    rows = []
+    try:
+        client = OptimClient(service.url)
+        svc_post, echo_post, tcp_roundtrip = http_post(service.port), http_post(echo.port), tcp.client()
+
+        # 1. 1M float32 Adam, octet-stream both ways, raw http.client vs a raw TCP echo of the bytes
+        n = 1_000_000
+        big = client.create_session({"w": np.zeros(n, np.float32)}, optimizer="adam")
+        grad = np.full(n, 0.5, np.float32).tobytes()
+        step_ms = median_ms(lambda: svc_post(f"/v1/sessions/{big.id}/step", grad, "application/octet-stream",
+                                             "application/octet-stream"), args.repeat)
+        tcp_ms = median_ms(lambda: tcp_roundtrip(grad), args.repeat)
+        rows.append(row("1M float32 Adam step, binary, http.client", step_ms, "raw TCP echo 4 MB", tcp_ms, 2.0))
+
+        # 2. 100-parameter Adam, JSON, raw http.client vs the bare ASGI echo of the same body
+        small = client.create_session({"w": np.zeros(100, np.float32)}, optimizer="adam")
+        body = orjson.dumps({"gradients": {"w": np.full(100, 0.25).tolist()}})
+        step_ms = median_ms(lambda: svc_post(f"/v1/sessions/{small.id}/step", body, "application/json"),
+                            args.repeat * 10)
+        echo_ms = median_ms(lambda: echo_post("/", body, "application/json"), args.repeat * 10)
+        rows.append(row("100-param Adam step, JSON, http.client", step_ms, "ASGI echo, same body", echo_ms, 1.5))
+
+        # 3. through the SDK at 100 and 1M vs bare httpx.Client.post of the same bytes to the echo
+        with httpx.Client() as bare:
+            for size, session, reps in ((100, small, args.repeat * 10), (n, big, args.repeat)):
+                g = np.full(size, 0.5, np.float32)
+                sdk_ms = median_ms(lambda: session.step({"w": g}), reps)
+                payload = g.tobytes()
+                httpx_ms = median_ms(lambda: bare.post(echo.url, content=payload, headers={
+                    "Content-Type": "application/octet-stream"}).content, reps)
+                tcp_ms = median_ms(lambda: tcp_roundtrip(payload), reps)
+                rows.append(row(f"SDK step, {size:,} float32", sdk_ms, "httpx.post to ASGI echo", httpx_ms, 1.3))
+                rows.append(row(f"SDK step, {size:,} float32", sdk_ms, "raw TCP echo", tcp_ms, None))
+
+        # 4. JSON with 100k floats vs orjson's own decode + encode of that body
+        k = 100_000
+        mid = client.create_session({"w": np.zeros(k, np.float32)}, optimizer="adam")
+        body = orjson.dumps({"gradients": {"w": np.full(k, 0.125, np.float32)}}, option=orjson.OPT_SERIALIZE_NUMPY)
+        step_ms = median_ms(lambda: svc_post(f"/v1/sessions/{mid.id}/step", body, "application/json"), args.repeat)
+        orjson_ms = median_ms(lambda: orjson.dumps(orjson.loads(body)), args.repeat)
+        rows.append(row("100k-float JSON step (server compute + wire)", step_ms, "orjson decode+encode", orjson_ms, None))
+        timing = []
+        for _ in range(args.repeat):
+            conn = http.client.HTTPConnection("127.0.0.1", service.port)
+            conn.request("POST", f"/v1/sessions/{mid.id}/step", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            timing.append(float(resp.getheader("Server-Timing").split("dur=")[1]))
+            conn.close()
+
+        # 5. throughput: 16 clients on 64 small sessions vs the same clients on the echo
+        sessions = [client.create_session({"w": np.zeros(10, np.float32)}, optimizer="sgd", lr=0.1) for _ in range(64)]
+        tiny = orjson.dumps({"gradients": {"w": [0.1] * 10}})
+
+        def run(port: int, path_of) -> float:
+            def worker(i: int) -> int:
+                post = http_post(port)
+                done = 0
+                deadline = time.perf_counter() + 3.0
+                while time.perf_counter() < deadline:
+                    post(path_of(i, done), tiny, "application/json")
+                    done += 1
+                return done
+            with ThreadPoolExecutor(16) as pool:
+                return sum(pool.map(worker, range(16))) / 3.0
+
+        service_rate = run(service.port, lambda i, k: f"/v1/sessions/{sessions[(i * 4 + k) % 64].id}/step")
+        echo_rate = run(echo.port, lambda i, k: "/")
+        print(HEADER)
+        for r in rows:
+            print(r)
+        print(f"| throughput, 16 clients × 64 sessions | {service_rate:.0f} steps/s | ASGI echo | "
+              f"{echo_rate:.0f} req/s | {service_rate / echo_rate:.2f}× of echo | reported | |")
+    finally:
+        service.stop()
+        echo.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
