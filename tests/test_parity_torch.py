@@ -22,21 +22,21 @@ def problem(seed: int = 0, steps: int = STEPS):
     return params, grads
 
 
-def run_numpy(config: dict, params, grads, dtype):
+def run_numpy(config: dict, params, grads, dtype, fused: bool = True):
     cfg = TrainingConfig.model_validate(config)
     names = list(params)
     hps = cfg.hyperparameters_for(names)
     ps = [params[n].astype(dtype) for n in names]
     states = [cfg.algorithm.init(p, hp) for p, hp in zip(ps, hps)]
     for step, g in enumerate(grads, start=1):
-        apply_step(cfg, hps, ps, [g[n].astype(dtype) for n in names], states, step)
+        apply_step(cfg, hps, ps, [g[n].astype(dtype) for n in names], states, step, fused)
     return dict(zip(names, ps)), {n: {k: v for k, v in s._asdict().items() if v is not None}
                                   for n, s in zip(names, states)}
 
 
-def assert_parity(config, dtype, seed=0, torch_kwargs=None):
+def assert_parity(config, dtype, seed=0, torch_kwargs=None, fused=True):
     params, grads = problem(seed)
-    ours_p, ours_s = run_numpy(config, params, grads, dtype)
+    ours_p, ours_s = run_numpy(config, params, grads, dtype, fused)
     ref_p, ref_s = run_torch(config["optimizer"], params, grads, dtype=dtype,
                              schedule=config.get("schedule"), clip=config.get("clip_grad_norm"),
                              param_groups=config.get("param_groups"), **(torch_kwargs or {}))
@@ -73,10 +73,11 @@ FLAG_GRID = {
 CASES = [(kind, hp) for kind, hps in FLAG_GRID.items() for hp in hps]
 
 
+@pytest.mark.parametrize("path", ["fused", "numpy"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("kind,hp", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
-def test_every_flag_combination_matches_torch(kind, hp, dtype):
-    assert_parity({"optimizer": {"type": kind, **hp}}, dtype)
+def test_every_flag_combination_matches_torch(kind, hp, dtype, path):
+    assert_parity({"optimizer": {"type": kind, **hp}}, dtype, fused=path == "fused")
 
 
 @pytest.mark.parametrize("kind", list(FLAG_GRID))
@@ -85,12 +86,13 @@ def test_defaults_match_torch(kind, dtype):
     assert_parity({"optimizer": {"type": kind}}, dtype)
 
 
+@pytest.mark.parametrize("path", ["fused", "numpy"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("centered,momentum", [(False, 0.0), (True, 0.0), (False, 0.5), (True, 0.5)])
-def test_rmsprop_lecture_form_first_grad(centered, momentum, dtype):
+def test_rmsprop_lecture_form_first_grad(centered, momentum, dtype, path):
     hp = {"type": "rmsprop", "lr": 0.01, "alpha": 0.9, "centered": centered, "momentum": momentum,
           "square_avg_init": "first_grad"}
-    assert_parity({"optimizer": hp}, dtype, torch_kwargs={"first_grad_square_avg": True})
+    assert_parity({"optimizer": hp}, dtype, torch_kwargs={"first_grad_square_avg": True}, fused=path == "fused")
 
 
 def test_first_grad_is_the_lecture_sigma0():

@@ -22,6 +22,7 @@ from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions
 from .api.routers import metrics as metrics_router
 from .api.schemas import DOCUMENTED, CreateSession, StepRequest
+from .optim.config import warm_kernels
 from .observability import MeteredStore, Metrics, RequestContextMiddleware
 from .ratelimit import Unlimited, open_limiter
 from .sessions import SessionService
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.fused_kernels:
+            await asyncio.to_thread(warm_kernels)  # no compile stall on a first request
         store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes),
                              metrics.store_seconds)
         app.state.sessions = SessionService(store, settings)

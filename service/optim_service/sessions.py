@@ -154,7 +154,7 @@ class SessionService:
                 grads = decode(session)
                 started = time.perf_counter()
                 grad_norm = await self._run(
-                    lambda: _advance(session, grads), sum(session.layout.sizes)
+                    lambda: _advance(session, grads, self.settings.fused_kernels), sum(session.layout.sizes)
                 )
                 compute_ms = (time.perf_counter() - started) * 1e3
                 skipped = grad_norm is SKIPPED
@@ -198,31 +198,25 @@ class SessionService:
 SKIPPED = object()  # what _advance returns when nan_policy "skip" refuses the step
 
 
-def _advance(session: Session, grads: list[np.ndarray]):
+def _advance(session: Session, grads: list[np.ndarray], fused: bool):
     """Apply one step in place; a non-finite gradient or result is refused (``nan_policy: "error"``)
     or skipped, with the state unchanged (``"skip"``). Returns the gradient norm when clipping."""
-    skip = session.config.nan_policy == "skip"
-    names = [f"gradient '{n}'" if n else "gradient" for n in session.layout.names]
-    for name, grad in zip(names, grads):
-        if first_non_finite(grad) is not None:
-            if skip:
-                return SKIPPED
-            require_finite(grad, name, session.layout.dtype)
     step = session.step + 1
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
-        grad_norm = apply_step(session.config, session.hyperparameters, session.params, grads,
-                               session.states, step)
-    for name, param, state in zip(session.layout.names, session.params, session.states):
-        arrays = [param, *(b for b in state if b is not None)]
-        if any(first_non_finite(a) is not None for a in arrays):
-            if skip:
-                return SKIPPED
-            label = f"tensor '{name}'" if name else "the parameters"
-            raise InvalidRequest(
-                f"this step would make {label} non-finite (overflow in {session.layout.dtype}); "
-                "nothing was changed. Scale the gradients down or clip them (clip_grad_norm), "
-                'or create the session with "nan_policy": "skip".'
-            )
+    grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
+                                   session.states, step, fused)
+    if not finite:
+        if session.config.nan_policy == "skip":
+            return SKIPPED
+        for name, grad in zip(session.layout.names, grads):
+            require_finite(grad, f"gradient '{name}'" if name else "gradient", session.layout.dtype)
+        name = next(n for n, p, s in zip(session.layout.names, session.params, session.states)
+                    if any(first_non_finite(a) is not None for a in (p, *s) if a is not None))
+        label = f"tensor '{name}'" if name else "the parameters"
+        raise InvalidRequest(
+            f"this step would make {label} non-finite (overflow in {session.layout.dtype}); "
+            "nothing was changed. Scale the gradients down or clip them (clip_grad_norm), "
+            'or create the session with "nan_policy": "skip".'
+        )
     session.step = step
     session.updated_at = time.time()
     return grad_norm

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a step's Idempotency-Key is remembered")
     cas_retries: int = Field(32, ge=1, description="reload-and-recompute attempts when another process wins a step")
+    fused_kernels: bool = Field(True, description="numba kernels; false runs the numpy reference")
     thread_offload_elements: int = Field(1 << 16, ge=0, description="updates this large run off the event loop")
 
     def key_list(self) -> list[str]:

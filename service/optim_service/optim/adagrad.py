@@ -7,7 +7,8 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer, require_non_negative
+from . import kernels
+from .base import Bool, Float, Hyperparameters, Optimizer, flat, flat_input, require_non_negative
 
 
 class AdagradHyperparameters(Hyperparameters):
@@ -47,7 +48,14 @@ def update(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: i
     param -= clr * grad / std  # torch's addcdiv order: (value·t1)/t2
 
 
+def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int) -> int:
+    t = param.dtype.type
+    clr = hp.lr / (1 + (step - 1) * hp.lr_decay)
+    return kernels.run("adagrad", flat(param), flat_input(grad, param), flat(state.sum), t(clr),
+                       t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay), t(hp.eps))
+
+
 adagrad = Optimizer(
-    "adagrad", AdagradHyperparameters, init, update, AdagradState,
+    "adagrad", AdagradHyperparameters, init, update, fused, AdagradState,
     "θ ← θ − η/(1+(t−1)·lr_decay) · g / (√Σg² + ε) (torch.optim.Adagrad)",
 )

@@ -8,7 +8,10 @@ from typing import Annotated, NamedTuple
 import numpy as np
 from pydantic import Field, model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer, lerp_, require_non_negative
+from . import kernels
+from .base import (
+    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, lerp_, non_finite, require_non_negative,
+)
 
 Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
 
@@ -84,11 +87,28 @@ def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) ->
     param -= step_size * state.exp_avg / denom
 
 
+def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) -> int:
+    beta1, beta2 = hp.betas
+    if 1 - beta1 >= 0.5:  # torch's lerp switches formula; no kernel for that rare case
+        update(param, grad, state, hp, step)
+        return non_finite(grad, param, *state)
+    t = param.dtype.type
+    decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0
+    arrays = [flat(param), flat_input(grad, param), flat(state.exp_avg), flat(state.exp_avg_sq)]
+    if hp.amsgrad:
+        arrays.append(flat(state.max_exp_avg_sq))
+    return kernels.run(
+        "adam_amsgrad" if hp.amsgrad else "adam", *arrays,
+        t(-1.0 if hp.maximize else 1.0), t(0.0 if decoupled else hp.weight_decay),
+        t(1 - hp.lr * hp.weight_decay if decoupled else 1.0), t(1 - beta1), t(beta2), t(1 - beta2),
+        t(hp.eps), t(hp.lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)))
+
+
 adam = Optimizer(
-    "adam", AdamHyperparameters, init, update, AdamState,
+    "adam", AdamHyperparameters, init, update, fused, AdamState,
     "m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − η·m̂/(√v̂ + ε) (torch.optim.Adam)",
 )
 adamw = Optimizer(
-    "adamw", AdamWHyperparameters, init, update, AdamState,
+    "adamw", AdamWHyperparameters, init, update, fused, AdamState,
     "Adam with decoupled weight decay θ ← θ(1 − η·λ) (torch.optim.AdamW)",
 )

@@ -29,13 +29,16 @@ class Optimizer(NamedTuple):
     """A named recipe: hyperparameter model + ``init(param, hp)`` + ``update(param, grad, state, hp, step)``.
 
     ``update`` is called once per tensor per step with ``step`` counting from 1 (torch's ``state["step"]``
-    after its increment); it updates ``param`` and the state buffers in place.
+    after its increment); it updates ``param`` and the state buffers in place. ``fused`` does the same
+    in one compiled pass (``kernels.py``), bit for bit, and returns how many elements came out
+    non-finite.
     """
 
     name: str
     hyperparameters: type[Hyperparameters]
     init: Callable[[np.ndarray, Any], tuple]
     update: Callable[[np.ndarray, np.ndarray, Any, Any, int], None]
+    fused: Callable[[np.ndarray, np.ndarray, Any, Any, int], int]
     state_type: type
     summary: str
 
@@ -46,6 +49,23 @@ def require_non_negative(hp: Hyperparameters, **labels: str) -> None:
         value = getattr(hp, field)
         if not 0.0 <= value:
             raise ValueError(f"Invalid {label}: {value}")
+
+
+def flat(array: np.ndarray) -> np.ndarray:
+    """A 1-D view for a kernel to write through (never a copy)."""
+    if not array.flags.c_contiguous:
+        raise ValueError("kernels write in place: arrays must be C-contiguous")
+    return array.reshape(-1)
+
+
+def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """A 1-D, contiguous array of ``like``'s dtype that a kernel only reads."""
+    return np.ascontiguousarray(array, like.dtype).reshape(-1)
+
+
+def non_finite(*arrays: np.ndarray | None) -> int:
+    """How many arrays hold a NaN or ±Inf: the fused kernels' report, for the numpy path."""
+    return sum(not np.isfinite(a).all() for a in arrays if a is not None)
 
 
 def lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:

@@ -97,15 +97,36 @@ def apply_step(
     grads: list[np.ndarray],
     states: list[tuple],
     step: int,
-) -> float | None:
-    """Run optimizer step number ``step`` (from 1) in place; return the gradient norm when clipping."""
-    grad_norm = clip_grad_norm(grads, config.clip_grad_norm) if config.clip_grad_norm else None
-    update = config.algorithm.update
-    scheduled: dict[int, Any] = {}
-    for param, grad, state, hp in zip(params, grads, states, hyperparameters):
-        if config.schedule is not None:
-            if id(hp) not in scheduled:
-                scheduled[id(hp)] = hp.model_copy(update={"lr": config.schedule.lr(hp.lr, step - 1)})
-            hp = scheduled[id(hp)]
-        update(param, grad, state, hp, step)
-    return grad_norm
+    fused: bool = True,
+) -> tuple[float | None, bool]:
+    """Run optimizer step number ``step`` (from 1) in place, with the fused kernels or the numpy
+    reference. Returns the gradient norm (when clipping) and whether every gradient, parameter and
+    buffer is finite: when not, the arrays are half-updated and must be thrown away."""
+    with np.errstate(over="ignore", invalid="ignore"):  # reported through the return value
+        grad_norm = clip_grad_norm(grads, config.clip_grad_norm) if config.clip_grad_norm else None
+        algorithm = config.algorithm
+        scheduled: dict[int, Any] = {}
+        finite = True
+        for param, grad, state, hp in zip(params, grads, states, hyperparameters):
+            if config.schedule is not None:
+                if id(hp) not in scheduled:
+                    scheduled[id(hp)] = hp.model_copy(update={"lr": config.schedule.lr(hp.lr, step - 1)})
+                hp = scheduled[id(hp)]
+            if fused:
+                finite &= algorithm.fused(param, grad, state, hp, step) == 0
+            else:
+                algorithm.update(param, grad, state, hp, step)
+                finite &= all(np.isfinite(a).all() for a in (grad, param, *state) if a is not None)
+    return grad_norm, finite
+
+
+def warm_kernels() -> None:
+    """Compile (or load from numba's cache) every kernel for both dtypes now, not on a first request."""
+    variants = [{"type": "sgd"}, {"type": "sgd", "momentum": 0.9}, {"type": "adagrad"}, {"type": "rmsprop"},
+                {"type": "rmsprop", "momentum": 0.9}, {"type": "adam"}, {"type": "adam", "amsgrad": True}]
+    for dtype in (np.float32, np.float64):
+        for variant in variants:
+            config = TrainingConfig.model_validate({"optimizer": variant})
+            param = np.zeros(1, dtype)
+            state = config.algorithm.init(param, config.optimizer)
+            config.algorithm.fused(param, np.zeros(1, dtype), state, config.optimizer, 1)

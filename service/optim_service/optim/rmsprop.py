@@ -11,7 +11,10 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer, lerp_, require_non_negative
+from . import kernels
+from .base import (
+    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, lerp_, non_finite, require_non_negative,
+)
 
 
 class RMSpropHyperparameters(Hyperparameters):
@@ -73,7 +76,21 @@ def update(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: i
         param -= hp.lr * grad / avg
 
 
+def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int) -> int:
+    if hp.centered:  # no kernel: the reference, and its own finiteness count
+        update(param, grad, state, hp, step)
+        return non_finite(grad, param, *state)
+    t = param.dtype.type
+    first_grad = step == 1 and hp.square_avg_init == "first_grad"
+    args = (t(hp.lr), t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay), t(0.0 if first_grad else hp.alpha),
+            t(1.0 if first_grad else 1 - hp.alpha), t(hp.eps))
+    if hp.momentum > 0:
+        return kernels.run("rmsprop_momentum", flat(param), flat_input(grad, param), flat(state.square_avg),
+                           flat(state.momentum_buffer), *args, t(hp.momentum))
+    return kernels.run("rmsprop", flat(param), flat_input(grad, param), flat(state.square_avg), *args)
+
+
 rmsprop = Optimizer(
-    "rmsprop", RMSpropHyperparameters, init, update, RMSpropState,
+    "rmsprop", RMSpropHyperparameters, init, update, fused, RMSpropState,
     "σ² ← α·σ² + (1−α)·g², θ ← θ − η·g/(σ + ε) (torch.optim.RMSprop; lecture form σ⁰=|g⁰|)",
 )

@@ -7,7 +7,8 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import model_validator
 
-from .base import Bool, Float, Hyperparameters, Optimizer, require_non_negative
+from . import kernels
+from .base import Bool, Float, Hyperparameters, Optimizer, flat, flat_input, require_non_negative
 
 
 class SGDHyperparameters(Hyperparameters):
@@ -51,7 +52,18 @@ def update(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> N
     param -= hp.lr * grad
 
 
+def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> int:
+    t = param.dtype.type
+    common = (t(hp.lr), t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay))
+    if hp.momentum == 0:
+        return kernels.run("sgd", flat(param), flat_input(grad, param), *common)
+    first = step == 1
+    return kernels.run("sgd_momentum", flat(param), flat_input(grad, param), flat(state.momentum_buffer), *common,
+                       t(0.0 if first else hp.momentum), t(1.0 if first else 1 - hp.dampening),
+                       t(hp.momentum), t(1.0 if hp.nesterov else 0.0), t(0.0 if hp.nesterov else 1.0))
+
+
 sgd = Optimizer(
-    "sgd", SGDHyperparameters, init, update, SGDState,
+    "sgd", SGDHyperparameters, init, update, fused, SGDState,
     "θ ← θ − η·v, v ← λ·v + (1−dampening)·g (torch.optim.SGD)",
 )

@@ -1,0 +1,89 @@
+"""The update itself at 10M float32 — what Server-Timing: compute reports — against torch's fastest
+CPU implementation of the same optimizer (the best of its single-tensor, foreach and fused paths),
+measured side by side in one run.
+
+    python bench/compute.py [--size N] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from optim_service.optim.config import TrainingConfig, apply_step, warm_kernels
+
+CASES = {
+    "adam": (torch.optim.Adam, {"lr": 1e-3}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-3}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
+    "sgd": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+}
+
+
+def median_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def ours(kind: str, hp: dict, n: int, repeat: int, fused: bool) -> float:
+    cfg = TrainingConfig.model_validate({"optimizer": {"type": kind, **hp}})
+    param = np.zeros(n, np.float32)
+    grad = np.full(n, 0.5, np.float32)
+    hps = cfg.hyperparameters_for(["w"])
+    state = cfg.algorithm.init(param, hps[0])
+    step = [0]
+
+    def one():
+        step[0] += 1
+        apply_step(cfg, hps, [param], [grad], [state], step[0], fused)
+
+    return median_ms(one, repeat)
+
+
+def torch_best(cls, hp: dict, n: int, repeat: int) -> tuple[float, str]:
+    results = {}
+    for mode in ("single", "foreach", "fused"):
+        p = torch.zeros(n, dtype=torch.float32, requires_grad=True)
+        p.grad = torch.full((n,), 0.5)
+        flags = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[mode]
+        try:
+            opt = cls([p], **hp, **flags)
+            results[mode] = median_ms(opt.step, repeat)
+        except (RuntimeError, TypeError, ValueError):
+            continue  # that path does not exist for this optimizer on the CPU
+    mode = min(results, key=results.get)
+    return results[mode], mode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=10_000_000)
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+    warm_kernels()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}")
+    print("| 10M float32 | fused kernel | numpy reference | torch fastest | fused ÷ torch | target | |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for kind, (cls, hp) in CASES.items():
+        fused = ours(kind, hp, args.size, args.repeat, True)
+        reference = ours(kind, hp, args.size, max(3, args.repeat // 3), False)
+        best, mode = torch_best(cls, hp, args.size, args.repeat)
+        ratio = fused / best
+        print(f"| {kind} | {fused:.2f} ms | {reference:.2f} ms | {best:.2f} ms ({mode}) | {ratio:.2f}× | ≤ 1.5× | "
+              f"{'met' if ratio <= 1.5 else 'MISSED'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

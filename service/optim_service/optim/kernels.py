@@ -1,0 +1,143 @@
+"""Fused per-element update kernels (numba): one pass over memory per tensor, on every core.
+
+Each kernel is the numpy reference of ``sgd.py`` / ``adagrad.py`` / ``rmsprop.py`` / ``adam.py``
+written element by element, operation for operation, in the tensor's own dtype, so results are
+identical (tests/test_kernels.py); the numpy modules stay the readable definition and the oracle.
+
+The loop bodies are branch-free, because LLVM only vectorises them that way (a branchy body ran
+10-20x slower, see bench/compute.py). Flags become exact arithmetic instead: ``sign`` is ±1 for
+``maximize``, ``decay`` is 1 unless weight decay is decoupled, a coupled decay of 0 adds 0·θ.
+Structural variants (momentum, AMSGrad) are separate kernels: arrays a kernel takes must never
+alias, since numba lets LLVM reorder their loads and stores. Each kernel also reports, in the same pass, whether any gradient or output
+is non-finite (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+def _finite(a, b, c, d):
+    return max(max(abs(a), abs(b)), max(abs(c), abs(d))) < np.inf
+
+
+def _sgd(p, g, lr, sign, wd):
+    bad = 0
+    for i in prange(p.size):
+        gi = g[i] * sign
+        gi = gi + wd * p[i]
+        pi = p[i] - lr * gi
+        p[i] = pi
+        bad += not _finite(pi, g[i], pi, pi)
+    return bad
+
+
+def _sgd_momentum(p, g, buf, lr, sign, wd, momentum_now, grad_weight, momentum, nesterov, plain):
+    # momentum_now, grad_weight = (0, 1) on the first step (the buffer starts as the gradient),
+    # else (momentum, 1 - dampening); (nesterov, plain) is (1, 0) or (0, 1), in the tensor's dtype
+    # (a Python literal here would promote the sum to float64)
+    bad = 0
+    for i in prange(p.size):
+        gi = g[i] * sign
+        gi = gi + wd * p[i]
+        b = buf[i] * momentum_now
+        b = b + grad_weight * gi
+        buf[i] = b
+        step = nesterov * (gi + momentum * b) + plain * b
+        pi = p[i] - lr * step
+        p[i] = pi
+        bad += not _finite(pi, b, g[i], pi)
+    return bad
+
+
+def _adagrad(p, g, s, clr, sign, wd, eps):
+    bad = 0
+    for i in prange(p.size):
+        gi = g[i] * sign
+        gi = gi + wd * p[i]
+        si = s[i] + gi * gi
+        s[i] = si
+        pi = p[i] - clr * gi / (np.sqrt(si) + eps)
+        p[i] = pi
+        bad += not _finite(pi, si, g[i], pi)
+    return bad
+
+
+def _rmsprop(p, g, sq, lr, sign, wd, alpha, alpha_c, eps):
+    # alpha, alpha_c = (0, 1) on the lecture form's first step (σ⁰ = |g⁰|), else (α, 1 - α)
+    bad = 0
+    for i in prange(p.size):
+        gi = g[i] * sign
+        gi = gi + wd * p[i]
+        v = sq[i] * alpha
+        v = v + alpha_c * gi * gi
+        sq[i] = v
+        pi = p[i] - lr * gi / (np.sqrt(v) + eps)
+        p[i] = pi
+        bad += not _finite(pi, v, g[i], pi)
+    return bad
+
+
+def _rmsprop_momentum(p, g, sq, buf, lr, sign, wd, alpha, alpha_c, eps, momentum):
+    bad = 0
+    for i in prange(p.size):
+        gi = g[i] * sign
+        gi = gi + wd * p[i]
+        v = sq[i] * alpha
+        v = v + alpha_c * gi * gi
+        sq[i] = v
+        b = buf[i] * momentum
+        b = b + gi / (np.sqrt(v) + eps)
+        buf[i] = b
+        pi = p[i] - lr * b
+        p[i] = pi
+        bad += not _finite(pi, v, b, g[i])
+    return bad
+
+
+def _adam(p, g, m, v, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
+    # torch's lerp for weight b1_c < 0.5
+    bad = 0
+    for i in prange(p.size):
+        gi = g[i] * sign
+        pi = p[i] * decay
+        gi = gi + wd * pi
+        mi = m[i] + b1_c * (gi - m[i])
+        m[i] = mi
+        vi = v[i] * b2
+        vi = vi + b2_c * gi * gi
+        v[i] = vi
+        pi = pi - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
+        p[i] = pi
+        bad += not _finite(pi, mi, vi, g[i])
+    return bad
+
+
+def _adam_amsgrad(p, g, m, v, vmax, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
+    bad = 0
+    for i in prange(p.size):
+        gi = g[i] * sign
+        pi = p[i] * decay
+        gi = gi + wd * pi
+        mi = m[i] + b1_c * (gi - m[i])
+        m[i] = mi
+        vi = v[i] * b2
+        vi = vi + b2_c * gi * gi
+        v[i] = vi
+        second = max(vmax[i], vi)
+        vmax[i] = second
+        pi = pi - step_size * mi / (np.sqrt(second) / bc2_sqrt + eps)
+        p[i] = pi
+        bad += not _finite(pi, mi, second, g[i])
+    return bad
+
+
+_finite = njit(inline="always")(_finite)
+_FUNCTIONS = {"sgd": _sgd, "sgd_momentum": _sgd_momentum, "adagrad": _adagrad, "rmsprop": _rmsprop,
+              "rmsprop_momentum": _rmsprop_momentum, "adam": _adam, "adam_amsgrad": _adam_amsgrad}
+KERNELS = {name: njit(cache=True, nogil=True, parallel=True)(fn) for name, fn in _FUNCTIONS.items()}
+
+
+def run(name: str, p: np.ndarray, *args) -> int:
+    """Run kernel ``name`` over flat views; returns how many elements came out non-finite."""
+    return KERNELS[name](p, *args)
