@@ -1,14 +1,18 @@
 """A session in memory, and how it becomes a store record (JSON meta + raw tensor bytes) and back.
 
 The meta carries ``schema_version``, the full training config (optimizer name and every
-hyperparameter) and the tensor layout, so the record alone rebuilds the session anywhere.
+hyperparameter) and the tensor layout, so the record alone rebuilds the session anywhere. The data
+holds every parameter in creation order, then each tensor's buffers: the parameters are one
+contiguous run, so a binary answer is a slice of the session's memory, not a copy. A loaded session's
+arrays are views into one private buffer, which becomes the next record as it is, again no copy.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import numpy as np
@@ -37,7 +41,7 @@ class Layout:
 
     @cached_property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+        return tuple(math.prod(s) for s in self.shapes)
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +50,17 @@ class Layout:
     def shapes_json(self):
         shapes = [list(s) for s in self.shapes]
         return shapes[0] if self.structure == "array" else dict(zip(self.names, shapes))
+
+
+@lru_cache(maxsize=4096)
+def parse_config(config_json: bytes) -> TrainingConfig:
+    """Validated once per distinct config, not on every step of every session that uses it."""
+    return TrainingConfig.model_validate_json(config_json)
+
+
+@lru_cache(maxsize=4096)
+def _hyperparameters(config_json: bytes, names: tuple[str, ...]) -> list:
+    return parse_config(config_json).hyperparameters_for(list(names))
 
 
 @dataclass
@@ -62,10 +77,15 @@ class Session:
     loss: float | None = None  # the last loss a client reported with a step
     skipped_steps: int = 0  # steps refused by nan_policy "skip"
     version: int = 0  # every write bumps it; the store's compare-and-set fences on it
+    buffer: bytearray | None = None  # the memory every array views, when loaded from a record
+
+    @cached_property
+    def config_json(self) -> bytes:
+        return orjson.dumps(self.config.model_dump(mode="json"))
 
     @cached_property
     def hyperparameters(self) -> list:
-        return self.config.hyperparameters_for(list(self.layout.names))
+        return _hyperparameters(self.config_json, self.layout.names)
 
     def buffers(self, i: int) -> dict[str, np.ndarray]:
         return {k: v for k, v in self.states[i]._asdict().items() if v is not None}
@@ -78,7 +98,7 @@ class Session:
             "updated_at": self.updated_at,
             "loss": self.loss,
             "skipped_steps": self.skipped_steps,
-            "config": self.config.model_dump(mode="json"),
+            "config": orjson.Fragment(self.config_json),
             "dtype": self.layout.dtype,
             "structure": self.layout.structure,
             "tensors": [
@@ -87,12 +107,18 @@ class Session:
             ],
         }
 
+    def params_bytes(self) -> memoryview | bytes:
+        """Every parameter's bytes, in creation order: a view of the session's memory when it has one."""
+        if self.buffer is not None:
+            return memoryview(self.buffer)[: self.layout.nbytes]
+        return b"".join(np.ascontiguousarray(p).data for p in self.params)
+
     def to_record(self) -> SessionRecord:
-        chunks = []
-        for i, p in enumerate(self.params):
-            chunks.append(p)
-            chunks.extend(self.buffers(i).values())
-        data = b"".join(np.ascontiguousarray(c).data for c in chunks)
+        if self.buffer is not None:  # the arrays were updated in place: the buffer is the record
+            data = self.buffer
+        else:
+            chunks = [*self.params, *(b for i in range(len(self.params)) for b in self.buffers(i).values())]
+            data = b"".join(np.ascontiguousarray(c).data for c in chunks)
         return SessionRecord(self.id, self.owner, self.version, orjson.dumps(self.meta()), data)
 
 
@@ -115,23 +141,32 @@ def layout_from_meta(meta: dict) -> Layout:
 def from_record(record: SessionRecord) -> Session:
     """Rebuild a session with private, writable arrays (one copy of the record's bytes)."""
     meta = read_meta(record)
-    config = TrainingConfig.model_validate(meta["config"])
+    config_json = orjson.dumps(meta["config"])
+    config = parse_config(config_json)
     layout = layout_from_meta(meta)
     buf = bytearray(record.data)
-    offset, params, states = 0, [], []
-    state_type = config.algorithm.state_type
-    for t, shape, size in zip(meta["tensors"], layout.shapes, layout.sizes):
-        views = []
-        for _ in range(1 + len(t["buffers"])):
-            views.append(np.frombuffer(buf, layout.np_dtype, size, offset).reshape(shape))
-            offset += size * layout.np_dtype.itemsize
-        params.append(views[0])
-        states.append(state_type(**dict(zip(t["buffers"], views[1:]))))
+    dtype, itemsize = layout.np_dtype, layout.np_dtype.itemsize
+
+    def views(count: int, shape: tuple, offset: int) -> tuple[list[np.ndarray], int]:
+        size = math.prod(shape)
+        out = [np.frombuffer(buf, dtype, size, offset + k * size * itemsize).reshape(shape) for k in range(count)]
+        return out, offset + count * size * itemsize
+
+    offset, params = 0, []
+    for shape in layout.shapes:
+        (param,), offset = views(1, shape, offset)
+        params.append(param)
+    states = []
+    for t, shape in zip(meta["tensors"], layout.shapes):
+        arrays, offset = views(len(t["buffers"]), shape, offset)
+        states.append(config.algorithm.state_type(**dict(zip(t["buffers"], arrays))))
     if offset != len(buf):
         raise ValueError(f"record {record.id}: {len(buf)} data bytes, layout needs {offset}")
-    return Session(
+    session = Session(
         id=record.id, owner=record.owner, config=config, layout=layout, step=meta["step"],
         params=params, states=states,
         created_at=meta["created_at"], updated_at=meta["updated_at"], loss=meta["loss"],
-        skipped_steps=meta["skipped_steps"], version=record.version,
+        skipped_steps=meta["skipped_steps"], version=record.version, buffer=buf,
     )
+    session.config_json = config_json  # what the record holds, so the next record repeats it exactly
+    return session

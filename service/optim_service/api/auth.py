@@ -47,16 +47,15 @@ class KeyRing:
         return owner_of(key)
 
 
-async def authenticate(request: Request) -> None:
-    """Router dependency for /v1: sets ``request.state.owner`` (None when keys are off), then rate-limits."""
+async def authenticate(request: Request) -> str | None:
+    """The request's owner (None when keys are off), after the rate limit lets it through."""
     keys: KeyRing = request.app.state.keys
     if not keys.enabled:
-        request.state.owner = None
-        return
+        return None
     owner = keys.owner(request.headers.get("authorization"))
-    request.state.owner = owner
     wait = await request.app.state.limiter.acquire(owner)
     if wait is not None:
         seconds = max(1, int(wait + 0.999))
         raise RateLimited(f"this API key is over its rate limit; retry in {seconds} s",
                           headers={"Retry-After": str(seconds)})
+    return owner

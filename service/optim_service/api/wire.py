@@ -49,7 +49,7 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
                 f"{what}: shape {shape} needs {count * np_dtype.itemsize} bytes of {dtype}, "
                 f"the base64 holds {len(raw)}"
             )
-        array = np.frombuffer(bytearray(raw), np_dtype).reshape(shape)
+        array = np.frombuffer(raw, np_dtype).reshape(shape)  # read-only: updates never write gradients
     else:
         with np.errstate(over="ignore"):  # overflow becomes inf, which the finite check names
             array = _from_lists(value, what).astype(np_dtype)
@@ -143,7 +143,7 @@ def decode_binary(body: bytes, layout: Layout) -> list[np.ndarray]:
             f"binary body: expected {layout.nbytes} bytes ({sum(layout.sizes)} {layout.dtype} values "
             f"for shapes {layout.shapes_json()}), got {len(body)}"
         )
-    flat = np.frombuffer(bytearray(body), layout.np_dtype)
+    flat = np.frombuffer(body, layout.np_dtype)  # views of the body itself: no copy
     arrays, offset = [], 0
     for shape, size in zip(layout.shapes, layout.sizes):
         arrays.append(flat[offset:offset + size].reshape(shape))
@@ -165,7 +165,3 @@ def encode_like(arrays: list[np.ndarray], layout: Layout, encodings: dict[str, E
         encodings = dict.fromkeys(layout.names, encodings)
     encoded = [encode_tensor(a, encodings.get(n, "list")) for a, n in zip(arrays, layout.names)]
     return encoded[0] if layout.structure == "array" else dict(zip(layout.names, encoded))
-
-
-def encode_binary(arrays: list[np.ndarray]) -> bytes:
-    return b"".join(np.ascontiguousarray(a).data for a in arrays)

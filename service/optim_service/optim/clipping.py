@@ -24,11 +24,11 @@ class ClipGradNorm(BaseModel):
 
 
 def clip_grad_norm(grads: list[np.ndarray], clip: ClipGradNorm) -> float:
-    """Scale ``grads`` in place so their joint norm is at most ``max_norm``; return the norm before."""
+    """Replace ``grads``' arrays by scaled copies whose joint norm is at most ``max_norm`` (the
+    originals may be read-only views of a request body); return the norm before."""
     p = clip.ord
     norms = [np.linalg.norm(g.reshape(-1), ord=p) if g.size else 0.0 for g in grads]
     total = float(np.linalg.norm(np.asarray(norms, dtype=np.float64), ord=p)) if norms else 0.0
     coef = min(clip.max_norm / (total + 1e-6), 1.0)
-    for g in grads:
-        g *= coef
+    grads[:] = [g * coef for g in grads]
     return total

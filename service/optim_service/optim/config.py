@@ -122,11 +122,14 @@ def apply_step(
 
 def warm_kernels() -> None:
     """Compile (or load from numba's cache) every kernel for both dtypes now, not on a first request."""
+    from .kernels import PARALLEL_MIN_ELEMENTS
+
     variants = [{"type": "sgd"}, {"type": "sgd", "momentum": 0.9}, {"type": "adagrad"}, {"type": "rmsprop"},
                 {"type": "rmsprop", "momentum": 0.9}, {"type": "adam"}, {"type": "adam", "amsgrad": True}]
     for dtype in (np.float32, np.float64):
         for variant in variants:
-            config = TrainingConfig.model_validate({"optimizer": variant})
-            param = np.zeros(1, dtype)
-            state = config.algorithm.init(param, config.optimizer)
-            config.algorithm.fused(param, np.zeros(1, dtype), state, config.optimizer, 1)
+            for size in (1, PARALLEL_MIN_ELEMENTS):  # the serial and the parallel build
+                config = TrainingConfig.model_validate({"optimizer": variant})
+                param = np.zeros(size, dtype)
+                state = config.algorithm.init(param, config.optimizer)
+                config.algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)

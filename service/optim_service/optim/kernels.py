@@ -14,6 +14,8 @@ is non-finite (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a s
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
@@ -135,9 +137,20 @@ def _adam_amsgrad(p, g, m, v, vmax, sign, wd, decay, b1_c, b2, b2_c, eps, step_s
 _finite = njit(inline="always")(_finite)
 _FUNCTIONS = {"sgd": _sgd, "sgd_momentum": _sgd_momentum, "adagrad": _adagrad, "rmsprop": _rmsprop,
               "rmsprop_momentum": _rmsprop_momentum, "adam": _adam, "adam_amsgrad": _adam_amsgrad}
-KERNELS = {name: njit(cache=True, nogil=True, parallel=True)(fn) for name, fn in _FUNCTIONS.items()}
+PARALLEL_MIN_ELEMENTS = 1 << 14  # below this, waking the other cores costs more than it saves
+
+
+def _serial_twin(fn):
+    """The same function under another name, so numba caches its serial build in its own file."""
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    return twin
+
+
+PARALLEL = {name: njit(cache=True, nogil=True, parallel=True)(fn) for name, fn in _FUNCTIONS.items()}
+SERIAL = {name: njit(cache=True, nogil=True)(_serial_twin(fn)) for name, fn in _FUNCTIONS.items()}
 
 
 def run(name: str, p: np.ndarray, *args) -> int:
     """Run kernel ``name`` over flat views; returns how many elements came out non-finite."""
-    return KERNELS[name](p, *args)
+    return (PARALLEL if p.size >= PARALLEL_MIN_ELEMENTS else SERIAL)[name](p, *args)

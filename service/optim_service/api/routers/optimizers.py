@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ...optim import OPTIMIZERS
+from ..deps import Caller
 from ..schemas import PROBLEMS, OptimizerInfo
 
 router = APIRouter(prefix="/v1/optimizers", tags=["optimizers"])
@@ -28,7 +29,7 @@ def catalogue() -> list[dict]:
 
 @router.get("", response_model=list[OptimizerInfo], responses=PROBLEMS,
             summary="Every optimizer with its hyperparameters, defaults and state buffers")
-async def list_optimizers() -> list[dict]:
+async def list_optimizers(_: Caller) -> list[dict]:
     return catalogue()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+
+import orjson
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -12,7 +14,7 @@ from ...errors import InvalidRequest
 from ...record import Layout, Session, layout_from_meta
 from ...sessions import body_digest
 from .. import wire
-from ..deps import Owner, Sessions
+from ..deps import Caller
 from ..negotiation import (
     BINARY,
     JSON,
@@ -74,7 +76,7 @@ def _etag(step: int) -> dict[str, str]:
 
 def _params_response(session: Session, binary: bool, encodings, extra: dict, headers: dict) -> Response:
     if binary:
-        return Response(wire.encode_binary(session.params), media_type=BINARY, headers=headers)
+        return Response(session.params_bytes(), media_type=BINARY, headers=headers)
     body = {"step": session.step, "params": wire.encode_like(session.params, session.layout, encodings), **extra}
     return JSONResponse(body, headers=headers)
 
@@ -88,15 +90,16 @@ def json_body(model, example) -> dict:
              responses={**answers(CreatedSession, status=201), **PROBLEMS,
                         415: STEP_PROBLEMS[415]},
              summary="Create a session, or resume one from a checkpoint")
-async def create_session(request: Request, sessions: Sessions, owner: Owner) -> Response:
+async def create_session(request: Request, caller: Caller) -> Response:
     require_content_type(request, JSON)
     body: CreateSession = parse_json(request, await request.body(), CreateSession)
     layout, params = wire.decode_params(body.params, body.dtype)
     restored = None
     if body.state is not None:
         restored = (body.state.step, _decode_buffers(body.state.buffers, layout))
-    session = await sessions.create(owner, body.training_config(), layout, params, restored)
-    doc = {**describe(session.id, session.meta()),
+    session = await caller.sessions.create(caller.owner, body.training_config(), layout, params, restored)
+    meta = {**session.meta(), "config": orjson.loads(session.config_json)}
+    doc = {**describe(session.id, meta),
            "params": wire.encode_like(session.params, layout, wire.encodings_of(body.params))}
     headers = {"Location": f"/v1/sessions/{session.id}", **_etag(session.step)}
     return JSONResponse(doc, status_code=201, headers=headers)
@@ -126,7 +129,7 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
     BINARY: {"schema": {"type": "string", "format": "binary"}}}}},
     responses={**answers(StepAnswer, binary=True), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
-async def step(session_id: str, request: Request, sessions: Sessions, owner: Owner) -> Response:
+async def step(session_id: str, request: Request, caller: Caller) -> Response:
     started = time.perf_counter()
     ctype = require_content_type(request, JSON, BINARY)
     binary_out = wants_binary(request)  # refuse an unanswerable Accept before doing anything
@@ -143,8 +146,7 @@ async def step(session_id: str, request: Request, sessions: Sessions, owner: Own
         def decode(session: Session):
             return wire.decode_binary(body, session.layout)
 
-    result = await sessions.step(
-        owner, session_id, decode, loss=loss, if_match=if_match(request),
+    result = await caller.sessions.step(caller.owner, session_id, decode, loss=loss, if_match=if_match(request),
         idempotency=(key, body_digest(ctype, body)) if key else None,
     )
     headers = {**_etag(result.session.step), "Server-Timing": f"compute;dur={result.compute_ms:.3f}"}
@@ -171,8 +173,8 @@ def _observe(request: Request, result, wire_format: str, started: float) -> None
 
 @router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},
             summary="Session metadata: step, optimizer, hyperparameters, shapes")
-async def get_session(session_id: str, sessions: Sessions, owner: Owner) -> Response:
-    record, meta = await sessions.meta(owner, session_id)
+async def get_session(session_id: str, caller: Caller) -> Response:
+    record, meta = await caller.sessions.meta(caller.owner, session_id)
     return JSONResponse(describe(record.id, meta), headers=_etag(meta["step"]))
 
 
@@ -180,17 +182,17 @@ async def get_session(session_id: str, sessions: Sessions, owner: Owner) -> Resp
                                                406: STEP_PROBLEMS[406]},
             summary="The current parameters (JSON, or binary by Accept)")
 async def get_params(
-    session_id: str, request: Request, sessions: Sessions, owner: Owner,
+    session_id: str, request: Request, caller: Caller,
     encoding: Annotated[wire.Encoding, Query(description="list (nested JSON) or b64")] = "list",
 ) -> Response:
-    session = await sessions.load(owner, session_id)
+    session = await caller.sessions.load(caller.owner, session_id)
     return _params_response(session, wants_binary(request), encoding, {}, _etag(session.step))
 
 
 @router.get("/{session_id}/state", responses={**answers(CreateSession), **SESSION_PROBLEMS},
             summary="A checkpoint: POST it to /v1/sessions to resume bit-exactly")
-async def get_state(session_id: str, sessions: Sessions, owner: Owner) -> Response:
-    session = await sessions.load(owner, session_id)
+async def get_state(session_id: str, caller: Caller) -> Response:
+    session = await caller.sessions.load(caller.owner, session_id)
     layout = session.layout
     buffers = [{k: wire.encode_tensor(v, "b64") for k, v in session.buffers(i).items()}
                for i in range(len(session.params))]
@@ -207,17 +209,17 @@ async def get_state(session_id: str, sessions: Sessions, owner: Owner) -> Respon
 
 @router.get("", responses={**answers(SessionPage), **PROBLEMS}, summary="The caller's sessions, paged by id")
 async def list_sessions(
-    request: Request, sessions: Sessions, owner: Owner,
+    request: Request, caller: Caller,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(max_length=64, description="the last id of the previous page")] = None,
 ) -> Response:
-    rows = await sessions.list(owner, limit, after)
+    rows = await caller.sessions.list(caller.owner, limit, after)
     items = [describe(r.id, meta) for r, meta in rows]
     return JSONResponse({"sessions": items, "next": items[-1]["id"] if len(items) == limit else None})
 
 
 @router.delete("/{session_id}", status_code=204, responses={204: {"description": "Deleted"}, **SESSION_PROBLEMS},
                summary="Delete a session and its state")
-async def delete_session(session_id: str, sessions: Sessions, owner: Owner) -> Response:
-    await sessions.delete(owner, session_id)
+async def delete_session(session_id: str, caller: Caller) -> Response:
+    await caller.sessions.delete(caller.owner, session_id)
     return Response(status_code=204)
