@@ -51,25 +51,22 @@ class Server:
 
 
 class TcpEcho:
-    """The wire's floor: a raw TCP echo (8-byte length, then the bytes back)."""
+    """The wire's floor: a raw TCP echo (8-byte length, then the bytes back), in its own process so
+    that it does not share the client's interpreter lock."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, __file__, "tcp-echo", str(self.port)])
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("tcp echo did not start")
 
-    def _serve(self):
-        while True:
-            conn, _ = self.sock.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with conn:
-                while True:
-                    head = recv_exactly(conn, 8)
-                    if not head:
-                        break
-                    conn.sendall(recv_exactly(conn, int.from_bytes(head, "little")))
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
 
     def client(self):
         conn = socket.create_connection(("127.0.0.1", self.port))
@@ -111,6 +108,26 @@ def row(name: str, value: float, floor_name: str, floor: float, target: float | 
     target_text = "" if target is None else f"≤ {target:g}×"
     return f"| {name} | {value:.3f} {unit} | {floor_name} | {floor:.3f} {unit} | {ratio:.2f}× | {target_text} | {verdict} |"
 
+
+def _serve_tcp_echo(port: int) -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+
+    def serve(conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            while head := recv_exactly(conn, 8):
+                conn.sendall(recv_exactly(conn, int.from_bytes(head, "little")))
+
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["tcp-echo"]:
+    _serve_tcp_echo(int(sys.argv[2]))
 
 HEADER = "| measurement | value | floor | floor value | ratio | target | |\n|---|---:|---|---:|---:|---|---|"
 __all__ = ["HEADER", "Server", "TcpEcho", "median_ms", "row", "shutil"]

@@ -48,8 +48,10 @@ def main() -> int:
         grad = np.full(n, 0.5, np.float32).tobytes()
         step_ms = median_ms(lambda: svc_post(f"/v1/sessions/{big.id}/step", grad, "application/octet-stream",
                                              "application/octet-stream"), args.repeat)
-        tcp_ms = median_ms(lambda: tcp_roundtrip(grad), args.repeat)
+        tcp_ms = median_ms(lambda: tcp_roundtrip(grad), args.repeat, warmup=10)
+        asgi_ms = median_ms(lambda: echo_post("/", grad, "application/octet-stream"), args.repeat)
         rows.append(row("1M float32 Adam step, binary, http.client", step_ms, "raw TCP echo 4 MB", tcp_ms, 2.0))
+        rows.append(row("(context) ASGI echo of 4 MB, http.client", asgi_ms, "raw TCP echo 4 MB", tcp_ms, None))
 
         # 2. 100-parameter Adam, JSON, raw http.client vs the bare ASGI echo of the same body
         small = client.create_session({"w": np.zeros(100, np.float32)}, optimizer="adam")
@@ -113,6 +115,7 @@ def main() -> int:
     finally:
         service.stop()
         echo.stop()
+        tcp.stop()
     return 0
 
 

@@ -49,7 +49,9 @@ def new_session_id() -> str:
 
 
 def body_digest(content_type: str, body: bytes) -> str:
-    return hashlib.sha256(content_type.encode() + b"\0" + body).hexdigest()
+    digest = hashlib.sha256(content_type.encode() + b"\0")
+    digest.update(body)  # no concatenated copy of a large body
+    return digest.hexdigest()
 
 
 class SessionService:

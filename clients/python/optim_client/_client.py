@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 
 from . import _wire
+from ._transport import HTTPClientTransport
 from .errors import APIConnectionError, APITimeoutError, for_status
 
 JSON = "application/json"
@@ -189,7 +190,7 @@ class OptimClient(_Base):
                  timeout: float = 60.0, max_retries: int = 3, transport: httpx.BaseTransport | None = None):
         super().__init__(base_url, api_key, timeout, max_retries)
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout,
-                                  transport=transport)
+                                  transport=transport or HTTPClientTransport())
 
     def _send(self, call: _Call):
         for attempt in range(self.max_retries + 1):
