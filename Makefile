@@ -24,3 +24,9 @@ test: $(VENV)/.test-deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench: $(VENV)/.test-deps
+	cd bench && ../$(BIN)/python compute.py
+	cd bench && ../$(BIN)/python wire.py
+	cd bench && ../$(BIN)/python memory.py
+	cd bench && ../$(BIN)/python stores.py

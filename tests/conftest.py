@@ -54,10 +54,13 @@ class ServerProcess:
     """A real ``optim-service serve`` on a free port; stopped (or killed) by the test."""
 
     def __init__(self, *args: str, env: dict | None = None, replace_port: bool = False):
-        self.port = free_port()
+        given = "--port" in args and not replace_port
+        self.port = int(args[args.index("--port") + 1]) if given else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if replace_port:  # args carry their own --port {port}
             cmd = [str(SERVICE_BIN), "serve", *(a.replace("{port}", str(self.port)) for a in args)]
+        elif given:
+            cmd = [str(SERVICE_BIN), "serve", *args]
         else:
             cmd = [str(SERVICE_BIN), "serve", "--port", str(self.port), *args]
         self._log = tempfile.TemporaryFile()  # a file, not a pipe: a busy server never blocks on it

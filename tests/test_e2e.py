@@ -133,3 +133,26 @@ async def test_sdk_async_twin(server):
                                 [{"w": np.ones((100, 100))}] * 3, dtype="float32", first_grad_square_avg=True)
         np.testing.assert_allclose(out["w"], expected["w"], rtol=1e-5, atol=1e-6)
         await session.delete()
+
+
+def test_sdk_reconnects_when_the_server_dropped_its_idle_connection(tmp_path):
+    """The SDK's http.client transport notices a keep-alive connection the server closed."""
+    from conftest import ServerProcess
+    from optim_client import APIConnectionError
+
+    store = f"sqlite:///{tmp_path}/db.sqlite"
+    first = ServerProcess("--store", store)
+    port = first.port
+    with OptimClient(first.url, max_retries=0) as client:
+        session = client.create_session(np.zeros(8), optimizer="sgd", lr=1.0)
+        session.step(np.ones(8))
+        first.stop()  # closes the client's kept-alive socket
+        with pytest.raises(APIConnectionError):
+            session.step(np.ones(8))  # nothing listens: refused, reported, never half-sent
+        second = ServerProcess("--store", store, "--port", str(port))
+        try:
+            out = session.step(np.ones(8))  # a fresh connection to the restarted server
+            np.testing.assert_array_equal(out, -2 * np.ones(8))
+            assert session.step_count == 2
+        finally:
+            second.stop()
