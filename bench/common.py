@@ -102,6 +102,22 @@ def median_ms(fn, repeat: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def paired_ms(fn_a, fn_b, repeat: int, warmup: int = 5) -> tuple[float, float]:
+    """Medians of two operations timed alternately, so the machine's noise falls on both alike."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    a, b = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn_a()
+        a.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        fn_b()
+        b.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(a), statistics.median(b)
+
+
 def row(name: str, value: float, floor_name: str, floor: float, target: float | None, unit: str = "ms") -> str:
     ratio = value / floor
     verdict = "" if target is None else ("met" if ratio <= target else "MISSED")
@@ -130,4 +146,4 @@ if __name__ == "__main__" and sys.argv[1:2] == ["tcp-echo"]:
     _serve_tcp_echo(int(sys.argv[2]))
 
 HEADER = "| measurement | value | floor | floor value | ratio | target | |\n|---|---:|---|---:|---:|---|---|"
-__all__ = ["HEADER", "Server", "TcpEcho", "median_ms", "row", "shutil"]
+__all__ = ["HEADER", "Server", "TcpEcho", "median_ms", "paired_ms", "row", "shutil"]

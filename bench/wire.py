@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import orjson
 
-from common import HEADER, Server, TcpEcho, median_ms, row
+from common import HEADER, Server, TcpEcho, median_ms, paired_ms, row
 from optim_client import OptimClient
 
 
@@ -46,29 +46,27 @@ def main() -> int:
         n = 1_000_000
         big = client.create_session({"w": np.zeros(n, np.float32)}, optimizer="adam")
         grad = np.full(n, 0.5, np.float32).tobytes()
-        step_ms = median_ms(lambda: svc_post(f"/v1/sessions/{big.id}/step", grad, "application/octet-stream",
-                                             "application/octet-stream"), args.repeat)
-        tcp_ms = median_ms(lambda: tcp_roundtrip(grad), args.repeat, warmup=10)
-        asgi_ms = median_ms(lambda: echo_post("/", grad, "application/octet-stream"), args.repeat)
+        step_ms, tcp_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{big.id}/step", grad, "application/octet-stream",
+                                                     "application/octet-stream"), lambda: tcp_roundtrip(grad), args.repeat)
+        asgi_ms, tcp2_ms = paired_ms(lambda: echo_post("/", grad, "application/octet-stream"),
+                                     lambda: tcp_roundtrip(grad), args.repeat)
         rows.append(row("1M float32 Adam step, binary, http.client", step_ms, "raw TCP echo 4 MB", tcp_ms, 2.0))
-        rows.append(row("(context) ASGI echo of 4 MB, http.client", asgi_ms, "raw TCP echo 4 MB", tcp_ms, None))
+        rows.append(row("(context) ASGI echo of 4 MB, http.client", asgi_ms, "raw TCP echo 4 MB", tcp2_ms, None))
 
         # 2. 100-parameter Adam, JSON, raw http.client vs the bare ASGI echo of the same body
         small = client.create_session({"w": np.zeros(100, np.float32)}, optimizer="adam")
         body = orjson.dumps({"gradients": {"w": np.full(100, 0.25).tolist()}})
-        step_ms = median_ms(lambda: svc_post(f"/v1/sessions/{small.id}/step", body, "application/json"),
-                            args.repeat * 10)
-        echo_ms = median_ms(lambda: echo_post("/", body, "application/json"), args.repeat * 10)
+        step_ms, echo_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{small.id}/step", body, "application/json"),
+                                     lambda: echo_post("/", body, "application/json"), args.repeat * 10)
         rows.append(row("100-param Adam step, JSON, http.client", step_ms, "ASGI echo, same body", echo_ms, 1.5))
 
         # 3. through the SDK at 100 and 1M vs bare httpx.Client.post of the same bytes to the echo
         with httpx.Client() as bare:
             for size, session, reps in ((100, small, args.repeat * 10), (n, big, args.repeat)):
                 g = np.full(size, 0.5, np.float32)
-                sdk_ms = median_ms(lambda: session.step({"w": g}), reps)
                 payload = g.tobytes()
-                httpx_ms = median_ms(lambda: bare.post(echo.url, content=payload, headers={
-                    "Content-Type": "application/octet-stream"}).content, reps)
+                sdk_ms, httpx_ms = paired_ms(lambda: session.step({"w": g}), lambda: bare.post(
+                    echo.url, content=payload, headers={"Content-Type": "application/octet-stream"}).content, reps)
                 tcp_ms = median_ms(lambda: tcp_roundtrip(payload), reps)
                 rows.append(row(f"SDK step, {size:,} float32", sdk_ms, "httpx.post to ASGI echo", httpx_ms, 1.3))
                 rows.append(row(f"SDK step, {size:,} float32", sdk_ms, "raw TCP echo", tcp_ms, None))
@@ -77,18 +75,9 @@ def main() -> int:
         k = 100_000
         mid = client.create_session({"w": np.zeros(k, np.float32)}, optimizer="adam")
         body = orjson.dumps({"gradients": {"w": np.full(k, 0.125, np.float32)}}, option=orjson.OPT_SERIALIZE_NUMPY)
-        step_ms = median_ms(lambda: svc_post(f"/v1/sessions/{mid.id}/step", body, "application/json"), args.repeat)
-        orjson_ms = median_ms(lambda: orjson.dumps(orjson.loads(body)), args.repeat)
+        step_ms, orjson_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{mid.id}/step", body, "application/json"),
+                                       lambda: orjson.dumps(orjson.loads(body)), args.repeat)
         rows.append(row("100k-float JSON step (server compute + wire)", step_ms, "orjson decode+encode", orjson_ms, None))
-        timing = []
-        for _ in range(args.repeat):
-            conn = http.client.HTTPConnection("127.0.0.1", service.port)
-            conn.request("POST", f"/v1/sessions/{mid.id}/step", body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            resp.read()
-            timing.append(float(resp.getheader("Server-Timing").split("dur=")[1]))
-            conn.close()
-
         # 5. throughput: 16 clients on 64 small sessions vs the same clients on the echo
         sessions = [client.create_session({"w": np.zeros(10, np.float32)}, optimizer="sgd", lr=0.1) for _ in range(64)]
         tiny = orjson.dumps({"gradients": {"w": [0.1] * 10}})

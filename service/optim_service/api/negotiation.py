@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import orjson
 from fastapi import Request
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import InvalidRequest, NotAcceptable, UnsupportedMediaType
 from .limits import check_json_depth
+from .wire import numbers_only
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -42,7 +44,8 @@ def wants_binary(request: Request) -> bool:
     raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
 
 
-def parse_json(request: Request, body: bytes, model: type[BaseModel]):
+def parse_json(request: Request, body: bytes, model: type[BaseModel]) -> tuple[Any, bool]:
+    """The validated model, and whether its number arrays may be converted without a type check."""
     check_json_depth(body, request.app.state.settings.max_json_depth)
     try:
         obj = orjson.loads(body)
@@ -51,9 +54,10 @@ def parse_json(request: Request, body: bytes, model: type[BaseModel]):
     if not isinstance(obj, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:
-        return model.model_validate(obj)
+        validated = model.model_validate(obj)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
+    return validated, numbers_only(body, obj)
 
 
 def if_match(request: Request) -> int | None:

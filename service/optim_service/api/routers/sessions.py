@@ -92,8 +92,8 @@ def json_body(model, example) -> dict:
              summary="Create a session, or resume one from a checkpoint")
 async def create_session(request: Request, caller: Caller) -> Response:
     require_content_type(request, JSON)
-    body: CreateSession = parse_json(request, await request.body(), CreateSession)
-    layout, params = wire.decode_params(body.params, body.dtype)
+    body, plain = parse_json(request, await request.body(), CreateSession)
+    layout, params = wire.decode_params(body.params, body.dtype, plain)
     restored = None
     if body.state is not None:
         restored = (body.state.step, _decode_buffers(body.state.buffers, layout))
@@ -137,11 +137,11 @@ async def step(session_id: str, request: Request, caller: Caller) -> Response:
     key = idempotency_key(request)
     loss, encodings = None, "list"
     if ctype == JSON:
-        req: StepRequest = parse_json(request, body, StepRequest)
+        req, plain = parse_json(request, body, StepRequest)
         loss, encodings = req.loss, wire.encodings_of(req.gradients)
 
         def decode(session: Session):
-            return wire.decode_like(req.gradients, session.layout, "gradient")
+            return wire.decode_like(req.gradients, session.layout, "gradient", plain=plain)
     else:
         def decode(session: Session):
             return wire.decode_binary(body, session.layout)
