@@ -11,6 +11,9 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER optim
 WORKDIR /home/optim
+# Compile the numba kernels into the image, so a container's first request never waits for them.
+ENV NUMBA_CACHE_DIR=/home/optim/.cache/numba
+RUN python -c "from optim_service.optim.config import warm_kernels; warm_kernels()"
 ENV OPTIM_HOST=0.0.0.0 OPTIM_PORT=8000 OPTIM_STORE=sqlite:///data/optim.db
 VOLUME /home/optim/data
 EXPOSE 8000
