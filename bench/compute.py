@@ -8,13 +8,12 @@ measured side by side in one run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
+from common import median_ms
 from optim_service.optim.config import TrainingConfig, apply_step, warm_kernels
 
 CASES = {
@@ -24,16 +23,6 @@ CASES = {
     "adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
     "sgd": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
 }
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def ours(kind: str, hp: dict, n: int, repeat: int, fused: bool) -> float:
