@@ -3,7 +3,6 @@ property that any refused step leaves the stored state byte-identical."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import hypothesis.strategies as st

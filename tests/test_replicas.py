@@ -62,6 +62,14 @@ def assert_exact(url: str, session_id: str, answers: list[tuple[int, int]]):
     np.testing.assert_array_equal(r.json()["params"], expected)
 
 
+def after_one_hot_steps(n: int) -> np.ndarray:
+    """SGD lr=1 from zeros after one_hot(0), ..., one_hot(n-1)."""
+    expected = np.zeros(SIZE)
+    for k in range(n):
+        expected[k % SIZE] -= 1.0
+    return expected
+
+
 def create(url: str) -> str:
     r = httpx.post(f"{url}/v1/sessions", json={"optimizer": {"type": "sgd", "lr": 1.0},
                                                "params": [0.0] * SIZE, "dtype": "float64"})
@@ -107,9 +115,7 @@ def test_kill_9_right_after_acknowledgements_loses_nothing_on_sqlite(tmp_path):
     try:
         r = httpx.get(f"{restarted.url}/v1/sessions/{sid}/params")
         assert r.json()["step"] == acknowledged == 30
-        expected = np.zeros(SIZE)
-        for k in range(30):
-            expected[k % SIZE] -= 1.0
+        expected = after_one_hot_steps(30)
         np.testing.assert_array_equal(r.json()["params"], expected)
     finally:
         restarted.stop()
@@ -231,9 +237,7 @@ def test_redis_killed_with_aof_on_keeps_every_acknowledged_step(tmp_path):
             time.sleep(0.1)
         r = httpx.get(f"{server.url}/v1/sessions/{sid}/params")
         assert r.status_code == 200 and r.json()["step"] == 30
-        expected = np.zeros(SIZE)
-        for k in range(30):
-            expected[k % SIZE] -= 1.0
+        expected = after_one_hot_steps(30)
         np.testing.assert_array_equal(r.json()["params"], expected)
     finally:
         server.stop()

@@ -8,6 +8,7 @@ update is ever lost or applied twice. Nothing is written until the new state is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import secrets
 import time
@@ -156,7 +157,8 @@ class SessionService:
                 grads = decode(session)
                 started = time.perf_counter()
                 grad_norm = await self._run(
-                    lambda: _advance(session, grads, self.settings.fused_kernels), sum(session.layout.sizes)
+                    functools.partial(_advance, session, grads, self.settings.fused_kernels),
+                    sum(session.layout.sizes),
                 )
                 compute_ms = (time.perf_counter() - started) * 1e3
                 skipped = grad_norm is SKIPPED
