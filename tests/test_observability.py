@@ -73,3 +73,10 @@ def test_json_logs_carry_the_request_id_and_no_tensors():
     assert step["path"] == f"/v1/sessions/{sid}/step" and step["duration_ms"] > 0
     text = server.logs()
     assert "0.98765" not in text and "0.12345" not in text
+
+
+def test_log_lines_carry_no_terminal_colour_codes():
+    server = ServerProcess("--store", "memory")
+    server.stop()
+    assert "\x1b[" not in server.logs() and "color_message" not in server.logs()
+    assert "Started server process" in server.logs()

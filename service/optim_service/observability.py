@@ -62,6 +62,7 @@ class MeteredStore:
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        record.__dict__.pop("color_message", None)  # uvicorn's ANSI-coloured copy of the message
         return True
 
 
