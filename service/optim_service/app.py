@@ -10,6 +10,7 @@ from pathlib import Path
 import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.routing import Route
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = keys
     app.state.metrics = metrics
     problems.install(app)
+    app.router.routes.append(Route("/v1/sessions/{session_id}/step", sessions.step_direct, methods=["POST"]))
     for module in (sessions, optimizers):
         app.include_router(module.router)  # each route authenticates through its Caller
     app.include_router(health.router)
