@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5
 
 class Metrics:
     def __init__(self) -> None:
+        self._series: dict[tuple, tuple] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.step_seconds = Histogram(
@@ -37,6 +38,14 @@ class Metrics:
         self.sessions = Gauge("optim_sessions", "Live sessions in the store", registry=r)
         self.store_seconds = Histogram("optim_store_operation_duration_seconds", "Store calls",
                                        ["operation"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def step_series(self, optimizer: str, outcome: str, wire: str):
+        """The labelled children a step updates (looking labels up costs more than updating them)."""
+        key = (optimizer, outcome, wire)
+        if key not in self._series:
+            self._series[key] = (self.steps.labels(optimizer, outcome), self.compute_seconds.labels(optimizer),
+                                 self.step_seconds.labels(optimizer, wire))
+        return self._series[key]
 
 
 class MeteredStore:
@@ -56,6 +65,7 @@ class MeteredStore:
             with timer.time():
                 return await attr(*args, **kwargs)
 
+        setattr(self, name, timed)  # built once per method: later lookups skip __getattr__
         return timed
 
 

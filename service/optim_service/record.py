@@ -88,7 +88,8 @@ class Session:
         return _hyperparameters(self.config_json, self.layout.names)
 
     def buffers(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v for k, v in self.states[i]._asdict().items() if v is not None}
+        state = self.states[i]
+        return {k: v for k, v in zip(state._fields, state) if v is not None}
 
     def meta(self) -> dict:
         return {

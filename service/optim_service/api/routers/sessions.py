@@ -169,13 +169,13 @@ async def step_direct(request: Request) -> Response:
 
 
 def _observe(request: Request, result, wire_format: str, started: float) -> None:
-    metrics = request.app.state.metrics
     optimizer = result.session.config.optimizer.type
     outcome = "replayed" if result.replayed else "skipped" if result.skipped else "applied"
-    metrics.steps.labels(optimizer, outcome).inc()
+    steps, compute, latency = request.app.state.metrics.step_series(optimizer, outcome, wire_format)
+    steps.inc()
     if outcome == "applied":
-        metrics.compute_seconds.labels(optimizer).observe(result.compute_ms / 1e3)
-    metrics.step_seconds.labels(optimizer, wire_format).observe(time.perf_counter() - started)
+        compute.observe(result.compute_ms / 1e3)
+    latency.observe(time.perf_counter() - started)
 
 
 @router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},
