@@ -44,6 +44,24 @@ def wants_binary(request: Request) -> bool:
     raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
 
 
+async def read_body(request: Request) -> bytes | bytearray:
+    """The body, read straight into one buffer of its declared length (the body-limit middleware has
+    vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy."""
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit():
+        return await request.body()
+    buf = bytearray(int(declared))
+    view, filled = memoryview(buf), 0
+    async for chunk in request.stream():
+        if filled + len(chunk) > len(buf):
+            raise InvalidRequest("the body is longer than its Content-Length")
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+    if filled != len(buf):
+        raise InvalidRequest(f"the body ended after {filled} of its {len(buf)} declared bytes")
+    return buf
+
+
 def parse_json(request: Request, body: bytes, model: type[BaseModel]) -> tuple[Any, bool]:
     """The validated model, and whether its number arrays may be converted without a type check."""
     check_json_depth(body, request.app.state.settings.max_json_depth)

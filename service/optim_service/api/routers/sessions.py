@@ -20,6 +20,7 @@ from ..negotiation import (
     JSON,
     idempotency_key,
     if_match,
+    read_body,
     parse_json,
     require_content_type,
     wants_binary,
@@ -133,7 +134,7 @@ async def step(session_id: str, request: Request, caller: Caller) -> Response:
     started = time.perf_counter()
     ctype = require_content_type(request, JSON, BINARY)
     binary_out = wants_binary(request)  # refuse an unanswerable Accept before doing anything
-    body = await request.body()
+    body = await read_body(request)
     key = idempotency_key(request)
     loss, encodings = None, "list"
     if ctype == JSON:
