@@ -95,7 +95,7 @@ def _connection_error(error: Exception) -> Exception:
     return APIConnectionError(f"cannot reach the service: {error}")
 
 
-def _create_call(params, optimizer: str, dtype, options: dict, hyperparameters) -> tuple[_Call, _wire.Layout]:
+def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options) -> tuple[_Call, _wire.Layout]:
     dtype = dtype or _wire.infer_dtype(params)
     names, arrays = _wire.as_arrays(params, dtype)
     layout = _wire.Layout(names, tuple(a.shape for a in arrays), dtype)
@@ -208,9 +208,8 @@ class OptimClient(_Base):
     def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
                        clip_grad_norm=None, param_groups=None, nan_policy=None, **hyperparameters) -> Session:
         """A new session; hyperparameters are torch's keyword names (``lr=1e-3, betas=(0.9, 0.99)``)."""
-        options = dict(schedule=schedule, clip_grad_norm=clip_grad_norm, param_groups=param_groups,
-                       nan_policy=nan_policy)
-        call, layout = _create_call(params, optimizer, dtype, options, hyperparameters)
+        call, layout = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
+                                    clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
         meta = self._send(call)
         return Session(self, meta, _wire.from_json(meta["params"], layout))
 
@@ -267,9 +266,8 @@ class AsyncOptimClient(_Base):
     async def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
                              clip_grad_norm=None, param_groups=None, nan_policy=None,
                              **hyperparameters) -> AsyncSession:
-        options = dict(schedule=schedule, clip_grad_norm=clip_grad_norm, param_groups=param_groups,
-                       nan_policy=nan_policy)
-        call, layout = _create_call(params, optimizer, dtype, options, hyperparameters)
+        call, layout = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
+                                    clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
         meta = await self._send(call)
         return AsyncSession(self, meta, _wire.from_json(meta["params"], layout))
 

@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from . import OPTIMIZERS
-from .base import Hyperparameters
+from .base import Hyperparameters, non_finite
 from .clipping import ClipGradNorm, clip_grad_norm
 from .schedules import Schedule
 
@@ -116,7 +116,7 @@ def apply_step(
                 finite &= algorithm.fused(param, grad, state, hp, step) == 0
             else:
                 algorithm.update(param, grad, state, hp, step)
-                finite &= all(np.isfinite(a).all() for a in (grad, param, *state) if a is not None)
+                finite &= non_finite(grad, param, *state) == 0
     return grad_norm, finite
 
 

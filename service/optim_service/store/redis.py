@@ -24,10 +24,9 @@ from .base import Claim, SessionExists, SessionRecord, translate_errors
 
 # The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
 # place in O(1), so megabytes never pass through Lua's argument copies.
-CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[3]) return 0 end
-redis.call('RENAME', KEYS[3], KEYS[2])
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3])
+# Both writing scripts end here: the record (KEYS[1]) and its tensors (KEYS[2]) take the session TTL
+# (ARGV[4]), or none; RENAME carried the staging key's short TTL over, so PERSIST drops it.
+KEEP_SESSION_TTL = """
 if tonumber(ARGV[4]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4]) redis.call('EXPIRE', KEYS[2], ARGV[4])
 else
@@ -35,6 +34,11 @@ else
 end
 return 1
 """
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[3]) return 0 end
+redis.call('RENAME', KEYS[3], KEYS[2])
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3])
+""" + KEEP_SESSION_TTL
 COMPARE_AND_SET = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version or version ~= ARGV[1] then redis.call('DEL', KEYS[3]) return 0 end
@@ -47,13 +51,7 @@ if ARGV[5] ~= '' then
 end
 redis.call('RENAME', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3])
-if tonumber(ARGV[4]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[4]) redis.call('EXPIRE', KEYS[2], ARGV[4])
-else
-  redis.call('PERSIST', KEYS[2])
-end
-return 1
-"""
+""" + KEEP_SESSION_TTL
 DELETE = """
 local claims = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, key in ipairs(claims) do redis.call('DEL', key) end
