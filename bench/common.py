@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -146,4 +144,4 @@ if __name__ == "__main__" and sys.argv[1:2] == ["tcp-echo"]:
     _serve_tcp_echo(int(sys.argv[2]))
 
 HEADER = "| measurement | value | floor | floor value | ratio | target | |\n|---|---:|---|---:|---:|---|---|"
-__all__ = ["HEADER", "Server", "TcpEcho", "median_ms", "paired_ms", "row", "shutil"]
+__all__ = ["HEADER", "Server", "TcpEcho", "median_ms", "paired_ms", "row"]
