@@ -1,23 +1,104 @@
-"""The JSON fast path's guard: it vouches for a body only when no string, boolean or null can hide
-among the numbers, and the exact check still refuses what it lets through to numpy."""
+"""The fast JSON reader: it reads common tensor bodies itself, gives exactly what orjson plus numpy
+would, and declines (None: orjson and the exact checks take over) whenever it cannot be sure."""
 
+import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from optim_service.api.wire import numbers_only
+from optim_service.api.jsonbody import loads_with_tensors
+from optim_service.api.wire import is_b64_tensor
 
 
-@pytest.mark.parametrize("doc,plain", [
-    ({"gradients": {"w": [1.0, 2.5, -3]}}, True),
-    ({"gradients": {"w": [[1.0, 2.0], [3.0, 4.0]]}, "loss": 0.5}, True),
-    ({"gradients": {"true_null_false": [1.0]}}, True),  # the words inside a key are accounted for
-    ({"gradients": {"w": {"shape": [1], "b64": "nullAAA="}}}, True),
-    ({"gradients": {"w": [1.0, True]}}, False),
-    ({"gradients": {"w": [1.0, None]}}, False),
-    ({"gradients": {"w": [1.0, "2.0"]}}, False),
-    ({"gradients": {"w": [1.0, False], "b": "false"}}, False),
-    ({"gradients": {'quo"te': [1.0]}}, False),  # an escaped quote: unsure, so the exact path runs
+def orjson_reference(body: bytes, field: str):
+    """What the exact path makes of a body it accepts: orjson, then np.array of each number list."""
+    obj = orjson.loads(body)
+    tensors = obj.get(field)
+    if isinstance(tensors, list):
+        obj[field] = np.array(tensors, np.float64)
+    elif isinstance(tensors, dict) and not is_b64_tensor(tensors):
+        obj[field] = {k: np.array(v, np.float64) if isinstance(v, list) else v for k, v in tensors.items()}
+    return obj
+
+
+def assert_same(fast, reference):
+    assert type(fast) is type(reference)
+    if isinstance(fast, np.ndarray):
+        assert fast.dtype == np.float64 and fast.shape == reference.shape
+        assert np.array_equal(fast.view(np.int64), reference.view(np.int64))  # bit for bit, -0.0 too
+    elif isinstance(fast, dict):
+        assert list(fast) == list(reference)
+        for k in fast:
+            assert_same(fast[k], reference[k])
+    else:
+        assert fast == reference
+
+
+@pytest.mark.parametrize("doc", [
+    {"gradients": {"w": [1.0, 2.5, -3]}},
+    {"gradients": {"w": [[1.0, 2.0], [3.0, 4.0]], "b": [0.5]}, "loss": 0.5},
+    {"gradients": [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]},
+    {"gradients": {"w": [], "e": [[], []]}},
+    {"gradients": {"w": {"shape": [2], "b64": "AAAAAAAAAAA="}, "b": [1e-310, -0.0, 9007199254740993]}},
+    {"params": {"shape": [2], "b64": "AAAAAAAAAAA="}, "dtype": "float32"},  # one unnamed b64 tensor
+    {"optimizer": {"type": "adam", "betas": [0.9, 0.99]}, "params": {"w": [1.0]},
+     "schedule": {"type": "multistep", "milestones": [1, 2]}},
 ])
-def test_numbers_only(doc, plain):
+def test_reads_common_bodies_exactly(doc):
     body = orjson.dumps(doc)
-    assert numbers_only(body, orjson.loads(body)) is plain
+    field = "params" if "params" in doc else "gradients"
+    fast = loads_with_tensors(body, field)
+    assert fast is not None, "a common body should not need the slow path"
+    assert_same(fast, orjson_reference(body, field))
+
+
+@pytest.mark.parametrize("body", [
+    b'{"gradients": {"w": [1.0, true]}}',
+    b'{"gradients": {"w": [1.0, null]}}',
+    b'{"gradients": {"w": [1.0, "2.0"]}}',
+    b'{"gradients": {"w": [1.0, [2.0]]}}',  # a nested singleton: as many numbers, one list too many
+    b'{"gradients": {"w": [[1.0, 2.0], [3.0, [4.0]]]}}',
+    b'{"gradients": {"w": [[1, 2], [3], [4, 5, 6]]}}',  # ragged with the "right" count of numbers
+    b'{"gradients": {"w": [[[1, 2], [3, 4]], [[5, 6, 7], [8]]]}}',  # ragged, right counts of lists too
+    b'{"gradients": {"w[0]": [1.0]}}',  # brackets inside strings: unsure
+    b'{"gradients": {"w": [1.0]}, "gradients": {"w": [2.0]}}',  # duplicate keys: orjson keeps the last
+    b'{"gradients": {"w": [1e400]}}',
+    b'{"gradients": {"w": [18446744073709551616]}}',
+    b'{"gradients": {"w": [1.0,]}}',
+    b'[1.0, 2.0]',
+])
+def test_declines_what_it_cannot_vouch_for(body):
+    assert loads_with_tensors(body, "gradients") is None
+
+
+leaves = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2**63, 2**63 - 1),
+                   st.booleans(), st.none(), st.just("x"))
+nested = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4), max_leaves=24)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tensors=st.dictionaries(st.text(min_size=1, max_size=3), nested, min_size=1, max_size=3))
+def test_never_disagrees_with_the_exact_path(tensors):
+    """Whatever it accepts, it reads as orjson + numpy would; whatever numpy would refuse (ragged,
+    mixed types), it declines."""
+    body = orjson.dumps({"gradients": tensors})
+    fast = loads_with_tensors(body, "gradients")
+    if fast is None:
+        return
+    for name, value in tensors.items():
+        got = fast["gradients"][name]
+        if isinstance(value, list):
+            reference = np.array(value, dtype=object)  # refuses nothing: ragged stays objects
+            assert reference.dtype == object and all(type(x) in (int, float) for x in reference.flat)
+            assert got.shape == reference.shape
+            assert np.array_equal(got, reference.astype(np.float64))
+        else:
+            assert got == value and type(got) is type(value)
+
+
+def test_large_tensor_shape_and_values():
+    w = np.random.default_rng(0).standard_normal((300, 7)).astype(np.float32)
+    body = orjson.dumps({"gradients": {"w": w}}, option=orjson.OPT_SERIALIZE_NUMPY)
+    fast = loads_with_tensors(body, "gradients")
+    assert fast["gradients"]["w"].shape == (300, 7)
+    assert np.array_equal(fast["gradients"]["w"].astype(np.float32), w)  # float32 round-trips

@@ -10,7 +10,6 @@ from pathlib import Path
 import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from starlette.routing import Route
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
@@ -21,6 +20,7 @@ from .api.auth import KeyRing
 from .api.limits import BodyLimitMiddleware
 from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions
+from .api.steplane import StepLane
 from .api.routers import metrics as metrics_router
 from .api.schemas import DOCUMENTED, CreateSession, StepRequest
 from .optim.config import warm_kernels
@@ -68,12 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served below from local assets: no CDN is reachable from every deployment
         redoc_url=None,
         openapi_url="/openapi.json" if settings.expose_docs else None,
+        # Prometheus and JSON logs are this service's telemetry; FastAPI's OpenTelemetry hooks
+        # would otherwise look up their providers (and the environment) on every request
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
     app.state.keys = keys
     app.state.metrics = metrics
     problems.install(app)
-    app.router.routes.append(Route("/v1/sessions/{session_id}/step", sessions.step_direct, methods=["POST"]))
     for module in (sessions, optimizers):
         app.include_router(module.router)  # each route authenticates through its Caller
     app.include_router(health.router)
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(metrics_router.router)
     if settings.expose_docs:
         _serve_docs(app)
+    app.add_middleware(StepLane, step=sessions.step)  # innermost: the middlewares below still apply
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

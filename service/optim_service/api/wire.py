@@ -27,32 +27,7 @@ def is_b64_tensor(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"shape", "b64"} and isinstance(value["b64"], str)
 
 
-def numbers_only(body: bytes, parsed: Any) -> bool:
-    """Whether every string, ``true``, ``false`` and ``null`` in the raw JSON is accounted for by the
-    parsed keys and string values, so that the number arrays hold nothing but numbers and numpy may
-    convert them directly. A few ``bytes.count`` calls over the body instead of a type check per
-    element; anything unexpected (an escaped quote, say) just falls back to the exact check."""
-    strings: list[str] = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                strings.append(key)
-                walk(value)
-        elif isinstance(node, str):
-            strings.append(node)
-        elif isinstance(node, list) and node and isinstance(node[0], (dict, str)):
-            for item in node:
-                walk(item)
-
-    walk(parsed)
-    if body.count(b'"') != 2 * len(strings):
-        return False
-    return all(body.count(token.encode()) == sum(s.count(token) for s in strings)
-               for token in ("true", "false", "null"))
-
-
-def decode_tensor(value: Any, what: str, dtype: str, plain: bool = False) -> np.ndarray:
+def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
     """One tensor (nested lists or b64 object) as a writable array of ``dtype``; finiteness is the
     caller's to check (gradients may be non-finite under ``nan_policy: "skip"``)."""
     np_dtype = DTYPES[dtype]
@@ -77,21 +52,18 @@ def decode_tensor(value: Any, what: str, dtype: str, plain: bool = False) -> np.
         array = np.frombuffer(raw, np_dtype).reshape(shape)  # read-only: updates never write gradients
     else:
         with np.errstate(over="ignore"):  # overflow becomes inf, which the finite check names
-            array = _from_lists(value, what, plain).astype(np_dtype, copy=False)
+            array = _from_lists(value, what).astype(np_dtype, copy=False)
     return array
 
 
-def _from_lists(value: Any, what: str, plain: bool = False) -> np.ndarray:
+def _from_lists(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):  # jsonbody read it: numbers only, rows regular
+        return value
     if isinstance(value, bool) or not isinstance(value, (list, int, float)):
         raise InvalidRequest(
             f"{what}: expected a number, nested lists of numbers, or {{\"shape\", \"b64\"}}; "
             f"got {type(value).__name__}"
         )
-    if plain:  # numbers_only() vouched for the body: no element-by-element type check needed
-        try:
-            return np.array(value, dtype=np.float64)
-        except (ValueError, TypeError, OverflowError):
-            pass  # ragged, too deep or too large: the exact path below says which
     try:
         objects = np.array(value, dtype=object)
     except ValueError:
@@ -109,10 +81,10 @@ def _from_lists(value: Any, what: str, plain: bool = False) -> np.ndarray:
         raise InvalidRequest(f"{what}: a number is too large for float64") from None
 
 
-def decode_params(value: Any, dtype: str, plain: bool = False) -> tuple[Layout, list[np.ndarray]]:
+def decode_params(value: Any, dtype: str) -> tuple[Layout, list[np.ndarray]]:
     """A new session's params: one unnamed tensor (array) or an object of named tensors."""
-    if isinstance(value, list) or is_b64_tensor(value):
-        array = decode_tensor(value, "params", dtype, plain)
+    if isinstance(value, (list, np.ndarray)) or is_b64_tensor(value):
+        array = decode_tensor(value, "params", dtype)
         require_finite(array, "params", dtype)
         return Layout(("",), (array.shape,), dtype, "array"), [array]
     if not isinstance(value, dict) or not value:
@@ -121,7 +93,7 @@ def decode_params(value: Any, dtype: str, plain: bool = False) -> tuple[Layout, 
     for name, tensor in value.items():
         if not name or len(name) > MAX_NAME_LENGTH:
             raise InvalidRequest(f"params: tensor names must have 1 to {MAX_NAME_LENGTH} characters")
-        arrays.append(decode_tensor(tensor, f"tensor '{name}'", dtype, plain))
+        arrays.append(decode_tensor(tensor, f"tensor '{name}'", dtype))
         require_finite(arrays[-1], f"tensor '{name}'", dtype)
     layout = Layout(tuple(value), tuple(a.shape for a in arrays), dtype, "object")
     return layout, arrays
@@ -136,10 +108,10 @@ def encodings_of(value: Any) -> dict[str, Encoding]:
     return {"": enc(value)}
 
 
-def decode_like(value: Any, layout: Layout, what: str, finite: bool = False, plain: bool = False) -> list[np.ndarray]:
+def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> list[np.ndarray]:
     """Tensors that must match an existing session's layout exactly (gradients, restored buffers)."""
     if layout.structure == "array":
-        if not (isinstance(value, list) or is_b64_tensor(value)):
+        if not (isinstance(value, (list, np.ndarray)) or is_b64_tensor(value)):
             raise InvalidRequest(f"{what}: this session holds one unnamed tensor; send a JSON array")
         items = [("", value)]
     else:
@@ -157,7 +129,7 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False, pla
     arrays = []
     for (name, tensor), shape in zip(items, layout.shapes):
         label = f"{what} '{name}'" if name else what
-        array = decode_tensor(tensor, label, layout.dtype, plain)
+        array = decode_tensor(tensor, label, layout.dtype)
         if array.shape != shape:
             raise InvalidRequest(f"{label}: expected shape {list(shape)}, got {list(array.shape)}")
         if finite:

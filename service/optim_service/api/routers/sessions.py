@@ -9,6 +9,7 @@ import orjson
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from starlette.background import BackgroundTask
 
 from ...errors import InvalidRequest
 from ...record import Layout, Session, layout_from_meta
@@ -93,8 +94,8 @@ def json_body(model, example) -> dict:
              summary="Create a session, or resume one from a checkpoint")
 async def create_session(request: Request, caller: Caller) -> Response:
     require_content_type(request, JSON)
-    body, plain = parse_json(request, await request.body(), CreateSession)
-    layout, params = wire.decode_params(body.params, body.dtype, plain)
+    body = parse_json(request, await request.body(), CreateSession, "params")
+    layout, params = wire.decode_params(body.params, body.dtype)
     restored = None
     if body.state is not None:
         restored = (body.state.step, _decode_buffers(body.state.buffers, layout))
@@ -138,11 +139,11 @@ async def step(session_id: str, request: Request, caller: Caller) -> Response:
     key = idempotency_key(request)
     loss, encodings = None, "list"
     if ctype == JSON:
-        req, plain = parse_json(request, body, StepRequest)
+        req = parse_json(request, body, StepRequest, "gradients")
         loss, encodings = req.loss, wire.encodings_of(req.gradients)
 
         def decode(session: Session):
-            return wire.decode_like(req.gradients, session.layout, "gradient", plain=plain)
+            return wire.decode_like(req.gradients, session.layout, "gradient")
     else:
         def decode(session: Session):
             return wire.decode_binary(body, session.layout)
@@ -158,18 +159,11 @@ async def step(session_id: str, request: Request, caller: Caller) -> Response:
         headers["Optim-Step-Skipped"] = "true"
         extra["skipped"] = True
     response = _params_response(result.session, binary_out, encodings, extra, headers)
-    _observe(request, result, "binary" if ctype == BINARY else "json", started)
+    response.background = BackgroundTask(_observe, request, result, "binary" if ctype == BINARY else "json", started)
     return response
 
 
-async def step_direct(request: Request) -> Response:
-    """The step for a plain Starlette route placed ahead of the APIRoute above, which still documents
-    it: FastAPI's per-request machinery (dependency solving, exit stacks) cost this, the hottest route,
-    ~50 µs of ~230 in-process (bench/wire.py measures the end-to-end effect)."""
-    return await step(request.path_params["session_id"], request, await get_caller(request))
-
-
-def _observe(request: Request, result, wire_format: str, started: float) -> None:
+async def _observe(request: Request, result, wire_format: str, started: float) -> None:
     optimizer = result.session.config.optimizer.type
     outcome = "replayed" if result.replayed else "skipped" if result.skipped else "applied"
     steps, compute, latency = request.app.state.metrics.step_series(optimizer, outcome, wire_format)
