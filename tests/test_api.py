@@ -67,6 +67,17 @@ async def test_create_unnamed_tensor_and_b64_mirror(client):
     assert r.json()["params"] == {"x": b64([1.5, 2.5])}
 
 
+async def test_create_with_prefer_return_minimal_leaves_the_params_out(client):
+    body = {"optimizer": {"type": "sgd"}, "params": NAMED, "dtype": "float64"}
+    r = await client.post("/v1/sessions", json=body, headers={"Prefer": "respond-async, return=minimal"})
+    assert r.status_code == 201 and r.headers["preference-applied"] == "return=minimal"
+    assert "params" not in r.json() and r.json()["shapes"] == {"w": [2, 3], "b": [2]}
+    stored = await client.get(f"/v1/sessions/{r.json()['id']}/params")
+    assert stored.json()["params"] == NAMED  # the session has them all the same
+    r = await client.post("/v1/sessions", json=body, headers={"Prefer": "return=representation"})
+    assert "preference-applied" not in r.headers and r.json()["params"] == NAMED
+
+
 @pytest.mark.parametrize("body,status,fragment", [
     ({"optimizer": {"type": "adam"}, "params": [1.0], "extra": 1}, 422, "extra"),
     ({"optimizer": {"type": "adam", "momentum": 0.9}, "params": [1.0]}, 422, "momentum"),

@@ -95,10 +95,10 @@ def _connection_error(error: Exception) -> Exception:
     return APIConnectionError(f"cannot reach the service: {error}")
 
 
-def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options) -> tuple[_Call, _wire.Layout]:
+def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options) -> tuple[_Call, list[np.ndarray]]:
+    """The request, and the params as the session starts from them (the answer does not repeat them)."""
     dtype = dtype or _wire.infer_dtype(params)
     names, arrays = _wire.as_arrays(params, dtype)
-    layout = _wire.Layout(names, tuple(a.shape for a in arrays), dtype)
     tensors = [_wire.to_b64(a) for a in arrays]
     body = {
         "optimizer": {"type": optimizer, **hyperparameters},
@@ -106,7 +106,8 @@ def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options
         "dtype": dtype,
     }
     body.update({key: value for key, value in options.items() if value is not None})
-    return _Call("POST", "/v1/sessions", json=body, retry_safe=False), layout
+    call = _Call("POST", "/v1/sessions", json=body, headers={"Prefer": "return=minimal"}, retry_safe=False)
+    return call, [a.copy() for a in arrays]
 
 
 def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
@@ -208,10 +209,9 @@ class OptimClient(_Base):
     def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
                        clip_grad_norm=None, param_groups=None, nan_policy=None, **hyperparameters) -> Session:
         """A new session; hyperparameters are torch's keyword names (``lr=1e-3, betas=(0.9, 0.99)``)."""
-        call, layout = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
+        call, arrays = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
                                     clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
-        meta = self._send(call)
-        return Session(self, meta, _wire.from_json(meta["params"], layout))
+        return Session(self, self._send(call), arrays)
 
     def get_session(self, session_id: str) -> Session:
         session = Session(self, self._send(_Call("GET", f"/v1/sessions/{session_id}")))
@@ -266,10 +266,9 @@ class AsyncOptimClient(_Base):
     async def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
                              clip_grad_norm=None, param_groups=None, nan_policy=None,
                              **hyperparameters) -> AsyncSession:
-        call, layout = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
+        call, arrays = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
                                     clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
-        meta = await self._send(call)
-        return AsyncSession(self, meta, _wire.from_json(meta["params"], layout))
+        return AsyncSession(self, await self._send(call), arrays)
 
     async def get_session(self, session_id: str) -> AsyncSession:
         session = AsyncSession(self, await self._send(_Call("GET", f"/v1/sessions/{session_id}")))

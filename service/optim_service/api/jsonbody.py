@@ -4,7 +4,8 @@ simdjson copies each number array of the tensor field straight into a float64 bu
 floats that is a third of the time of orjson plus ``np.array`` (bench/wire.py). Both parsers round
 every number correctly, so the values are identical. Anything this reader is not sure of (duplicate
 keys, numbers simdjson refuses, brackets inside strings, rows of uneven length) returns None, and
-the caller parses with orjson and checks element by element, which also words the error.
+the caller parses with orjson and checks element by element, which also words the error. Bodies
+with base64 tensors go to orjson too: there is no number array to win on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class _Unsure(Exception):
 def loads_with_tensors(body: bytes, field: str) -> dict[str, Any] | None:
     """The body as orjson would give it, except that under ``field`` (one tensor, or an object of
     named tensors) every nested list of numbers is a float64 ndarray of the nesting's shape."""
+    if b'"b64"' in body:  # simdjson would hold two more copies of a long string; orjson one
+        return None
     try:
         doc = simdjson.Parser().parse(body)  # one parser per body: live proxies pin their parser
         if not isinstance(doc, simdjson.Object):

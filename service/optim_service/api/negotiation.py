@@ -80,6 +80,12 @@ def parse_json(request: Request, body: bytes, model: type[BaseModel], tensors: s
         raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
 
 
+def prefers_minimal(request: Request) -> bool:
+    """RFC 7240 ``Prefer: return=minimal``: answer without the representation (the params)."""
+    prefer = request.headers.get("prefer", "").lower()
+    return any(p.split(";")[0].strip() == "return=minimal" for p in prefer.split(","))
+
+
 def if_match(request: Request) -> int | None:
     value = request.headers.get("if-match")
     if value is None or value.strip() == "*":

@@ -23,6 +23,7 @@ from ..negotiation import (
     if_match,
     read_body,
     parse_json,
+    prefers_minimal,
     require_content_type,
     wants_binary,
 )
@@ -94,16 +95,22 @@ def json_body(model, example) -> dict:
              summary="Create a session, or resume one from a checkpoint")
 async def create_session(request: Request, caller: Caller) -> Response:
     require_content_type(request, JSON)
-    body = parse_json(request, await request.body(), CreateSession, "params")
+    minimal = prefers_minimal(request)
+    body = parse_json(request, await read_body(request), CreateSession, "params")
     layout, params = wire.decode_params(body.params, body.dtype)
     restored = None
     if body.state is not None:
         restored = (body.state.step, _decode_buffers(body.state.buffers, layout))
-    session = await caller.sessions.create(caller.owner, body.training_config(), layout, params, restored)
+    config, encodings = body.training_config(), wire.encodings_of(body.params)
+    del body  # its text (a base64 string can be the size of the params) is not needed past here
+    session = await caller.sessions.create(caller.owner, config, layout, params, restored)
     meta = {**session.meta(), "config": orjson.loads(session.config_json)}
-    doc = {**describe(session.id, meta),
-           "params": wire.encode_like(session.params, layout, wire.encodings_of(body.params))}
+    doc = describe(session.id, meta)
     headers = {"Location": f"/v1/sessions/{session.id}", **_etag(session.step)}
+    if minimal:  # the client has the params it sent: a large session is not sent back
+        headers["Preference-Applied"] = "return=minimal"
+    else:
+        doc["params"] = wire.encode_like(session.params, layout, encodings)
     return JSONResponse(doc, status_code=201, headers=headers)
 
 
