@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process on a free port: ``optim-service serve`` or the bare echo under uvicorn."""
+    """A server process on a free port: ``optim-service serve``, or an echo app of echo_app.py under
+    uvicorn ("echo": bare ASGI, "fastapi-echo": one FastAPI route)."""
 
     def __init__(self, kind: str, env: dict | None = None):
         self.port = free_port()
@@ -31,7 +32,8 @@ class Server:
         if kind == "service":
             cmd = [str(BIN / "optim-service"), "serve", "--port", str(self.port), "--store", "memory"]
         else:
-            cmd = [str(BIN / "uvicorn"), "echo_app:app", "--port", str(self.port), "--log-level", "warning",
+            target = "echo_app:fastapi_app" if kind == "fastapi-echo" else "echo_app:app"
+            cmd = [str(BIN / "uvicorn"), target, "--port", str(self.port), "--log-level", "warning",
                    "--no-access-log"]
         self.proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, env={**os.environ, **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

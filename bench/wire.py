@@ -36,11 +36,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
-    service, echo, tcp = Server("service"), Server("echo"), TcpEcho()
+    service, echo, tcp, fastapi_echo = Server("service"), Server("echo"), TcpEcho(), Server("fastapi-echo")
     rows = []
     try:
         client = OptimClient(service.url)
         svc_post, echo_post, tcp_roundtrip = http_post(service.port), http_post(echo.port), tcp.client()
+        fastapi_post = http_post(fastapi_echo.port)
 
         # 1. 1M float32 Adam, octet-stream both ways, raw http.client vs a raw TCP echo of the bytes
         n = 1_000_000
@@ -59,6 +60,10 @@ def main() -> int:
         step_ms, echo_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{small.id}/step", body, "application/json"),
                                      lambda: echo_post("/", body, "application/json"), args.repeat * 10)
         rows.append(row("100-param Adam step, JSON, http.client", step_ms, "ASGI echo, same body", echo_ms, 1.5))
+        framework_ms, echo2_ms = paired_ms(lambda: fastapi_post("/", body, "application/json"),
+                                           lambda: echo_post("/", body, "application/json"), args.repeat * 10)
+        rows.append(row("(context) one-route FastAPI echo, same body", framework_ms, "ASGI echo, same body",
+                        echo2_ms, None))
 
         # 3. through the SDK at 100 and 1M vs bare httpx.Client.post of the same bytes to the echo
         with httpx.Client() as bare:
@@ -77,7 +82,7 @@ def main() -> int:
         body = orjson.dumps({"gradients": {"w": np.full(k, 0.125, np.float32)}}, option=orjson.OPT_SERIALIZE_NUMPY)
         step_ms, orjson_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{mid.id}/step", body, "application/json"),
                                        lambda: orjson.dumps(orjson.loads(body)), args.repeat)
-        rows.append(row("100k-float JSON step (server compute + wire)", step_ms, "orjson decode+encode", orjson_ms, None))
+        rows.append(row("100k-float JSON step (server compute + wire)", step_ms, "orjson decode+encode", orjson_ms, 1.5))
         # 5. throughput: 16 clients on 64 small sessions vs the same clients on the echo
         sessions = [client.create_session({"w": np.zeros(10, np.float32)}, optimizer="sgd", lr=0.1) for _ in range(64)]
         tiny = orjson.dumps({"gradients": {"w": [0.1] * 10}})
@@ -102,9 +107,8 @@ def main() -> int:
         print(f"| throughput, 16 clients × 64 sessions | {service_rate:.0f} steps/s | ASGI echo | "
               f"{echo_rate:.0f} req/s | {service_rate / echo_rate:.2f}× of echo | reported | |")
     finally:
-        service.stop()
-        echo.stop()
-        tcp.stop()
+        for server in (service, echo, tcp, fastapi_echo):
+            server.stop()
     return 0
 
 
