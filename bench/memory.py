@@ -56,9 +56,9 @@ def main() -> int:
             print(f"| {name} | {value / 2**20:.0f} MiB | {value / params_bytes:.2f}× | {value / state_bytes:.2f}× |")
         print(f"\nsession cost: {after / state_bytes:.2f}× its raw state bytes (target ≤ 1.1×)")
         print(f"create peak: {(create_peak - held) / params_bytes:.2f} parameter-sized copies beyond the session it "
-              "leaves (the base64 text, the decoded params, the optimizer state before it joins the record)")
+              "leaves (the decoded params and the optimizer state, until they are joined into the record)")
         print(f"step peak: {step_peak / params_bytes:.2f} parameter-sized copies beyond the session "
-              "(the request body, the working copy of the state being stepped, the answer)")
+              "(the request body and the working copy of the state; the answer is a view of it)")
     finally:
         server.stop()
     return 0

@@ -39,7 +39,7 @@ def assert_same(fast, reference):
     {"gradients": {"w": [[1.0, 2.0], [3.0, 4.0]], "b": [0.5]}, "loss": 0.5},
     {"gradients": [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]},
     {"gradients": {"w": [], "e": [[], []]}},
-    {"gradients": {"w": [[1.0], [2.0]], "b": [1e-310, -0.0, 9007199254740993]}},
+    {"gradients": {"w": [[1.0], [2.0]], "b": [1e-310, -0.0, 9007199254740993], "s": 1.5}},
     {"optimizer": {"type": "adam", "betas": [0.9, 0.99]}, "params": {"w": [1.0]},
      "schedule": {"type": "multistep", "milestones": [1, 2]}},
 ])
@@ -66,6 +66,7 @@ def test_reads_common_bodies_exactly(doc):
     b'{"gradients": {"w": [1.0,]}}',
     b'[1.0, 2.0]',
     b'{"params": {"shape": [2], "b64": "AAAAAAAAAAA="}}',  # base64: orjson holds fewer copies
+    b'{"gradients": {"w": {"shape": [1], "b\\u0036\\u0034": "AAAAAA=="}}}',  # base64 behind escapes
 ])
 def test_declines_what_it_cannot_vouch_for(body):
     assert loads_with_tensors(body, "gradients") is None

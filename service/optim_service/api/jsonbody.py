@@ -74,19 +74,17 @@ def _tensors(value) -> tuple[Any, int]:
     if not isinstance(value, simdjson.Object):
         return value, 0  # wrong type: the validation after words it
     keys = list(value.keys())
-    if len(set(keys)) != len(keys):
+    if len(set(keys)) != len(keys) or "b64" in keys:  # duplicates, or base64 behind escaped quotes
         raise _Unsure
-    if set(keys) == {"shape", "b64"}:  # one {"shape", "b64"} tensor, not two named ones
-        plain = value.as_dict()
-        return plain, _count_lists(plain)
     out, arrays = {}, 0
     for name in keys:
         tensor = value[name]
         if isinstance(tensor, simdjson.Array):
             out[name], count = _tensor(tensor)
-        else:  # a {"shape", "b64"} tensor, or a wrong type the decoder words
-            out[name] = tensor.as_dict() if isinstance(tensor, simdjson.Object) else tensor
-            count = _count_lists(out[name])
+        elif isinstance(tensor, simdjson.Object):
+            raise _Unsure  # base64 behind escaped keys, or a wrong type the exact path words
+        else:
+            out[name], count = tensor, 0  # a 0-d tensor, or a wrong type the decoder words
         arrays += count + _count_lists(name)
     return out, arrays
 
