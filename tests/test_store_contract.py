@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import uuid
 
 import pytest
@@ -81,7 +82,7 @@ async def test_claims_are_written_with_the_record_and_refuse_reuse(make_store):
     assert await store.get_claim("s1", "key-1") is None
     assert await store.compare_and_set(record(version=1), 0, claim)
     got = await store.get_claim("s1", "key-1")
-    assert (got.key, got.body_sha256, got.version, got.step) == ("key-1", "a" * 64, 1, 1) and 0 < got.ttl_seconds <= 60
+    assert (got.key, got.body_digest, got.version, got.step) == ("key-1", "a" * 64, 1, 1) and 0 < got.ttl_seconds <= 60
     # the same key cannot be claimed again, even from the current version: nothing is written
     assert not await store.compare_and_set(record(version=2), 1, Claim("key-1", "b" * 64, 2, 2, 60))
     assert (await store.get("s1")).version == 1
@@ -176,3 +177,19 @@ async def test_a_replica_never_reads_a_stale_copy(make_store):
     assert await a.get("s1") is None
     await a.close()
     await b.close()
+
+
+async def test_a_sqlite_file_from_0_1_0_keeps_its_claims(tmp_path):
+    """0.1.0 named the claims' digest column body_sha256; opening such a file renames it in place."""
+    path = f"{tmp_path}/old.db"
+    store = open_store(f"sqlite:///{path}", 0)
+    await store.create(record())
+    assert await store.compare_and_set(record(version=1), 0, Claim("key-1", "d" * 64, 1, 1, 600))
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE claims RENAME COLUMN body_digest TO body_sha256")
+    store = open_store(f"sqlite:///{path}", 0)
+    got = await store.get_claim("s1", "key-1")
+    assert (got.body_digest, got.version) == ("d" * 64, 1)
+    assert await store.compare_and_set(record(version=2), 1, Claim("key-2", "e" * 64, 2, 2, 600))
+    await store.close()

@@ -39,7 +39,7 @@ class Claim:
     the optimizer step that version holds."""
 
     key: str
-    body_sha256: str
+    body_digest: str  # sessions.body_digest of the request that claimed it
     version: int
     step: int
     ttl_seconds: int

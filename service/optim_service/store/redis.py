@@ -134,7 +134,7 @@ class RedisStore:
         return None if version is None else int(version)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None) -> bool:
-        claim_value = f"{claim.body_sha256}:{claim.version}:{claim.step}" if claim else ""
+        claim_value = f"{claim.body_digest}:{claim.version}:{claim.step}" if claim else ""
         key = claim.key if claim else ""
         staged = await self._stage(record)
         ok = await self._cas(

@@ -32,7 +32,7 @@ CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 CREATE TABLE IF NOT EXISTS claims (
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     key TEXT NOT NULL,
-    body_sha256 TEXT NOT NULL,
+    body_digest TEXT NOT NULL,
     version INTEGER NOT NULL,
     step INTEGER NOT NULL,
     expires_at REAL NOT NULL,
@@ -58,6 +58,8 @@ class SQLiteStore:
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.lower() == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        if "body_sha256" in {row[1] for row in self._db.execute("PRAGMA table_info(claims)")}:
+            self._db.execute("ALTER TABLE claims RENAME COLUMN body_sha256 TO body_digest")  # 0.1.0's name
 
     async def _run(self, fn, write: bool = True):
         """Run ``fn(db)`` in a worker thread; writes inside one BEGIN IMMEDIATE transaction."""
@@ -114,7 +116,7 @@ class SQLiteStore:
                            (record.id, claim.key, now))
                 try:
                     db.execute("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?)",
-                               (record.id, claim.key, claim.body_sha256, claim.version, claim.step,
+                               (record.id, claim.key, claim.body_digest, claim.version, claim.step,
                                 now + claim.ttl_seconds))
                 except sqlite3.IntegrityError:
                     return False
@@ -126,7 +128,7 @@ class SQLiteStore:
     async def get_claim(self, session_id: str, key: str) -> Claim | None:
         def select(db):
             row = db.execute(
-                "SELECT body_sha256, version, step, expires_at FROM claims WHERE session_id = ? AND key = ? AND expires_at > ?",
+                "SELECT body_digest, version, step, expires_at FROM claims WHERE session_id = ? AND key = ? AND expires_at > ?",
                 (session_id, key, time.time())).fetchone()
             return Claim(key, row[0], row[1], row[2], max(1, int(row[3] - time.time()))) if row else None
         return await self._run(select, write=False)
