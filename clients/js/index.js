@@ -132,17 +132,19 @@ export class OptimClient {
     const entries = named ? Object.entries(params) : [["", params]];
     const tensors = entries.map(([name, value]) => [name, asTensor(value, name)]);
     dtype ??= dtypeOf(tensors[0][1].data);
-    const encoded = tensors.map(([name, t]) => {
-      const data = t.data instanceof DTYPES[dtype] ? t.data : DTYPES[dtype].from(t.data);
-      return [name, { shape: t.shape, b64: toBase64(data) }];
-    });
+    // our own copy of the params: the answer leaves them out (Prefer: return=minimal)
+    const arrays = tensors.map(([name, t]) => [name, DTYPES[dtype].from(t.data)]);
+    const encoded = arrays.map(([name, data], i) => [name, { shape: tensors[i][1].shape, b64: toBase64(data) }]);
     const json = { optimizer, dtype, params: named ? Object.fromEntries(encoded) : encoded[0][1] };
     if (schedule) json.schedule = schedule;
     if (clipGradNorm) json.clip_grad_norm = clipGradNorm;
     if (paramGroups) json.param_groups = paramGroups;
     if (nanPolicy) json.nan_policy = nanPolicy;
-    const meta = await (await this._request("POST", "/v1/sessions", { json, retrySafe: false })).json();
-    return new Session(this, meta);
+    const headers = { Prefer: "return=minimal" };
+    const meta = await (await this._request("POST", "/v1/sessions", { json, headers, retrySafe: false })).json();
+    const session = new Session(this, meta);
+    session.params = named ? Object.fromEntries(arrays) : arrays[0][1];
+    return session;
   }
 
   async restore(checkpoint) {

@@ -31,9 +31,10 @@ from .settings import Settings
 from .store import open_store
 
 logger = logging.getLogger("optim_service")
-CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Accept", "If-Match", "Idempotency-Key", "X-Request-ID")
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Accept", "If-Match", "Idempotency-Key", "X-Request-ID",
+                        "Prefer")
 CORS_RESPONSE_HEADERS = ("ETag", "Location", "Server-Timing", "X-Request-ID", "Retry-After",
-                         "Idempotent-Replayed", "Optim-Step-Skipped")
+                         "Idempotent-Replayed", "Optim-Step-Skipped", "Preference-Applied")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

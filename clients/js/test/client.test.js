@@ -20,6 +20,8 @@ test("named typed arrays in, named typed arrays out, over the binary wire", asyn
     optimizer: { type: "sgd", lr: 0.5 },
   });
   assert.equal(session.dtype, "float64");
+  assert.equal(session.metadata.params, undefined); // Prefer: return=minimal: the client keeps its own
+  assert.deepEqual(Array.from(session.params.w), [1, 2, 3, 4]);
   assert.deepEqual(session.params.b, new Float64Array([0.5]));
   const out = await session.step({ w: new Float64Array([1, 1, 1, 1]), b: new Float64Array([1]) });
   assert.ok(out.w instanceof Float64Array);
