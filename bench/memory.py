@@ -59,6 +59,16 @@ def main() -> int:
               "leaves (the decoded params and the optimizer state, until they are joined into the record)")
         print(f"step peak: {step_peak / params_bytes:.2f} parameter-sized copies beyond the session "
               "(the request body and the working copy of the state; the answer is a view of it)")
+        session.delete()
+        # the same step on a two-buffer state (param, momentum_buffer): the body plus a working copy of 2
+        sgd = client.create_session({"w": np.zeros(N, np.float32)}, optimizer="sgd", momentum=0.9)
+        sgd.step(grad)
+        settled = status(pid, "VmRSS")
+        reset_peak(pid)
+        for _ in range(3):
+            sgd.step(grad)
+        print(f"step peak, SGD with momentum: {(status(pid, 'VmHWM') - settled) / params_bytes:.2f} "
+              "parameter-sized copies beyond the session")
     finally:
         server.stop()
     return 0
