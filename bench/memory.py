@@ -27,6 +27,16 @@ def reset_peak(pid: int) -> None:
         f.write("5")
 
 
+def step_peak(pid: int, session, grad: dict) -> int:
+    """The highest RSS above the settled server over a few steps of an already-stepped session."""
+    session.step(grad)
+    settled = status(pid, "VmRSS")
+    reset_peak(pid)
+    for _ in range(3):
+        session.step(grad)
+    return status(pid, "VmHWM") - settled
+
+
 def main() -> int:
     server = Server("service")
     pid = server.proc.pid
@@ -41,33 +51,23 @@ def main() -> int:
         create_peak = status(pid, "VmHWM") - base
         held = status(pid, "VmRSS") - base
         grad = {"w": np.full(N, 0.5, np.float32)}
-        session.step(grad)
-        settled = status(pid, "VmRSS")
-        reset_peak(pid)
-        for _ in range(3):
-            session.step(grad)
-        step_peak = status(pid, "VmHWM") - settled
+        adam_peak = step_peak(pid, session, grad)
         after = status(pid, "VmRSS") - base
         print("| 10M float32 Adam session (40 MB of parameters, 120 MB of state) | bytes | × parameters | × state |")
         print("|---|---:|---:|---:|")
         for name, value in (("held after create (RSS growth)", held), ("held after steps (RSS growth)", after),
                             ("create: peak above the idle server", create_peak),
-                            ("step: peak above the settled server", step_peak)):
+                            ("step: peak above the settled server", adam_peak)):
             print(f"| {name} | {value / 2**20:.0f} MiB | {value / params_bytes:.2f}× | {value / state_bytes:.2f}× |")
         print(f"\nsession cost: {after / state_bytes:.2f}× its raw state bytes (target ≤ 1.1×)")
         print(f"create peak: {(create_peak - held) / params_bytes:.2f} parameter-sized copies beyond the session it "
               "leaves (the decoded params and the optimizer state, until they are joined into the record)")
-        print(f"step peak: {step_peak / params_bytes:.2f} parameter-sized copies beyond the session "
+        print(f"step peak: {adam_peak / params_bytes:.2f} parameter-sized copies beyond the session "
               "(the request body and the working copy of the state; the answer is a view of it)")
         session.delete()
         # the same step on a two-buffer state (param, momentum_buffer): the body plus a working copy of 2
         sgd = client.create_session({"w": np.zeros(N, np.float32)}, optimizer="sgd", momentum=0.9)
-        sgd.step(grad)
-        settled = status(pid, "VmRSS")
-        reset_peak(pid)
-        for _ in range(3):
-            sgd.step(grad)
-        print(f"step peak, SGD with momentum: {(status(pid, 'VmHWM') - settled) / params_bytes:.2f} "
+        print(f"step peak, SGD with momentum: {step_peak(pid, sgd, grad) / params_bytes:.2f} "
               "parameter-sized copies beyond the session")
     finally:
         server.stop()

@@ -30,31 +30,29 @@ def loads_with_tensors(body: bytes, field: str) -> dict[str, Any] | None:
         doc = simdjson.Parser().parse(body)  # one parser per body: live proxies pin their parser
         if not isinstance(doc, simdjson.Object):
             return None
-        out, arrays = _plain_object(doc, skip=field)
-        if field in out:
-            out[field], arrays_in_tensors = _tensors(doc[field])
-            arrays += arrays_in_tensors
+        out, arrays = {}, 0
+        for key in _unique_keys(doc):
+            value = doc[key]
+            if key == field:
+                out[key], count = _tensors(value)
+            else:
+                if isinstance(value, simdjson.Object):
+                    value = value.as_dict()
+                elif isinstance(value, simdjson.Array):
+                    value = value.as_list()
+                out[key], count = value, _count_lists(value)
+            arrays += count + _count_lists(key)
     except (_Unsure, ValueError, TypeError, RuntimeError, KeyError):
         return None
     # every '[' of the body is accounted for: none hides a nested list inside a tensor's elements
     return out if body.count(b"[") == arrays else None
 
 
-def _plain_object(obj, skip: str) -> tuple[dict, int]:
+def _unique_keys(obj) -> list[str]:
     keys = list(obj.keys())
     if len(set(keys)) != len(keys):  # orjson keeps the last duplicate, simdjson the first
         raise _Unsure
-    out, arrays = {}, 0
-    for key in keys:
-        if key == skip:
-            out[key] = None  # filled by the caller
-            continue
-        value = obj[key]
-        if isinstance(value, (simdjson.Object, simdjson.Array)):
-            value = value.as_dict() if isinstance(value, simdjson.Object) else value.as_list()
-        arrays += _count_lists(key) + _count_lists(value)
-        out[key] = value
-    return out, arrays
+    return keys
 
 
 def _count_lists(value) -> int:
@@ -73,8 +71,8 @@ def _tensors(value) -> tuple[Any, int]:
         return _tensor(value)
     if not isinstance(value, simdjson.Object):
         return value, 0  # wrong type: the validation after words it
-    keys = list(value.keys())
-    if len(set(keys)) != len(keys) or "b64" in keys:  # duplicates, or base64 behind escaped quotes
+    keys = _unique_keys(value)
+    if "b64" in keys:  # base64 behind escaped quotes
         raise _Unsure
     out, arrays = {}, 0
     for name in keys:
