@@ -9,6 +9,7 @@ arrays are views into one private buffer, which becomes the next record as it is
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,37 @@ def _hyperparameters(config_json: bytes, names: tuple[str, ...]) -> list:
     return parse_config(config_json).hyperparameters_for(list(names))
 
 
+@dataclass(frozen=True)
+class Slots:
+    """Where each array lives in a record's data, in elements: every parameter in creation order,
+    then each tensor's buffers. Computed once per layout; ``views`` lays them over any buffer."""
+
+    dtype: np.dtype
+    params: tuple[tuple[int, int, tuple[int, ...]], ...]  # (offset, size, shape)
+    buffers: tuple[tuple[tuple[str, int, int, tuple[int, ...]], ...], ...]  # per tensor: (name, offset, size, shape)
+    end: int  # bytes
+
+    def views(self, buf, state_type: type) -> tuple[list[np.ndarray], list[tuple]]:
+        flat = np.frombuffer(buf, self.dtype)
+        params = [flat[o:o + n].reshape(shape) for o, n, shape in self.params]
+        states = [state_type(**{name: flat[o:o + n].reshape(shape) for name, o, n, shape in tensor})
+                  for tensor in self.buffers]
+        return params, states
+
+
+@lru_cache(maxsize=4096)
+def _slots(layout: Layout, buffer_names: tuple[tuple[str, ...], ...]) -> Slots:
+    offset, params = 0, []
+    for size, shape in zip(layout.sizes, layout.shapes):
+        params.append((offset, size, shape))
+        offset += size
+    buffers = []
+    for names, size, shape in zip(buffer_names, layout.sizes, layout.shapes):
+        buffers.append(tuple((name, offset + k * size, size, shape) for k, name in enumerate(names)))
+        offset += len(names) * size
+    return Slots(layout.np_dtype, tuple(params), tuple(buffers), offset * layout.np_dtype.itemsize)
+
+
 @dataclass
 class Session:
     id: str
@@ -77,7 +109,8 @@ class Session:
     loss: float | None = None  # the last loss a client reported with a step
     skipped_steps: int = 0  # steps refused by nan_policy "skip"
     version: int = 0  # every write bumps it; the store's compare-and-set fences on it
-    buffer: bytearray | None = None  # the memory every array views, when loaded from a record
+    buffer: bytearray | memoryview | None = None  # the memory every array views, when loaded from a record
+    slots: Slots | None = None  # where in ``buffer`` each array lives
 
     @cached_property
     def config_json(self) -> bytes:
@@ -86,6 +119,14 @@ class Session:
     @cached_property
     def hyperparameters(self) -> list:
         return _hyperparameters(self.config_json, self.layout.names)
+
+    def fork(self) -> Session:
+        """A private, writable copy of a session loaded from a record: what a step works on, so
+        that a refused step leaves the original (still the stored record) untouched."""
+        clone = copy.copy(self)  # keeps the parsed config, layout and hyperparameters
+        clone.buffer = bytearray(self.buffer)
+        clone.params, clone.states = self.slots.views(clone.buffer, self.config.algorithm.state_type)
+        return clone
 
     def buffers(self, i: int) -> dict[str, np.ndarray]:
         state = self.states[i]
@@ -139,35 +180,23 @@ def layout_from_meta(meta: dict) -> Layout:
     )
 
 
-def from_record(record: SessionRecord) -> Session:
-    """Rebuild a session with private, writable arrays (one copy of the record's bytes)."""
+def from_record(record: SessionRecord, private: bool = True) -> Session:
+    """Rebuild a session with private, writable arrays (one copy of the record's bytes), or with
+    ``private=False`` as read-only views of the record itself: a template for ``fork``."""
     meta = read_meta(record)
     config_json = orjson.dumps(meta["config"])
     config = parse_config(config_json)
     layout = layout_from_meta(meta)
-    buf = bytearray(record.data)
-    dtype, itemsize = layout.np_dtype, layout.np_dtype.itemsize
-
-    def views(count: int, shape: tuple, offset: int) -> tuple[list[np.ndarray], int]:
-        size = math.prod(shape)
-        out = [np.frombuffer(buf, dtype, size, offset + k * size * itemsize).reshape(shape) for k in range(count)]
-        return out, offset + count * size * itemsize
-
-    offset, params = 0, []
-    for shape in layout.shapes:
-        (param,), offset = views(1, shape, offset)
-        params.append(param)
-    states = []
-    for t, shape in zip(meta["tensors"], layout.shapes):
-        arrays, offset = views(len(t["buffers"]), shape, offset)
-        states.append(config.algorithm.state_type(**dict(zip(t["buffers"], arrays))))
-    if offset != len(buf):
-        raise ValueError(f"record {record.id}: {len(buf)} data bytes, layout needs {offset}")
+    buf = bytearray(record.data) if private else memoryview(record.data).toreadonly()
+    slots = _slots(layout, tuple(tuple(t["buffers"]) for t in meta["tensors"]))
+    if slots.end != len(buf):
+        raise ValueError(f"record {record.id}: {len(buf)} data bytes, layout needs {slots.end}")
+    params, states = slots.views(buf, config.algorithm.state_type)
     session = Session(
         id=record.id, owner=record.owner, config=config, layout=layout, step=meta["step"],
         params=params, states=states,
         created_at=meta["created_at"], updated_at=meta["updated_at"], loss=meta["loss"],
-        skipped_steps=meta["skipped_steps"], version=record.version, buffer=buf,
+        skipped_steps=meta["skipped_steps"], version=record.version, buffer=buf, slots=slots,
     )
     session.config_json = config_json  # what the record holds, so the next record repeats it exactly
     return session

@@ -12,6 +12,7 @@ import functools
 import secrets
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,11 +58,46 @@ def body_digest(content_type: str, body: bytes) -> str:
     return "blake3=" + digest.hexdigest()
 
 
+class WarmSessions:
+    """The last state this process read or wrote of each hot session, already decoded, keyed by id
+    and checked against the stored record's version: a step forks it instead of parsing the record
+    again. An entry shares its bytes with the record it came from (with the memory store and the
+    local cache, the very same buffer), and is evicted least-recently-used beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self._max = max_bytes
+        self._bytes = 0
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def fork(self, record: SessionRecord) -> Session:
+        warm = self._sessions.get(record.id)
+        if warm is None or warm.version != record.version:
+            warm = from_record(record, private=False)
+            self.remember(warm)
+        else:
+            self._sessions.move_to_end(record.id)
+        return warm.fork()
+
+    def remember(self, session: Session) -> None:
+        self.forget(session.id)
+        if len(session.buffer) <= self._max:
+            self._sessions[session.id] = session
+            self._bytes += len(session.buffer)
+        while self._bytes > self._max:
+            self.forget(next(iter(self._sessions)))
+
+    def forget(self, session_id: str) -> None:
+        old = self._sessions.pop(session_id, None)
+        if old is not None:
+            self._bytes -= len(old.buffer)
+
+
 class SessionService:
     def __init__(self, store: SessionStore, settings: Settings):
         self.store = store
         self.settings = settings
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._warm = WarmSessions(settings.cache_bytes)
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         lock = self._locks.get(session_id)
@@ -109,7 +145,9 @@ class SessionService:
                 "sessions you no longer need (idle ones expire on their own)"
             )
         session = Session(new_session_id(), owner, config, layout, step, params, states)
-        await self.store.create(session.to_record())
+        record = session.to_record()
+        await self.store.create(record)
+        self._warm.remember(from_record(record, private=False))
         return session
 
     async def load(self, owner: str | None, session_id: str) -> Session:
@@ -130,6 +168,7 @@ class SessionService:
 
     async def delete(self, owner: str | None, session_id: str) -> None:
         await self._record(owner, session_id)
+        self._warm.forget(session_id)
         if not await self.store.delete(session_id):
             raise SessionNotFound(f"no session '{session_id}'")
 
@@ -150,7 +189,7 @@ class SessionService:
                     replay = await self._replay(record, *idempotency)
                     if replay is not None:
                         return replay
-                session = from_record(record)
+                session = self._warm.fork(record)
                 if if_match is not None and session.step != if_match:
                     raise VersionMismatch(
                         f"If-Match expected step {if_match}, the session is at step {session.step}",
@@ -165,7 +204,7 @@ class SessionService:
                 compute_ms = (time.perf_counter() - started) * 1e3
                 skipped = grad_norm is SKIPPED
                 if skipped:  # store only the count: the arrays may be half-updated
-                    session = from_record(record)
+                    session = self._warm.fork(record)
                     session.skipped_steps += 1
                     session.updated_at = time.time()
                     grad_norm = None
@@ -177,6 +216,7 @@ class SessionService:
                     claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
                                   self.settings.idempotency_ttl_seconds)
                 if await self.store.compare_and_set(session.to_record(), record.version, claim):
+                    self._warm.remember(session)  # its buffer is the stored record's data now
                     return StepResult(session, grad_norm, compute_ms, skipped=skipped)
             raise StepConflict(
                 f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
