@@ -80,3 +80,21 @@ def test_log_lines_carry_no_terminal_colour_codes():
     server.stop()
     assert "\x1b[" not in server.logs() and "color_message" not in server.logs()
     assert "Started server process" in server.logs()
+
+
+def test_histogram_exposition_matches_prometheus_clients_own():
+    from prometheus_client import CollectorRegistry, Histogram as Reference, generate_latest
+
+    from optim_service.observability import LATENCY_BUCKETS, Histogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    mine = Histogram("h_seconds", "doc", ["op"], LATENCY_BUCKETS, ours)
+    ref = Reference("h_seconds", "doc", ["op"], buckets=LATENCY_BUCKETS, registry=theirs)
+    values = [0.0, 0.0005, 0.00051, 0.001, 0.3, 10.0, 11.0, 1e-9, 2.5]
+    for i, v in enumerate(values):
+        op = "get" if i % 3 else "set"
+        mine.labels(op).observe(v)
+        ref.labels(op).observe(v)
+    ours_text = {line for line in generate_latest(ours).decode().splitlines() if "_created" not in line}
+    theirs_text = {line for line in generate_latest(theirs).decode().splitlines() if "_created" not in line}
+    assert ours_text == theirs_text

@@ -103,3 +103,49 @@ def test_large_tensor_shape_and_values():
     fast = loads_with_tensors(body, "gradients")
     assert fast["gradients"]["w"].shape == (300, 7)
     assert np.array_equal(fast["gradients"]["w"].astype(np.float32), w)  # float32 round-trips
+
+
+async def _post_in_pieces(app, path: str, pieces: list[bytes], declared: int) -> tuple[int, bytes]:
+    """A step whose body reaches the app in several ASGI messages, under a chosen Content-Length."""
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("test", 80),
+             "client": ("test", 1), "headers": [(b"content-type", b"application/octet-stream"),
+                                                (b"content-length", str(declared).encode())]}
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_a_body_in_pieces_is_assembled_and_a_miscounted_one_refused():
+    from optim_service.app import create_app
+    from optim_service.settings import Settings
+
+    app = create_app(Settings(store="memory"))
+    async with app.router.lifespan_context(app):
+        session = await app.state.sessions.create(None, *_sgd_session(4))
+        path = f"/v1/sessions/{session.id}/step"
+        body = np.ones(4, "<f4").tobytes()
+        status, answer = await _post_in_pieces(app, path, [body[:5], body[5:11], body[11:]], len(body))
+        assert status == 200 and orjson.loads(answer)["params"] == [-1.0] * 4
+        status, answer = await _post_in_pieces(app, path, [body[:8], body[8:]], len(body) - 4)
+        assert status == 422 and b"longer than its Content-Length" in answer
+        status, answer = await _post_in_pieces(app, path, [body[:8], body[8:12]], len(body))
+        assert status == 422 and b"ended after 12 of its 16 declared bytes" in answer
+        status, answer = await _post_in_pieces(app, path, [body], len(body))  # whole, in one message
+        assert status == 200 and orjson.loads(answer)["params"] == [-2.0] * 4
+
+
+def _sgd_session(size: int):
+    from optim_service.optim.config import TrainingConfig
+    from optim_service.record import Layout
+
+    config = TrainingConfig.model_validate({"optimizer": {"type": "sgd", "lr": 1.0}})
+    return config, Layout(("",), ((size,),), "float32", "array"), [np.zeros(size, np.float32)]

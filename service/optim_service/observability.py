@@ -6,14 +6,18 @@ status, duration and the request id, which is taken from ``X-Request-ID`` or mad
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import inspect
+import itertools
 import logging
 import os
 import re
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 access_log = logging.getLogger("optim_service.access")
@@ -24,6 +28,44 @@ _REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 logging._srcfile = None
 logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+
+
+class Histogram:
+    """A labelled histogram exported through prometheus-client's custom-collector interface. A
+    child's ``observe`` is a bisect and two additions, where prometheus-client's takes a lock per
+    counter it touches: a step observes three to five of them, all on the event loop's thread."""
+
+    def __init__(self, name: str, documentation: str, labelnames, buckets, registry: CollectorRegistry):
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.bounds = tuple(buckets)
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = HistogramChild(self.bounds)
+        return child
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        edges = [*map(floatToGoString, self.bounds), "+Inf"]
+        for values, child in self._children.items():
+            family.add_metric(list(values), list(zip(edges, itertools.accumulate(child.counts))), child.sum)
+        yield family
+
+
+class HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
+        self.sum += value
 
 
 class Metrics:
@@ -64,11 +106,14 @@ class MeteredStore:
         attr = getattr(self._inner, name)
         if not inspect.iscoroutinefunction(attr):
             return attr
-        timer = self._histogram.labels(name)
+        observe = self._histogram.labels(name).observe
 
         async def timed(*args, **kwargs):
-            with timer.time():
+            started = time.perf_counter()
+            try:
                 return await attr(*args, **kwargs)
+            finally:
+                observe(time.perf_counter() - started)
 
         setattr(self, name, timed)  # built once per method: later lookups skip __getattr__
         return timed
