@@ -156,3 +156,13 @@ def test_sdk_reconnects_when_the_server_dropped_its_idle_connection(tmp_path):
             assert session.step_count == 2
         finally:
             second.stop()
+
+
+def test_sdk_urls_keep_a_base_path_and_parse_once():
+    """Behind a proxy at /optim the SDK's requests go to /optim/v1/...; each path is parsed once."""
+    client = OptimClient("http://127.0.0.1:9/optim/")
+    url = client._url("/v1/sessions/abc/step")
+    assert str(url) == "http://127.0.0.1:9/optim/v1/sessions/abc/step"
+    assert client._url("/v1/sessions/abc/step") is url
+    assert str(client._url("/v1/sessions?limit=5&after=x")) == "http://127.0.0.1:9/optim/v1/sessions?limit=5&after=x"
+    client.close()
