@@ -1,0 +1,87 @@
+"""The SDK's http transport against a real uvicorn: every framing a server may answer with, timeouts,
+closed and reused connections, and bodies of several megabytes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import free_port, wait_for_port
+from optim_client import OptimClient
+from optim_client._transport import HTTPClientTransport
+
+
+@pytest.fixture(scope="module")
+def echo_url():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "transport_app:app", "--port", str(port),
+                             "--log-level", "warning"], cwd=Path(__file__).parent)
+    wait_for_port(port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def http():
+    with httpx.Client(transport=HTTPClientTransport(), timeout=5) as client:
+        yield client
+
+
+def _pooled(http: httpx.Client) -> dict:
+    return http._transport._local.__dict__.get("pool", {})
+
+
+def test_bodies_of_known_length_round_trip_and_the_connection_is_reused(http, echo_url):
+    payload = np.random.default_rng(0).bytes(5_000_000)
+    for body in (b"", b"x", payload):
+        r = http.post(f"{echo_url}/echo", content=body)
+        assert r.status_code == 200 and r.content == body
+        assert r.headers["content-length"] == str(len(body))
+    (conn,) = _pooled(http).values()
+    r = http.post(f"{echo_url}/echo", content=b"again")
+    assert r.content == b"again" and _pooled(http)[next(iter(_pooled(http)))] is conn
+
+
+def test_a_chunked_answer_is_assembled(http, echo_url):
+    r = http.get(f"{echo_url}/chunked")
+    assert r.status_code == 200 and r.text == "one,two,three"
+    assert r.headers["transfer-encoding"] == "chunked"
+    assert http.post(f"{echo_url}/echo", content=b"next").content == b"next"  # the connection still works
+
+
+def test_connection_close_is_honoured_and_204_has_no_body(http, echo_url):
+    r = http.post(f"{echo_url}/close", content=b"bye")
+    assert r.content == b"bye" and not _pooled(http)
+    r = http.delete(f"{echo_url}/empty")
+    assert r.status_code == 204 and r.content == b""
+    assert http.post(f"{echo_url}/echo", content=b"ok").content == b"ok"
+
+
+def test_a_slow_answer_times_out_and_the_next_request_gets_a_fresh_connection(echo_url):
+    with httpx.Client(transport=HTTPClientTransport(), timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.get(f"{echo_url}/slow")
+        assert not _pooled(http)
+        assert http.post(f"{echo_url}/echo", content=b"after").content == b"after"
+
+
+def test_nothing_listening_is_a_connect_error():
+    with httpx.Client(transport=HTTPClientTransport(), timeout=2) as http:
+        with pytest.raises(httpx.ConnectError):
+            http.get(f"http://127.0.0.1:{free_port()}/")
+
+
+def test_sdk_steps_a_large_session_over_it(server):
+    n = 1_000_000
+    with OptimClient(server.url) as client:
+        session = client.create_session(np.zeros(n, np.float32), optimizer="sgd", lr=0.5)
+        grad = np.linspace(-1, 1, n, dtype=np.float32)
+        out = session.step(grad)
+        np.testing.assert_array_equal(out, np.float32(0) - np.float32(0.5) * grad)
+        assert out.flags.writeable and session.step_count == 1
