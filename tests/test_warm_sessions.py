@@ -82,3 +82,21 @@ def test_from_record_rejects_data_of_the_wrong_length():
     short = type(record)(record.id, record.owner, record.version, record.meta, record.data[:-4])
     with pytest.raises(ValueError, match="data bytes"):
         from_record(short)
+
+
+async def test_a_session_gone_from_the_store_leaves_the_warm_cache():
+    from optim_service.errors import SessionNotFound
+    from optim_service.sessions import SessionService
+    from optim_service.settings import Settings
+    from optim_service.store import MemoryStore
+
+    store = MemoryStore()
+    service = SessionService(store, Settings(store="memory"))
+    config = TrainingConfig.model_validate({"optimizer": {"type": "sgd"}})
+    session = await service.create(None, config, Layout(("",), ((4,),), "float32", "array"),
+                                   [np.zeros(4, np.float32)])
+    assert session.id in service._warm._sessions
+    await store.delete(session.id)  # as expiry or another client would
+    with pytest.raises(SessionNotFound):
+        await service.load(None, session.id)
+    assert session.id not in service._warm._sessions and service._warm._bytes == 0

@@ -159,6 +159,8 @@ class SessionService:
 
     async def _record(self, owner: str | None, session_id: str) -> SessionRecord:
         record = await self.store.get(session_id)
+        if record is None:
+            self._warm.forget(session_id)  # expired or deleted elsewhere: free its decoded copy now
         if record is None or record.owner != owner:
             raise SessionNotFound(f"no session '{session_id}' (it may have been deleted or never existed)")
         return record
