@@ -1,8 +1,9 @@
-"""The SDK's http transport against a real uvicorn: every framing a server may answer with, timeouts,
+"""The SDK's http transports (sync and async twins) against a real uvicorn: every framing a server may answer with, timeouts,
 closed and reused connections, and bodies of several megabytes."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import free_port, wait_for_port
 from optim_client import OptimClient
-from optim_client._transport import HTTPClientTransport
+from optim_client._transport import AsyncHTTPClientTransport, HTTPClientTransport
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,62 @@ def test_sdk_steps_a_large_session_over_it(server):
         out = session.step(grad)
         np.testing.assert_array_equal(out, np.float32(0) - np.float32(0.5) * grad)
         assert out.flags.writeable and session.step_count == 1
+
+
+@pytest.fixture
+async def ahttp():
+    async with httpx.AsyncClient(transport=AsyncHTTPClientTransport(), timeout=5) as client:
+        yield client
+
+
+async def test_async_twin_round_trips_reuses_and_assembles(ahttp, echo_url):
+    payload = np.random.default_rng(1).bytes(5_000_000)
+    for body in (b"", b"x", payload):
+        r = await ahttp.post(f"{echo_url}/echo", content=body)
+        assert r.status_code == 200 and r.content == body
+    idle = ahttp._transport._idle
+    (conns,) = idle.values()
+    (conn,) = conns
+    assert (await ahttp.post(f"{echo_url}/echo", content=b"again")).content == b"again"
+    assert list(idle.values()) == [[conn]]  # the same connection, back in the pool
+    r = await ahttp.get(f"{echo_url}/chunked")
+    assert r.text == "one,two,three" and r.headers["transfer-encoding"] == "chunked"
+    r = await ahttp.delete(f"{echo_url}/empty")
+    assert r.status_code == 204 and r.content == b""
+
+
+async def test_async_twin_concurrent_requests_open_their_own_connections(ahttp, echo_url):
+    bodies = [bytes([i]) * (1000 * (i + 1)) for i in range(8)]
+    answers = await asyncio.gather(*(ahttp.post(f"{echo_url}/echo", content=b) for b in bodies))
+    assert [a.content for a in answers] == bodies
+    assert 1 < sum(len(c) for c in ahttp._transport._idle.values()) <= 8
+
+
+async def test_async_twin_close_timeout_and_refusal(echo_url):
+    async with httpx.AsyncClient(transport=AsyncHTTPClientTransport(), timeout=0.5) as http:
+        r = await http.post(f"{echo_url}/close", content=b"bye")
+        assert r.content == b"bye" and not any(http._transport._idle.values())
+        with pytest.raises(httpx.ReadTimeout):
+            await http.get(f"{echo_url}/slow")
+        assert not any(http._transport._idle.values())
+        assert (await http.post(f"{echo_url}/echo", content=b"after")).content == b"after"
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"http://127.0.0.1:{free_port()}/")
+
+
+async def test_async_twin_notices_a_connection_the_server_closed_while_idle(tmp_path):
+    from conftest import ServerProcess
+    from optim_client import AsyncOptimClient
+
+    store = f"sqlite:///{tmp_path}/db.sqlite"
+    first = ServerProcess("--store", store)
+    async with AsyncOptimClient(first.url, max_retries=0) as client:
+        session = await client.create_session(np.zeros(8), optimizer="sgd", lr=1.0)
+        await session.step(np.ones(8))
+        first.stop()  # closes the kept-alive connection
+        second = ServerProcess("--store", store, "--port", str(first.port))
+        try:
+            out = await session.step(np.ones(8))  # a fresh connection, no error
+            np.testing.assert_array_equal(out, -2 * np.ones(8))
+        finally:
+            second.stop()

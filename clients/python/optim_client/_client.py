@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 
 from . import _wire
-from ._transport import HTTPClientTransport
+from ._transport import AsyncHTTPClientTransport, HTTPClientTransport
 from .errors import APIConnectionError, APITimeoutError, for_status
 
 JSON = "application/json"
@@ -269,7 +269,7 @@ class AsyncOptimClient(_Base):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 60.0, max_retries: int = 3, transport: httpx.AsyncBaseTransport | None = None):
         super().__init__(base_url, api_key, timeout, max_retries)
-        self._http = httpx.AsyncClient(**self._http_options(), transport=transport)
+        self._http = httpx.AsyncClient(**self._http_options(), transport=transport or AsyncHTTPClientTransport())
 
     async def _send(self, call: _Call):
         for attempt in range(self.max_retries + 1):

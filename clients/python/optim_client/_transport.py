@@ -1,16 +1,17 @@
-"""A faster httpx transport: one socket write per request, headers parsed by httptools (llhttp), and a
-body of known length read in one call, straight from the socket into its bytes.
+"""Faster httpx transports, sync and async twins: one socket write per request, the answer's head parsed
+by httptools (llhttp), and a body of known length read in one call.
 
-httpx's default transport (httpcore + h11) reads a response 64 KiB at a time and re-assembles it, so a
-4 MB answer costs about twice the wire time; ``http.client`` writes headers and body in two packets
-and parses headers with the ``email`` package, which is most of a small step's client time. This
-transport plugs in through httpx's own extension point, so timeouts, headers and the client's API
-stay httpx's. One keep-alive connection per thread and host; a connection the server closed while
-idle is noticed before use (as urllib3 does) rather than failing a request.
+httpx's default transports (httpcore + h11) read a response 64 KiB at a time and re-assemble it, so a
+4 MB answer costs about twice the wire time, and their per-request bookkeeping is most of a small
+step's client time; ``http.client`` writes headers and body in two packets and parses headers with
+the ``email`` package. These plug in through httpx's own extension point, so timeouts, headers and
+the client's API stay httpx's. Connections are kept alive (one per thread and host for the sync
+twin, a pool per host for the async one); one the server closed while idle is noticed before use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import ssl
@@ -19,8 +20,64 @@ import threading
 import httptools
 import httpx
 
-SMALL_BODY = 1 << 16  # up to this the request goes out as one joined write; beyond, two writes, no copy
+JOIN_BELOW = 1 << 16  # a request body this small goes out joined to its head, in one write
 MAX_HEAD = 1 << 16
+STREAM_LIMIT = 1 << 20  # the async reader's buffer: 64 KiB (asyncio's default) wakes it 64 times per 4 MB
+
+
+def _writes(request: httpx.Request, body: bytes) -> list[bytes]:
+    """The request as one write (head and a small body joined: the server wakes once) or two (no copy
+    of a large body)."""
+    lines = [f"{request.method} {request.url.raw_path.decode('ascii')} HTTP/1.1".encode()]
+    lines += [name + b": " + value for name, value in request.headers.raw if name.lower() != b"accept-encoding"]
+    lines.append(b"Accept-Encoding: identity")  # the body is handed over as received
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    return [head + body] if len(body) < JOIN_BELOW else [head, body]
+
+
+class _Answer:
+    """One response: httptools reads its head; a body of known length is then read without the parser,
+    a chunked one (or one that runs to the connection's end) is fed through it."""
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def read_head(self, head: bytes) -> int | None:
+        """Parse the status line and headers; the body's length, or None when it is not declared."""
+        if len(head) > MAX_HEAD:
+            raise httptools.HttpParserError("response headers over 64 KiB")
+        self.parser.feed_data(head)
+        if self.done or self.request.method == "HEAD":  # no body: 204, 304, Content-Length: 0
+            return 0
+        length = next((v for k, v in self.headers if k.lower() == b"content-length"), b"")
+        return int(length) if length.isdigit() else None
+
+    def feed(self, chunk: bytes) -> None:
+        """More of an undeclared body; b"" when the connection ended."""
+        self.parser.feed_data(chunk)
+
+    def response(self, body: bytes | None = None) -> tuple[httpx.Response, bool]:
+        content = b"".join(self.chunks) if body is None else body
+        response = httpx.Response(self.parser.get_status_code(), headers=self.headers, content=content,
+                                  request=self.request, extensions={"http_version": b"HTTP/1.1"})
+        return response, self.parser.should_keep_alive()
+
+
+def _address(url: httpx.URL) -> tuple[str, int]:
+    return url.host, url.port or (443 if url.scheme == "https" else 80)
 
 
 class HTTPClientTransport(httpx.BaseTransport):
@@ -41,9 +98,10 @@ class HTTPClientTransport(httpx.BaseTransport):
         sock, reader = conn
         try:
             sock.settimeout(timeouts.get("write"))
-            _send(sock, request)
+            for data in _writes(request, request.read()):
+                sock.sendall(data)
             sock.settimeout(timeouts.get("read"))
-            response, keep_alive = _receive(reader, request)
+            response, keep_alive = _receive(reader, _Answer(request))
         except socket.timeout as e:
             _close(conn)
             raise httpx.ReadTimeout(str(e), request=request) from e
@@ -62,19 +120,12 @@ class HTTPClientTransport(httpx.BaseTransport):
         self._local.pool = {}
 
 
-def _close(conn) -> None:
-    conn[1].close()
-    conn[0].close()
-
-
 def _connect(request: httpx.Request, timeout: float | None) -> socket.socket:
-    url = request.url
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        sock = socket.create_connection((url.host, port), timeout=timeout)
+        sock = socket.create_connection(_address(request.url), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if url.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=url.host)
+        if request.url.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=request.url.host)
     except socket.timeout as e:
         raise httpx.ConnectTimeout(str(e), request=request) from e
     except OSError as e:
@@ -82,73 +133,108 @@ def _connect(request: httpx.Request, timeout: float | None) -> socket.socket:
     return sock
 
 
-def _send(sock: socket.socket, request: httpx.Request) -> None:
-    body = request.read()
-    lines = [f"{request.method} {request.url.raw_path.decode('ascii')} HTTP/1.1".encode()]
-    lines += [name + b": " + value for name, value in request.headers.raw if name.lower() != b"accept-encoding"]
-    lines.append(b"Accept-Encoding: identity")  # the body is handed over as received
-    head = b"\r\n".join(lines) + b"\r\n\r\n"
-    if len(body) <= SMALL_BODY:
-        sock.sendall(head + body)  # one packet: the server wakes once
-    else:
-        sock.sendall(head)
-        sock.sendall(body)
-
-
-class _Head:
-    """httptools callbacks: the headers, and the body when it is chunked or runs to the connection's end
-    (a body of known length is read without the parser, in one ``read``)."""
-
-    def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: list[bytes] = []
-        self.done = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
-def _receive(reader, request: httpx.Request) -> tuple[httpx.Response, bool]:
-    head = _Head()
-    parser = httptools.HttpResponseParser(head)
+def _receive(reader, answer: _Answer) -> tuple[httpx.Response, bool]:
     lines, size = [], 0
-    while True:
+    while not lines or lines[-1] not in (b"\r\n", b"\n"):
         line = reader.readline(MAX_HEAD + 1)
         if not line:
             raise ConnectionError("the server closed the connection before answering")
         lines.append(line)
         size += len(line)
         if size > MAX_HEAD:
-            raise httptools.HttpParserError("response headers over 64 KiB")
-        if line in (b"\r\n", b"\n"):
-            break
-    parser.feed_data(b"".join(lines))
-    length = next((v for k, v in head.headers if k.lower() == b"content-length"), None)
-    if head.done or request.method == "HEAD":  # no body (204, 304, Content-Length: 0)
-        body = b""
-    elif length is not None and length.isdigit():
-        body = reader.read(int(length))  # one copy, kernel to bytes, however large
-        if len(body) != int(length):
-            raise ConnectionError(f"the server closed the connection after {len(body)} of {int(length)} bytes")
-    else:  # chunked, or until the server closes
-        while not head.done:
-            chunk = reader.read1(SMALL_BODY)
-            parser.feed_data(chunk)
-            if not chunk:  # tells a read-until-close body that it ended
+            break  # read_head refuses it
+    length = answer.read_head(b"".join(lines))
+    if length is None:
+        while not answer.done:
+            chunk = reader.read1(JOIN_BELOW)
+            answer.feed(chunk)
+            if not chunk:
                 break
-        body = b"".join(head.chunks)
-    response = httpx.Response(parser.get_status_code(), headers=head.headers, content=body, request=request,
-                              extensions={"http_version": b"HTTP/1.1"})
-    return response, parser.should_keep_alive()
+        return answer.response()
+    body = reader.read(length)  # one copy, kernel to bytes, however large
+    if len(body) != length:
+        raise ConnectionError(f"the server closed the connection after {len(body)} of {length} bytes")
+    return answer.response(body)
+
+
+def _close(conn) -> None:
+    conn[1].close()
+    conn[0].close()
 
 
 def _dropped(sock: socket.socket) -> bool:
     """An idle keep-alive socket that is readable has been closed (or sent junk): do not reuse it."""
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
+
+
+class AsyncHTTPClientTransport(httpx.AsyncBaseTransport):
+    """The async twin, on asyncio streams. The read timeout bounds each of the head and the body."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        key = (request.url.scheme, request.url.host, request.url.port)
+        conn = self._checkout(key) or await _aconnect(request, timeouts.get("connect"))
+        reader, writer = conn
+        keep_alive = False
+        try:
+            for data in _writes(request, await request.aread()):
+                writer.write(data)
+            await asyncio.wait_for(writer.drain(), timeouts.get("write"))
+            response, keep_alive = await _areceive(reader, _Answer(request), timeouts.get("read"))
+        except asyncio.TimeoutError as e:
+            raise httpx.ReadTimeout("timed out", request=request) from e
+        except (OSError, httptools.HttpParserError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from e
+        finally:  # a failed or cancelled exchange leaves the connection in an unknown state
+            if keep_alive:
+                self._idle.setdefault(key, []).append(conn)
+            else:
+                writer.close()
+        return response
+
+    def _checkout(self, key: tuple):
+        idle = self._idle.get(key, [])
+        while idle:
+            reader, writer = idle.pop()
+            # the socket itself, not the reader: the loop may not yet have run to see the server's FIN
+            if not reader.at_eof() and not writer.is_closing() and not _dropped(writer.get_extra_info("socket")):
+                return reader, writer
+            writer.close()
+        return None
+
+    async def aclose(self) -> None:
+        for conns in self._idle.values():
+            for _, writer in conns:
+                writer.close()
+        self._idle = {}
+
+
+async def _aconnect(request: httpx.Request, timeout: float | None):
+    context = ssl.create_default_context() if request.url.scheme == "https" else None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            *_address(request.url), ssl=context, limit=STREAM_LIMIT,
+            server_hostname=request.url.host if context else None), timeout)
+    except asyncio.TimeoutError as e:
+        raise httpx.ConnectTimeout("timed out", request=request) from e
+    except OSError as e:
+        raise httpx.ConnectError(str(e), request=request) from e
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
+
+
+async def _areceive(reader: asyncio.StreamReader, answer: _Answer, timeout: float | None):
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    length = answer.read_head(head)
+    if length is None:
+        while not answer.done:
+            chunk = await asyncio.wait_for(reader.read(JOIN_BELOW), timeout)
+            answer.feed(chunk)
+            if not chunk:
+                break
+        return answer.response()
+    return answer.response(await asyncio.wait_for(reader.readexactly(length), timeout) if length else b"")
