@@ -53,6 +53,10 @@ def main() -> int:
                                      lambda: tcp_roundtrip(grad), args.repeat)
         rows.append(row("1M float32 Adam step, binary, http.client", step_ms, "raw TCP echo 4 MB", tcp_ms, 2.0))
         rows.append(row("(context) ASGI echo of 4 MB, http.client", asgi_ms, "raw TCP echo 4 MB", tcp2_ms, None))
+        step2_ms, asgi2_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{big.id}/step", grad, "application/octet-stream",
+                                                        "application/octet-stream"),
+                                       lambda: echo_post("/", grad, "application/octet-stream"), args.repeat)
+        rows.append(row("(context) the same step", step2_ms, "ASGI echo of 4 MB", asgi2_ms, None))
 
         # 2. 100-parameter Adam, JSON, raw http.client vs the bare ASGI echo of the same body
         small = client.create_session({"w": np.zeros(100, np.float32)}, optimizer="adam")
