@@ -80,6 +80,16 @@ def main() -> int:
                 rows.append(row(f"SDK step, {size:,} float32", sdk_ms, "httpx.post to ASGI echo", httpx_ms, 1.3))
                 rows.append(row(f"SDK step, {size:,} float32", sdk_ms, "raw TCP echo", tcp_ms, None))
 
+            # a model's worth of small tensors, as optim_client.torch.RemoteOptimizer sends them
+            model = {f"layer{i}": np.zeros(100, np.float32) for i in range(100)}
+            many = client.create_session(model, optimizer="adam")
+            grads = {name: np.full(100, 0.5, np.float32) for name in model}
+            payload = b"".join(g.tobytes() for g in grads.values())
+            sdk_ms, httpx_ms = paired_ms(lambda: many.step(grads), lambda: bare.post(
+                echo.url, content=payload, headers={"Content-Type": "application/octet-stream"}).content, args.repeat * 3)
+            rows.append(row("(context) SDK step, 100 tensors × 100 float32", sdk_ms, "httpx.post to ASGI echo",
+                            httpx_ms, None))
+
         # 4. JSON with 100k floats vs orjson's own decode + encode of that body
         k = 100_000
         mid = client.create_session({"w": np.zeros(k, np.float32)}, optimizer="adam")

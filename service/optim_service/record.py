@@ -2,9 +2,13 @@
 
 The meta carries ``schema_version``, the full training config (optimizer name and every
 hyperparameter) and the tensor layout, so the record alone rebuilds the session anywhere. The data
-holds every parameter in creation order, then each tensor's buffers: the parameters are one
-contiguous run, so a binary answer is a slice of the session's memory, not a copy. A loaded session's
-arrays are views into one private buffer, which becomes the next record as it is, again no copy.
+holds every parameter in creation order, then each kind of buffer in turn (every tensor's
+``exp_avg``, then every tensor's ``exp_avg_sq``, ...). The parameters are one contiguous run, so a
+binary answer is a slice of the session's memory, not a copy; and when every tensor holds the same
+buffers, each kind is one run too, so a step can update the whole session in one call (every
+optimizer here is element-wise). A loaded session's arrays are views into one private buffer, which
+becomes the next record as it is, again no copy. Version 1 records, which kept each tensor's buffers
+together, are read, and written back as version 2 by their next step.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import orjson
 from .optim.config import TrainingConfig
 from .store import SessionRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 Structure = Literal["array", "object"]
 
@@ -63,15 +68,21 @@ def _hyperparameters(config_json: bytes, names: tuple[str, ...]) -> list:
     return parse_config(config_json).hyperparameters_for(list(names))
 
 
+Where = tuple[int, int, tuple[int, ...]]  # (offset, size, shape), in elements
+
+
 @dataclass(frozen=True)
 class Slots:
-    """Where each array lives in a record's data, in elements: every parameter in creation order,
-    then each tensor's buffers. Computed once per layout; ``views`` lays them over any buffer."""
+    """Where each array lives in a record's data. Computed once per layout; ``views`` lays the
+    arrays over any buffer, ``flat`` the whole session as one array per kind when it can."""
 
     dtype: np.dtype
     state_type: type  # the optimizer's NamedTuple
-    params: tuple[tuple[int, int, tuple[int, ...]], ...]  # (offset, size, shape)
-    states: tuple[tuple[tuple[int, int, tuple[int, ...]] | None, ...], ...]  # per tensor, per state field
+    schema: int
+    buffer_names: tuple[tuple[str, ...], ...]  # per tensor, in state field order
+    params: tuple[Where, ...]
+    states: tuple[tuple[Where | None, ...], ...]  # per tensor, per state field
+    kinds: tuple[int | None, ...] | None  # per state field, where its run over all tensors starts; None: no runs
     end: int  # the data's length in bytes
 
     def views(self, buf) -> tuple[list[np.ndarray], list[tuple]]:
@@ -81,21 +92,41 @@ class Slots:
                   for fields in self.states]
         return params, states
 
+    def flat(self, buf) -> tuple[np.ndarray, tuple] | None:
+        """Every parameter as one array and each buffer kind as one array, viewing ``buf``."""
+        if self.kinds is None:
+            return None
+        flat = np.frombuffer(buf, self.dtype)
+        size = sum(n for _, n, _ in self.params)
+        return flat[:size], self.state_type(*[None if k is None else flat[k:k + size] for k in self.kinds])
+
 
 @lru_cache(maxsize=4096)
-def _slots(layout: Layout, state_type: type, buffer_names: tuple[tuple[str, ...], ...]) -> Slots:
+def _slots(layout: Layout, state_type: type, buffer_names: tuple[tuple[str, ...], ...],
+           schema: int = SCHEMA_VERSION) -> Slots:
+    fields = state_type._fields
+    for names in buffer_names:
+        if set(names) - set(fields):
+            raise ValueError(f"buffers {sorted(names)} are not all {state_type.__name__} fields")
     offset, params = 0, []
     for size, shape in zip(layout.sizes, layout.shapes):
         params.append((offset, size, shape))
         offset += size
-    states = []
-    for names, size, shape in zip(buffer_names, layout.sizes, layout.shapes):
-        where = {name: (offset + k * size, size, shape) for k, name in enumerate(names)}
-        if set(where) - set(state_type._fields):
-            raise ValueError(f"buffers {sorted(where)} are not all {state_type.__name__} fields")
-        states.append(tuple(where.get(field) for field in state_type._fields))
-        offset += len(names) * size
-    return Slots(layout.np_dtype, state_type, tuple(params), tuple(states), offset * layout.np_dtype.itemsize)
+    tensors = range(len(layout.shapes))
+    order = ([(f, i) for f in fields for i in tensors] if schema == 2  # one kind after another
+             else [(f, i) for i in tensors for f in fields])  # version 1: one tensor after another
+    where: list[dict[str, Where]] = [{} for _ in tensors]
+    for f, i in order:
+        if f in buffer_names[i]:
+            where[i][f] = (offset, layout.sizes[i], layout.shapes[i])
+            offset += layout.sizes[i]
+    kinds = None
+    if schema == 2 and len(set(buffer_names)) <= 1 and len(layout.shapes) > 0:
+        first = where[0]
+        kinds = tuple(first[f][0] if f in first else None for f in fields)
+    states = tuple(tuple(w.get(f) for f in fields) for w in where)
+    return Slots(layout.np_dtype, state_type, schema, buffer_names, tuple(params), states, kinds,
+                 offset * layout.np_dtype.itemsize)
 
 
 @dataclass
@@ -125,12 +156,29 @@ class Session:
 
     def fork(self) -> Session:
         """A private, writable copy of a session loaded from a record: what a step works on, so
-        that a refused step leaves the original (still the stored record) untouched."""
+        that a refused step leaves the original (still the stored record) untouched. A version 1
+        record is laid out anew, so the step writes it back as the current version."""
         clone = object.__new__(Session)
         clone.__dict__.update(self.__dict__)  # keeps the parsed config and hyperparameters; copy.copy is 4x slower
-        clone.buffer = bytearray(self.buffer)
-        clone.params, clone.states = self.slots.views(clone.buffer)
+        if self.slots.schema == SCHEMA_VERSION:
+            clone.buffer = bytearray(self.buffer)
+            clone.params, clone.states = self.slots.views(clone.buffer)
+            return clone
+        clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
+        clone.buffer = bytearray(clone.slots.end)
+        clone.params, clone.states = clone.slots.views(clone.buffer)
+        for target, source in zip(clone.params, self.params):
+            target[...] = source
+        for targets, sources in zip(clone.states, self.states):
+            for target, source in zip(targets, sources):
+                if target is not None:
+                    target[...] = source
         return clone
+
+    def flat(self) -> tuple[np.ndarray, tuple] | None:
+        """The whole session as one parameter array and one array per buffer kind, when every
+        tensor holds the same buffers (views of the session's memory, like its arrays)."""
+        return self.slots.flat(self.buffer) if self.slots is not None else None
 
     def buffers(self, i: int) -> dict[str, np.ndarray]:
         state = self.states[i]
@@ -147,10 +195,8 @@ class Session:
             "config": orjson.Fragment(self.config_json),
             "dtype": self.layout.dtype,
             "structure": self.layout.structure,
-            "tensors": [
-                {"name": n, "shape": list(s), "buffers": list(self.buffers(i))}
-                for i, (n, s) in enumerate(zip(self.layout.names, self.layout.shapes))
-            ],
+            "tensors": _tensors_json(self.layout, self.slots.buffer_names if self.slots is not None
+                                     else tuple(tuple(self.buffers(i)) for i in range(len(self.states)))),
         }
 
     def params_bytes(self) -> memoryview | bytes:
@@ -163,14 +209,22 @@ class Session:
         if self.buffer is not None:  # the arrays were updated in place: the buffer is the record
             data = self.buffer
         else:
-            chunks = [*self.params, *(b for i in range(len(self.params)) for b in self.buffers(i).values())]
+            kinds = range(len(self.states[0])) if self.states else ()
+            chunks = [*self.params, *(s[k] for k in kinds for s in self.states if s[k] is not None)]
             data = b"".join(np.ascontiguousarray(c).data for c in chunks)
         return SessionRecord(self.id, self.owner, self.version, orjson.dumps(self.meta()), data)
 
 
+@lru_cache(maxsize=4096)
+def _tensors_json(layout: Layout, buffer_names: tuple[tuple[str, ...], ...]) -> orjson.Fragment:
+    """The meta's tensor list, written once per layout rather than on every step."""
+    return orjson.Fragment(orjson.dumps([{"name": n, "shape": list(s), "buffers": list(b)}
+                                         for n, s, b in zip(layout.names, layout.shapes, buffer_names)]))
+
+
 def read_meta(record: SessionRecord) -> dict:
     meta = orjson.loads(record.meta)
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if meta.get("schema_version") not in READABLE_SCHEMAS:
         raise ValueError(f"record {record.id} has schema_version {meta.get('schema_version')}")
     return meta
 
@@ -192,7 +246,8 @@ def from_record(record: SessionRecord, private: bool = True) -> Session:
     config = parse_config(config_json)
     layout = layout_from_meta(meta)
     buf = bytearray(record.data) if private else memoryview(record.data).toreadonly()
-    slots = _slots(layout, config.algorithm.state_type, tuple(tuple(t["buffers"]) for t in meta["tensors"]))
+    slots = _slots(layout, config.algorithm.state_type, tuple(tuple(t["buffers"]) for t in meta["tensors"]),
+                   meta["schema_version"])
     if slots.end != len(buf):
         raise ValueError(f"record {record.id}: {len(buf)} data bytes, layout needs {slots.end}")
     params, states = slots.views(buf)

@@ -251,7 +251,7 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool):
     or skipped, with the state unchanged (``"skip"``). Returns the gradient norm when clipping."""
     step = session.step + 1
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
-                                   session.states, step, fused)
+                                   session.states, step, fused, session.flat())
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED

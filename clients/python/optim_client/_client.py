@@ -166,7 +166,7 @@ class _SessionBase:
     def _take(self, answer) -> Any:
         if isinstance(answer, httpx.Response):  # binary
             self.step_count = int(answer.headers["etag"].strip('W/"'))
-            self._params = [a.copy() for a in _wire.from_binary(answer.content, self.layout)]
+            self._params = _wire.from_binary(bytearray(answer.content), self.layout)  # one copy, writable
         else:
             self.step_count = answer["step"]
             self._params = _wire.from_json(answer["params"], self.layout)

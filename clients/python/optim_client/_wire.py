@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -15,6 +17,10 @@ class Layout:
     names: tuple[str, ...]  # ("",) for one unnamed tensor
     shapes: tuple[tuple[int, ...], ...]
     dtype: str
+
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(shape) for shape in self.shapes)
 
     @property
     def named(self) -> bool:
@@ -63,11 +69,11 @@ def from_json(value, layout: Layout) -> list[np.ndarray]:
     return [one(value)]
 
 
-def from_binary(body: bytes, layout: Layout) -> list[np.ndarray]:
+def from_binary(body, layout: Layout) -> list[np.ndarray]:
+    """Views of ``body``, one per tensor (writable when the body is)."""
     flat = np.frombuffer(body, DTYPES[layout.dtype])
     out, offset = [], 0
-    for shape in layout.shapes:
-        size = int(np.prod(shape, dtype=np.int64))
+    for shape, size in zip(layout.shapes, layout.sizes):
         out.append(flat[offset:offset + size].reshape(shape))
         offset += size
     return out

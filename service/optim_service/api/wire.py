@@ -29,7 +29,8 @@ def is_b64_tensor(value: Any) -> bool:
 
 def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
     """One tensor (nested lists or b64 object) as a writable array of ``dtype``; finiteness is the
-    caller's to check (gradients may be non-finite under ``nan_policy: "skip"``)."""
+    caller's to check (gradients may be non-finite under ``nan_policy: "skip"``), under
+    ``np.errstate(over="ignore")``: a number too large for the dtype becomes inf, which that check names."""
     np_dtype = DTYPES[dtype]
     if is_b64_tensor(value):
         shape = value["shape"]
@@ -51,8 +52,7 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
             )
         array = np.frombuffer(raw, np_dtype).reshape(shape)  # read-only: updates never write gradients
     else:
-        with np.errstate(over="ignore"):  # overflow becomes inf, which the finite check names
-            array = _from_lists(value, what).astype(np_dtype, copy=False)
+        array = _from_lists(value, what).astype(np_dtype, copy=False)
     return array
 
 
@@ -84,17 +84,19 @@ def _from_lists(value: Any, what: str) -> np.ndarray:
 def decode_params(value: Any, dtype: str) -> tuple[Layout, list[np.ndarray]]:
     """A new session's params: one unnamed tensor (array) or an object of named tensors."""
     if isinstance(value, (list, np.ndarray)) or is_b64_tensor(value):
-        array = decode_tensor(value, "params", dtype)
+        with np.errstate(over="ignore"):
+            array = decode_tensor(value, "params", dtype)
         require_finite(array, "params", dtype)
         return Layout(("",), (array.shape,), dtype, "array"), [array]
     if not isinstance(value, dict) or not value:
         raise InvalidRequest("params: expected a JSON array (one tensor) or an object of named tensors")
     arrays = []
-    for name, tensor in value.items():
-        if not name or len(name) > MAX_NAME_LENGTH:
-            raise InvalidRequest(f"params: tensor names must have 1 to {MAX_NAME_LENGTH} characters")
-        arrays.append(decode_tensor(tensor, f"tensor '{name}'", dtype))
-        require_finite(arrays[-1], f"tensor '{name}'", dtype)
+    with np.errstate(over="ignore"):
+        for name, tensor in value.items():
+            if not name or len(name) > MAX_NAME_LENGTH:
+                raise InvalidRequest(f"params: tensor names must have 1 to {MAX_NAME_LENGTH} characters")
+            arrays.append(decode_tensor(tensor, f"tensor '{name}'", dtype))
+            require_finite(arrays[-1], f"tensor '{name}'", dtype)
     layout = Layout(tuple(value), tuple(a.shape for a in arrays), dtype, "object")
     return layout, arrays
 
@@ -118,7 +120,8 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> 
         if not isinstance(value, dict) or is_b64_tensor(value):
             raise InvalidRequest(f"{what}: this session holds named tensors; send an object {list(layout.names)}")
         missing = [n for n in layout.names if n not in value]
-        unknown = [n for n in value if n not in layout.names]
+        known = set(layout.names)
+        unknown = [n for n in value if n not in known]
         if missing or unknown:
             raise InvalidRequest(
                 f"{what}: expected tensors {list(layout.names)}"
@@ -127,14 +130,15 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> 
             )
         items = [(n, value[n]) for n in layout.names]
     arrays = []
-    for (name, tensor), shape in zip(items, layout.shapes):
-        label = f"{what} '{name}'" if name else what
-        array = decode_tensor(tensor, label, layout.dtype)
-        if array.shape != shape:
-            raise InvalidRequest(f"{label}: expected shape {list(shape)}, got {list(array.shape)}")
-        if finite:
-            require_finite(array, label, layout.dtype)
-        arrays.append(array)
+    with np.errstate(over="ignore"):
+        for (name, tensor), shape in zip(items, layout.shapes):
+            label = f"{what} '{name}'" if name else what
+            array = decode_tensor(tensor, label, layout.dtype)
+            if array.shape != shape:
+                raise InvalidRequest(f"{label}: expected shape {list(shape)}, got {list(array.shape)}")
+            if finite:
+                require_finite(array, label, layout.dtype)
+            arrays.append(array)
     return arrays
 
 

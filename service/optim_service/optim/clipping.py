@@ -23,12 +23,10 @@ class ClipGradNorm(BaseModel):
         return float(self.norm_type)
 
 
-def clip_grad_norm(grads: list[np.ndarray], clip: ClipGradNorm) -> float:
-    """Replace ``grads``' arrays by scaled copies whose joint norm is at most ``max_norm`` (the
-    originals may be read-only views of a request body); return the norm before."""
+def clip_coefficient(grads: list[np.ndarray], clip: ClipGradNorm) -> tuple[float, float]:
+    """The gradients' joint norm (each tensor's norm, then the norm of those, as torch does) and the
+    factor that brings it to at most ``max_norm``."""
     p = clip.ord
     norms = [np.linalg.norm(g.reshape(-1), ord=p) if g.size else 0.0 for g in grads]
     total = float(np.linalg.norm(np.asarray(norms, dtype=np.float64), ord=p)) if norms else 0.0
-    coef = min(clip.max_norm / (total + 1e-6), 1.0)
-    grads[:] = [g * coef for g in grads]
-    return total
+    return total, min(clip.max_norm / (total + 1e-6), 1.0)

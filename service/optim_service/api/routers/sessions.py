@@ -104,7 +104,7 @@ async def create_session(request: Request, caller: Caller) -> Response:
     config, encodings = body.training_config(), wire.encodings_of(body.params)
     del body  # its text (a base64 string can be the size of the params) is not needed past here
     session = await caller.sessions.create(caller.owner, config, layout, params, restored)
-    meta = {**session.meta(), "config": orjson.loads(session.config_json)}
+    meta = orjson.loads(orjson.dumps(session.meta()))  # as the store holds it
     doc = describe(session.id, meta)
     headers = {"Location": f"/v1/sessions/{session.id}", **_etag(session.step)}
     if minimal:  # the client has the params it sent: a large session is not sent back
