@@ -145,3 +145,41 @@ async def test_async_twin_notices_a_connection_the_server_closed_while_idle(tmp_
             np.testing.assert_array_equal(out, -2 * np.ones(8))
         finally:
             second.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_url(tmp_path_factory):
+    """The same app over TLS, with a certificate for 127.0.0.1 that the test's trust store holds."""
+    import shutil
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed (Debian's openssl package)")
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "transport_app:app", "--port", str(port),
+                             "--log-level", "warning", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+                            cwd=Path(__file__).parent)
+    wait_for_port(port)
+    yield f"https://127.0.0.1:{port}", cert
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_both_twins_speak_tls_and_verify_the_certificate(tls_url, monkeypatch):
+    url, cert = tls_url
+    with httpx.Client(transport=HTTPClientTransport(), timeout=5) as http:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            http.post(f"{url}/echo", content=b"untrusted")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read when a connection's TLS context is made
+    body = np.random.default_rng(3).bytes(300_000)
+    with httpx.Client(transport=HTTPClientTransport(), timeout=5) as http:
+        assert http.post(f"{url}/echo", content=body).content == body
+        assert http.get(f"{url}/chunked").text == "one,two,three"
+    async with httpx.AsyncClient(transport=AsyncHTTPClientTransport(), timeout=5) as http:
+        assert (await http.post(f"{url}/echo", content=body)).content == body
+        assert (await http.post(f"{url}/echo", content=b"again")).content == b"again"
