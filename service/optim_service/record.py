@@ -113,15 +113,16 @@ def _slots(layout: Layout, state_type: type, buffer_names: tuple[tuple[str, ...]
         params.append((offset, size, shape))
         offset += size
     tensors = range(len(layout.shapes))
-    order = ([(f, i) for f in fields for i in tensors] if schema == 2  # one kind after another
-             else [(f, i) for i in tensors for f in fields])  # version 1: one tensor after another
+    if schema == 1:  # one tensor's buffers after another's, as the meta lists them
+        order = [(f, i) for i in tensors for f in buffer_names[i]]
+    else:  # one kind after another, over every tensor that holds it
+        order = [(f, i) for f in fields for i in tensors if f in buffer_names[i]]
     where: list[dict[str, Where]] = [{} for _ in tensors]
     for f, i in order:
-        if f in buffer_names[i]:
-            where[i][f] = (offset, layout.sizes[i], layout.shapes[i])
-            offset += layout.sizes[i]
+        where[i][f] = (offset, layout.sizes[i], layout.shapes[i])
+        offset += layout.sizes[i]
     kinds = None
-    if schema == 2 and len(set(buffer_names)) <= 1 and len(layout.shapes) > 0:
+    if schema != 1 and len(set(buffer_names)) <= 1 and len(layout.shapes) > 0:
         first = where[0]
         kinds = tuple(first[f][0] if f in first else None for f in fields)
     states = tuple(tuple(w.get(f) for f in fields) for w in where)
