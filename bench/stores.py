@@ -1,4 +1,5 @@
-"""Per-step cost of each store at 1k, 100k and 1M float32 parameters (Adam), in-process.
+"""Per-step cost of each store at 1k, 100k and 1M float32 parameters (Adam), in-process; and of a
+10M step on the memory store (fork, update and record around the update that bench/compute.py times).
 
 The floor is the same step on the in-memory store, measured in the same run; a store's overhead is
 its median minus that floor. "+cache" rows put the version-checked local cache (OPTIM_CACHE_BYTES)
@@ -75,6 +76,8 @@ def main() -> int:
             for name, (url, cache) in stores.items():
                 ms = floor if name == "memory" else asyncio.run(median_step_ms(url, n, args.steps, cache))
                 print(f"| {n:,} | {name} | {ms:.3f} | {ms - floor:.3f} | {ms / floor:.2f} |")
+        big = 10_000_000  # the memory store only: the step itself at the size bench/compute.py times
+        print(f"| {big:,} | memory | {asyncio.run(median_step_ms('memory', big, 10)):.3f} | 0.000 | 1.00 |")
     finally:
         redis.terminate()
         shutil.rmtree(tmp, ignore_errors=True)

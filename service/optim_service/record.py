@@ -7,7 +7,10 @@ holds every parameter in creation order, then each kind of buffer in turn (every
 binary answer is a slice of the session's memory, not a copy; and when every tensor holds the same
 buffers, each kind is one run too, so a step can update the whole session in one call (every
 optimizer here is element-wise). A loaded session's arrays are views into one private buffer, which
-becomes the next record as it is, again no copy. Version 1 records, which kept each tensor's buffers
+becomes the next record as it is, again no copy. That buffer is a numpy array: numpy asks for
+transparent huge pages for large ones, which cut the page faults of a fresh 120 MB state from ~30,000
+to ~60 (a 10M-parameter Adam step: 115 ms with a bytearray, 35 with this, on this project's VM).
+Version 1 records, which kept each tensor's buffers
 together, are read, and written back as version 2 by their next step.
 """
 
@@ -144,7 +147,7 @@ class Session:
     loss: float | None = None  # the last loss a client reported with a step
     skipped_steps: int = 0  # steps refused by nan_policy "skip"
     version: int = 0  # every write bumps it; the store's compare-and-set fences on it
-    buffer: bytearray | memoryview | None = None  # the memory every array views, when loaded from a record
+    buffer: np.ndarray | None = None  # uint8: the memory every array views, when loaded from a record
     slots: Slots | None = None  # where in ``buffer`` each array lives
 
     @cached_property
@@ -162,11 +165,11 @@ class Session:
         clone = object.__new__(Session)
         clone.__dict__.update(self.__dict__)  # keeps the parsed config and hyperparameters; copy.copy is 4x slower
         if self.slots.schema == SCHEMA_VERSION:
-            clone.buffer = bytearray(self.buffer)
+            clone.buffer = self.buffer.copy()
             clone.params, clone.states = self.slots.views(clone.buffer)
             return clone
         clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
-        clone.buffer = bytearray(clone.slots.end)
+        clone.buffer = np.empty(clone.slots.end, np.uint8)
         clone.params, clone.states = clone.slots.views(clone.buffer)
         for target, source in zip(clone.params, self.params):
             target[...] = source
@@ -208,7 +211,7 @@ class Session:
 
     def to_record(self) -> SessionRecord:
         if self.buffer is not None:  # the arrays were updated in place: the buffer is the record
-            data = self.buffer
+            data = self.buffer.data
         else:
             kinds = range(len(self.states[0])) if self.states else ()
             chunks = [*self.params, *(s[k] for k in kinds for s in self.states if s[k] is not None)]
@@ -246,7 +249,9 @@ def from_record(record: SessionRecord, private: bool = True) -> Session:
     config_json = orjson.dumps(meta["config"])
     config = parse_config(config_json)
     layout = layout_from_meta(meta)
-    buf = bytearray(record.data) if private else memoryview(record.data).toreadonly()
+    buf = np.frombuffer(memoryview(record.data).toreadonly(), np.uint8)  # read-only views of the record
+    if private:
+        buf = buf.copy()
     slots = _slots(layout, config.algorithm.state_type, tuple(tuple(t["buffers"]) for t in meta["tensors"]),
                    meta["schema_version"])
     if slots.end != len(buf):

@@ -30,7 +30,7 @@ class SessionRecord:
     owner: str | None
     version: int
     meta: bytes  # JSON: schema version, training config, layout, timestamps
-    data: bytes  # every tensor's raw little-endian bytes, in the order meta's layout gives
+    data: bytes | memoryview  # every tensor's raw little-endian bytes, in the order meta's layout gives
 
 
 @dataclass(frozen=True, slots=True)
