@@ -52,3 +52,12 @@ def test_sessions_list_show_delete_against_a_live_server():
         assert unauthorized.returncode == 1 and "401" in unauthorized.stderr
     finally:
         server.stop()
+
+
+def test_session_ids_never_look_like_an_option():
+    """One token in 64 starts with "-"; 2,000 of them would all miss it with odds of 1 in 10^13."""
+    from optim_service.sessions import new_session_id
+
+    ids = [new_session_id() for _ in range(2000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)

@@ -47,7 +47,11 @@ class StepResult:
 
 
 def new_session_id() -> str:
-    return secrets.token_urlsafe(16)  # 128 random bits, URL-safe
+    """128 random bits, URL-safe, never starting with "-": a command line (``optim-service sessions
+    show ID``, curl, a shell tool) would read such an id as an option."""
+    while (session_id := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return session_id
 
 
 def body_digest(content_type: str, body: bytes) -> str:
