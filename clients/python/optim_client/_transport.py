@@ -22,6 +22,7 @@ import httpx
 
 JOIN_BELOW = 1 << 16  # a request body this small goes out joined to its head, in one write
 MAX_HEAD = 1 << 16
+MAX_IDLE = 20  # kept-alive connections per host for the async twin, as httpx's own pool keeps
 STREAM_LIMIT = 1 << 20  # the async reader's buffer: 64 KiB (asyncio's default) wakes it 64 times per 4 MB
 
 
@@ -190,8 +191,9 @@ class AsyncHTTPClientTransport(httpx.AsyncBaseTransport):
         except (OSError, httptools.HttpParserError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from e
         finally:  # a failed or cancelled exchange leaves the connection in an unknown state
-            if keep_alive:
-                self._idle.setdefault(key, []).append(conn)
+            idle = self._idle.setdefault(key, [])
+            if keep_alive and len(idle) < MAX_IDLE:
+                idle.append(conn)
             else:
                 writer.close()
         return response
