@@ -190,7 +190,7 @@ class Session:
 
     def meta(self) -> dict:
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.slots.schema if self.slots is not None else SCHEMA_VERSION,  # as laid out
             "step": self.step,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
