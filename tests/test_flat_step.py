@@ -143,3 +143,27 @@ def test_large_tensors_are_updated_one_by_one():
     grads = [np.ones(p.shape, np.float32) for p in own.params]
     apply_step(own.config, own.hyperparameters, own.params, grads, own.states, 1, True, other.flat())
     assert all((p == -1.0).all() for p in own.params) and bytes(other.buffer) == bytes(template.buffer)
+
+
+VARIANTS = [*OPTIMIZERS, {"type": "rmsprop", "centered": True}, {"type": "adam", "betas": [0.4, 0.9]}]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "numpy"])
+@pytest.mark.parametrize("flat", [True, False], ids=["one-update", "per-tensor"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("optimizer", VARIANTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_a_step_into_fresh_memory_writes_every_element_as_in_place_would(optimizer, dtype, flat, fused):
+    """The step path forks without copying and reads the stored, read-only record: every byte of
+    the fork is written (it starts as NaN here), and the bits are those of an update in place."""
+    template = _session(optimizer, dtype)
+    assert not template.params[0].flags.writeable
+    in_place, fresh = template.fork(), template.fork(copy=False)
+    fresh.buffer[...] = np.frombuffer(np.full(len(fresh.buffer) // 8 + 1, np.nan).tobytes(), np.uint8)[:len(fresh.buffer)]
+    rng = np.random.default_rng(4)
+    grads = [rng.normal(size=p.shape).astype(dtype) for p in template.params]
+    for session, source in ((in_place, None), (fresh, template.source())):
+        _, finite = apply_step(session.config, session.hyperparameters, session.params, grads, session.states, 1,
+                               fused, session.flat() if flat else None, source)
+        assert finite
+    assert bytes(fresh.buffer) == bytes(in_place.buffer)
+    assert bytes(template.buffer) == bytes(_session(optimizer, dtype).buffer)  # the record is untouched

@@ -64,3 +64,51 @@ def test_kernels_report_non_finite_gradients_and_results():
         state = cfg.algorithm.init(param, cfg.optimizer)
         _, finite = apply_step(cfg, [cfg.optimizer], [param], [grad], [state], 1, fused=True)
         assert not finite
+
+
+STEPS_AFTER_WARM = r"""
+import asyncio, json, sys
+import httpx, numpy as np
+from optim_service.app import create_app
+from optim_service.optim import kernels
+from optim_service.settings import Settings
+
+def compiled():
+    return {(kind, name): len(k.signatures) for kind, table in (("parallel", kernels.PARALLEL), ("serial", kernels.SERIAL))
+            for name, k in table.items()}
+
+async def main():
+    app = create_app(Settings(store="memory"))
+    async with app.router.lifespan_context(app):
+        before = compiled()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            for optimizer in json.loads(sys.argv[1]):
+                for dtype in ("float32", "float64"):
+                    for size in (3, kernels.PARALLEL_MIN_ELEMENTS):
+                        sid = (await http.post("/v1/sessions", json={"optimizer": optimizer, "dtype": dtype,
+                               "params": {"a": [0.0] * size, "b": [0.0] * 2}})).json()["id"]
+                        body = np.ones(size + 2, dtype).tobytes()
+                        for r in (await http.post(f"/v1/sessions/{sid}/step", json={"gradients": {"a": [0.5] * size, "b": [0.5, 0.5]}}),
+                                  await http.post(f"/v1/sessions/{sid}/step", content=body,
+                                                  headers={"content-type": "application/octet-stream"})):
+                            assert r.status_code == 200, r.text
+        print(json.dumps({f"{k[0]}:{k[1]}": after - before[k] for k, after in compiled().items() if after != before[k]}))
+
+asyncio.run(main())
+"""
+
+
+def test_steps_after_start_up_compile_nothing():
+    """warm_kernels compiles every kernel as the step path calls it (a first request never waits on
+    numba): in a fresh interpreter, JSON and binary steps of every variant add no signature."""
+    import json
+    import subprocess
+    import sys
+
+    variants = [{"type": "sgd"}, {"type": "sgd", "momentum": 0.9}, {"type": "adagrad"}, {"type": "rmsprop"},
+                {"type": "rmsprop", "momentum": 0.9}, {"type": "adam"}, {"type": "adam", "amsgrad": True},
+                {"type": "adamw"}]
+    result = subprocess.run([sys.executable, "-c", STEPS_AFTER_WARM, json.dumps(variants)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {}

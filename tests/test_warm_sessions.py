@@ -22,11 +22,11 @@ def test_a_fork_is_private_and_leaves_the_stored_record_untouched():
     record = _record("a", 8, value=1.0)
     stored = bytes(record.data)
     warm = WarmSessions(1 << 20)
-    fork = warm.fork(record)
+    fork = warm.template(record).fork()
     fork.params[0][:] = 7.0
     fork.states[0].exp_avg[:] = 3.0
     assert bytes(record.data) == stored
-    again = warm.fork(record)
+    again = warm.template(record).fork()
     np.testing.assert_array_equal(again.params[0], np.ones(8, np.float32))
     np.testing.assert_array_equal(again.states[0].exp_avg, np.zeros(8, np.float32))
     assert again.params[0].flags.writeable and again.config_json == fork.config_json
@@ -34,7 +34,7 @@ def test_a_fork_is_private_and_leaves_the_stored_record_untouched():
 
 def test_the_template_is_read_only():
     warm = WarmSessions(1 << 20)
-    warm.fork(_record("a", 4))
+    warm.template(_record("a", 4)).fork()
     template = warm._sessions["a"]
     with pytest.raises(ValueError):
         template.params[0][0] = 1.0
@@ -42,19 +42,19 @@ def test_the_template_is_read_only():
 
 def test_a_record_at_another_version_is_decoded_afresh():
     warm = WarmSessions(1 << 20)
-    warm.fork(_record("a", 4, version=1, value=1.0))
-    newer = warm.fork(_record("a", 4, version=2, value=5.0))  # written by another process
+    warm.template(_record("a", 4, version=1, value=1.0)).fork()
+    newer = warm.template(_record("a", 4, version=2, value=5.0)).fork()  # written by another process
     assert newer.version == 2
     np.testing.assert_array_equal(newer.params[0], np.full(4, 5.0, np.float32))
 
 
 def test_a_remembered_step_is_what_the_next_fork_starts_from():
     warm = WarmSessions(1 << 20)
-    session = warm.fork(_record("a", 4, version=3))
+    session = warm.template(_record("a", 4, version=3)).fork()
     session.params[0][:] = 2.5
     session.version = 4
     warm.remember(session)
-    nxt = warm.fork(session.to_record())
+    nxt = warm.template(session.to_record()).fork()
     np.testing.assert_array_equal(nxt.params[0], np.full(4, 2.5, np.float32))
     assert nxt.buffer is not session.buffer
 
@@ -63,17 +63,17 @@ def test_least_recently_used_sessions_leave_beyond_the_byte_bound():
     one = len(_record("x", 100).data)
     warm = WarmSessions(2 * one)
     for sid in "abc":
-        warm.fork(_record(sid, 100))
+        warm.template(_record(sid, 100)).fork()
     assert list(warm._sessions) == ["b", "c"]
-    warm.fork(_record("b", 100))  # touched: now the most recent
-    warm.fork(_record("d", 100))
+    warm.template(_record("b", 100))  # touched: now the most recent
+    warm.template(_record("d", 100)).fork()
     assert list(warm._sessions) == ["b", "d"]
     assert warm._bytes == 2 * one
 
 
 def test_a_session_larger_than_the_bound_is_not_kept():
     warm = WarmSessions(100)
-    fork = warm.fork(_record("big", 1000))
+    fork = warm.template(_record("big", 1000)).fork()
     assert fork.params[0].size == 1000 and not warm._sessions
 
 

@@ -85,22 +85,23 @@ class Slots:
     buffer_names: tuple[tuple[str, ...], ...]  # per tensor, in state field order
     params: tuple[Where, ...]
     states: tuple[tuple[Where | None, ...], ...]  # per tensor, per state field
-    kinds: tuple[int | None, ...] | None  # per state field, where its run over all tensors starts; None: no runs
+    kinds: tuple[int | None, ...] | None  # per state field, where its run over all tensors starts
     end: int  # the data's length in bytes
 
     def views(self, buf) -> tuple[list[np.ndarray], list[tuple]]:
         flat = np.frombuffer(buf, self.dtype)
         params = [flat[o:o + n].reshape(shape) for o, n, shape in self.params]
-        states = [self.state_type(*[None if s is None else flat[s[0]:s[0] + s[1]].reshape(s[2]) for s in fields])
+        states = [self.state_type(*[None if w is None else flat[w[0]:w[0] + w[1]].reshape(w[2]) for w in fields])
                   for fields in self.states]
         return params, states
 
     def flat(self, buf) -> tuple[np.ndarray, tuple] | None:
-        """Every parameter as one array and each buffer kind as one array, viewing ``buf``."""
+        """Every parameter as one array and each buffer kind as one array, viewing ``buf`` (None for
+        a single tensor, or tensors holding different buffers)."""
         if self.kinds is None:
             return None
         flat = np.frombuffer(buf, self.dtype)
-        size = sum(n for _, n, _ in self.params)
+        size = self.params[-1][0] + self.params[-1][1]  # every parameter, in one run from 0
         return flat[:size], self.state_type(*[None if k is None else flat[k:k + size] for k in self.kinds])
 
 
@@ -125,7 +126,7 @@ def _slots(layout: Layout, state_type: type, buffer_names: tuple[tuple[str, ...]
         where[i][f] = (offset, layout.sizes[i], layout.shapes[i])
         offset += layout.sizes[i]
     kinds = None
-    if schema != 1 and len(set(buffer_names)) <= 1 and len(layout.shapes) > 0:
+    if schema != 1 and len(set(buffer_names)) <= 1 and len(layout.shapes) > 1:  # one tensor is its own flat form
         first = where[0]
         kinds = tuple(first[f][0] if f in first else None for f in fields)
     states = tuple(tuple(w.get(f) for f in fields) for w in where)
@@ -158,19 +159,23 @@ class Session:
     def hyperparameters(self) -> list:
         return _hyperparameters(self.config_json, self.layout.names)
 
-    def fork(self) -> Session:
+    def fork(self, copy: bool = True) -> Session:
         """A private, writable copy of a session loaded from a record: what a step works on, so
-        that a refused step leaves the original (still the stored record) untouched. A version 1
-        record is laid out anew, so the step writes it back as the current version."""
+        that a refused step leaves the original (still the stored record) untouched. With
+        ``copy=False`` its arrays are fresh memory, for an update that reads this session and writes
+        every element (``apply_step(..., source=self.source())``): one pass over memory, not two. A
+        version 1 record is laid out anew, so the step writes it back as the current version."""
         clone = object.__new__(Session)
-        clone.__dict__.update(self.__dict__)  # keeps the parsed config and hyperparameters; copy.copy is 4x slower
+        clone.__dict__.update(self.__dict__)  # the parsed config and hyperparameters too (4x copy.copy's speed)
         if self.slots.schema == SCHEMA_VERSION:
-            clone.buffer = self.buffer.copy()
+            clone.buffer = self.buffer.copy() if copy else np.empty_like(self.buffer)
             clone.params, clone.states = self.slots.views(clone.buffer)
             return clone
         clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
         clone.buffer = np.empty(clone.slots.end, np.uint8)
         clone.params, clone.states = clone.slots.views(clone.buffer)
+        if not copy:
+            return clone
         for target, source in zip(clone.params, self.params):
             target[...] = source
         for targets, sources in zip(clone.states, self.states):
@@ -178,6 +183,10 @@ class Session:
                 if target is not None:
                     target[...] = source
         return clone
+
+    def source(self) -> tuple[list[np.ndarray], list[tuple], tuple | None]:
+        """This session's arrays as ``apply_step`` reads them for a fork made with ``copy=False``."""
+        return self.params, self.states, self.flat()
 
     def flat(self) -> tuple[np.ndarray, tuple] | None:
         """The whole session as one parameter array and one array per buffer kind, when every

@@ -73,14 +73,15 @@ class WarmSessions:
         self._bytes = 0
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
-    def fork(self, record: SessionRecord) -> Session:
+    def template(self, record: SessionRecord) -> Session:
+        """The decoded, read-only session that ``record`` holds: fork it to step."""
         warm = self._sessions.get(record.id)
         if warm is None or warm.version != record.version:
             warm = from_record(record, private=False)
             self.remember(warm)
         else:
             self._sessions.move_to_end(record.id)
-        return warm.fork()
+        return warm
 
     def remember(self, session: Session) -> None:
         self.forget(session.id)
@@ -195,7 +196,8 @@ class SessionService:
                     replay = await self._replay(record, *idempotency)
                     if replay is not None:
                         return replay
-                session = self._warm.fork(record)
+                template = self._warm.template(record)
+                session = template.fork(copy=False)  # the update writes every element of it
                 if if_match is not None and session.step != if_match:
                     raise VersionMismatch(
                         f"If-Match expected step {if_match}, the session is at step {session.step}",
@@ -204,13 +206,13 @@ class SessionService:
                 grads = decode(session)
                 started = time.perf_counter()
                 grad_norm = await self._run(
-                    functools.partial(_advance, session, grads, self.settings.fused_kernels),
+                    functools.partial(_advance, session, grads, self.settings.fused_kernels, template),
                     sum(session.layout.sizes),
                 )
                 compute_ms = (time.perf_counter() - started) * 1e3
                 skipped = grad_norm is SKIPPED
                 if skipped:  # store only the count: the arrays may be half-updated
-                    session = self._warm.fork(record)
+                    session = template.fork()
                     session.skipped_steps += 1
                     session.updated_at = time.time()
                     grad_norm = None
@@ -250,12 +252,13 @@ class SessionService:
 SKIPPED = object()  # what _advance returns when nan_policy "skip" refuses the step
 
 
-def _advance(session: Session, grads: list[np.ndarray], fused: bool):
-    """Apply one step in place; a non-finite gradient or result is refused (``nan_policy: "error"``)
-    or skipped, with the state unchanged (``"skip"``). Returns the gradient norm when clipping."""
+def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: Session):
+    """Apply one step to ``session``, a fork of ``template`` that the update writes whole; a
+    non-finite gradient or result is refused (``nan_policy: "error"``) or skipped, with the stored
+    state unchanged (``"skip"``). Returns the gradient norm when clipping."""
     step = session.step + 1
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
-                                   session.states, step, fused, session.flat())
+                                   session.states, step, fused, session.flat(), template.source())
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED

@@ -8,7 +8,9 @@ import numpy as np
 from pydantic import model_validator
 
 from . import kernels
-from .base import Bool, Float, Hyperparameters, Optimizer, flat, flat_input, require_non_negative
+from .base import (
+    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, read_from, require_non_negative,
+)
 
 
 class AdagradHyperparameters(Hyperparameters):
@@ -48,10 +50,12 @@ def update(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: i
     param -= clr * grad / std  # torch's addcdiv order: (value·t1)/t2
 
 
-def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int) -> int:
+def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None) -> int:
+    param0, state0 = read_from(param, state, source)
     t = param.dtype.type
     clr = hp.lr / (1 + (step - 1) * hp.lr_decay)
-    return kernels.run("adagrad", flat(param), flat_input(grad, param), flat(state.sum), t(clr),
+    return kernels.run("adagrad", flat(param), flat_input(grad, param), flat(state.sum),
+                       flat_read(param0), flat_read(state0.sum), t(clr),
                        t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay), t(hp.eps))
 
 

@@ -10,7 +10,8 @@ from pydantic import Field, model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, lerp_, non_finite, require_non_negative,
+    Bool, Float, Hyperparameters, Optimizer, adopt, flat, flat_input, flat_read, lerp_, non_finite, read_from,
+    require_non_negative,
 )
 
 Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
@@ -87,16 +88,22 @@ def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) ->
     param -= step_size * state.exp_avg / denom
 
 
-def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) -> int:
+def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None) -> int:
     beta1, beta2 = hp.betas
     if 1 - beta1 >= 0.5:  # torch's lerp switches formula; no kernel for that rare case
+        adopt(param, state, source)
         update(param, grad, state, hp, step)
         return non_finite(grad, param, *state)
+    param0, state0 = read_from(param, state, source)
     t = param.dtype.type
     decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0
-    arrays = [flat(param), flat_input(grad, param), flat(state.exp_avg), flat(state.exp_avg_sq)]
+    written = [flat(param), flat(state.exp_avg), flat(state.exp_avg_sq)]
+    read = [param0, state0.exp_avg, state0.exp_avg_sq]
     if hp.amsgrad:
-        arrays.append(flat(state.max_exp_avg_sq))
+        written.append(flat(state.max_exp_avg_sq))
+        read.append(state0.max_exp_avg_sq)
+    read = [flat_read(array) for array in read]
+    arrays = [written[0], flat_input(grad, param), *written[1:], *read]
     return kernels.run(
         "adam_amsgrad" if hp.amsgrad else "adam", *arrays,
         t(-1.0 if hp.maximize else 1.0), t(0.0 if decoupled else hp.weight_decay),

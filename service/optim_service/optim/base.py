@@ -31,7 +31,8 @@ class Optimizer(NamedTuple):
     ``update`` is called once per tensor per step with ``step`` counting from 1 (torch's ``state["step"]``
     after its increment); it updates ``param`` and the state buffers in place. ``fused`` does the same
     in one compiled pass (``kernels.py``), bit for bit, and returns how many elements came out
-    non-finite.
+    non-finite; given ``source=(param, state)`` it reads the current values there and writes the new
+    ones to ``param`` and ``state``, whatever those held.
     """
 
     name: str
@@ -58,9 +59,38 @@ def flat(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1)
 
 
+def read_from(param: np.ndarray, state: tuple, source: tuple | None) -> tuple[np.ndarray, tuple]:
+    """The arrays an update reads: ``source`` (param, state), the stored values when a step writes a
+    fresh working copy, or the written arrays themselves for an update in place."""
+    return source if source is not None else (param, state)
+
+
+def adopt(param: np.ndarray, state: tuple, source: tuple | None) -> None:
+    """Copy ``source`` into the arrays an in-place update (the numpy reference) then works on."""
+    if source is not None:
+        param[...] = source[0]
+        for target, value in zip(state, source[1]):
+            if target is not None:
+                target[...] = value
+
+
+def flat_read(array: np.ndarray) -> np.ndarray:
+    """A 1-D, read-only view of current values a kernel reads (typed read-only whatever the array
+    is, so each kernel compiles once: see ``flat_input``)."""
+    view = flat(array)
+    view.flags.writeable = False
+    return view
+
+
 def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """A 1-D, contiguous array of ``like``'s dtype that a kernel only reads."""
-    return np.ascontiguousarray(array, like.dtype).reshape(-1)
+    """A 1-D, contiguous array of ``like``'s dtype that a kernel only reads (a gradient), typed
+    read-only whatever it came from: numba compiles a kernel once per argument type, and
+    ``warm_kernels`` compiles the read-only one at start-up."""
+    array = np.ascontiguousarray(array, like.dtype).reshape(-1)
+    if array.flags.writeable:
+        array = array.view()
+        array.flags.writeable = False
+    return array
 
 
 def non_finite(*arrays: np.ndarray | None) -> int:

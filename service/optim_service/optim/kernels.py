@@ -7,9 +7,13 @@ identical (tests/test_kernels.py); the numpy modules stay the readable definitio
 The loop bodies are branch-free, because LLVM only vectorises them that way (a branchy body ran
 10-20x slower, see bench/compute.py). Flags become exact arithmetic instead: ``sign`` is ±1 for
 ``maximize``, ``decay`` is 1 unless weight decay is decoupled, a coupled decay of 0 adds 0·θ.
-Structural variants (momentum, AMSGrad) are separate kernels: arrays a kernel takes must never
-alias, since numba lets LLVM reorder their loads and stores. Each kernel also reports, in the same pass, whether any gradient or output
-is non-finite (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
+Structural variants (momentum, AMSGrad) are separate kernels. Each kernel reads the current
+values from one set of arrays (``p0``, ``m0``, ...) and writes the new ones to another (``p``, ``m``,
+...): a step reads the stored state and writes its working copy in the same pass, instead of
+copying the state first (the copy was a third of a 1M Adam step's work). The two sets are the same
+arrays for an update in place; each element is read before it is written, at its own index only.
+Each kernel also reports, in the same pass, whether any gradient or output is non-finite
+(``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
 """
 
 from __future__ import annotations
@@ -23,90 +27,90 @@ def _finite(a, b, c, d):
     return max(max(abs(a), abs(b)), max(abs(c), abs(d))) < np.inf
 
 
-def _sgd(p, g, lr, sign, wd):
+def _sgd(p, g, p0, lr, sign, wd):
     bad = 0
     for i in prange(p.size):
         gi = g[i] * sign
-        gi = gi + wd * p[i]
-        pi = p[i] - lr * gi
+        gi = gi + wd * p0[i]
+        pi = p0[i] - lr * gi
         p[i] = pi
         bad += not _finite(pi, g[i], pi, pi)
     return bad
 
 
-def _sgd_momentum(p, g, buf, lr, sign, wd, momentum_now, grad_weight, momentum, nesterov, plain):
+def _sgd_momentum(p, g, buf, p0, buf0, lr, sign, wd, momentum_now, grad_weight, momentum, nesterov, plain):
     # momentum_now, grad_weight = (0, 1) on the first step (the buffer starts as the gradient),
     # else (momentum, 1 - dampening); (nesterov, plain) is (1, 0) or (0, 1), in the tensor's dtype
     # (a Python literal here would promote the sum to float64)
     bad = 0
     for i in prange(p.size):
         gi = g[i] * sign
-        gi = gi + wd * p[i]
-        b = buf[i] * momentum_now
+        gi = gi + wd * p0[i]
+        b = buf0[i] * momentum_now
         b = b + grad_weight * gi
         buf[i] = b
         step = nesterov * (gi + momentum * b) + plain * b
-        pi = p[i] - lr * step
+        pi = p0[i] - lr * step
         p[i] = pi
         bad += not _finite(pi, b, g[i], pi)
     return bad
 
 
-def _adagrad(p, g, s, clr, sign, wd, eps):
+def _adagrad(p, g, s, p0, s0, clr, sign, wd, eps):
     bad = 0
     for i in prange(p.size):
         gi = g[i] * sign
-        gi = gi + wd * p[i]
-        si = s[i] + gi * gi
+        gi = gi + wd * p0[i]
+        si = s0[i] + gi * gi
         s[i] = si
-        pi = p[i] - clr * gi / (np.sqrt(si) + eps)
+        pi = p0[i] - clr * gi / (np.sqrt(si) + eps)
         p[i] = pi
         bad += not _finite(pi, si, g[i], pi)
     return bad
 
 
-def _rmsprop(p, g, sq, lr, sign, wd, alpha, alpha_c, eps):
+def _rmsprop(p, g, sq, p0, sq0, lr, sign, wd, alpha, alpha_c, eps):
     # alpha, alpha_c = (0, 1) on the lecture form's first step (σ⁰ = |g⁰|), else (α, 1 - α)
     bad = 0
     for i in prange(p.size):
         gi = g[i] * sign
-        gi = gi + wd * p[i]
-        v = sq[i] * alpha
+        gi = gi + wd * p0[i]
+        v = sq0[i] * alpha
         v = v + alpha_c * gi * gi
         sq[i] = v
-        pi = p[i] - lr * gi / (np.sqrt(v) + eps)
+        pi = p0[i] - lr * gi / (np.sqrt(v) + eps)
         p[i] = pi
         bad += not _finite(pi, v, g[i], pi)
     return bad
 
 
-def _rmsprop_momentum(p, g, sq, buf, lr, sign, wd, alpha, alpha_c, eps, momentum):
+def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, lr, sign, wd, alpha, alpha_c, eps, momentum):
     bad = 0
     for i in prange(p.size):
         gi = g[i] * sign
-        gi = gi + wd * p[i]
-        v = sq[i] * alpha
+        gi = gi + wd * p0[i]
+        v = sq0[i] * alpha
         v = v + alpha_c * gi * gi
         sq[i] = v
-        b = buf[i] * momentum
+        b = buf0[i] * momentum
         b = b + gi / (np.sqrt(v) + eps)
         buf[i] = b
-        pi = p[i] - lr * b
+        pi = p0[i] - lr * b
         p[i] = pi
         bad += not _finite(pi, v, b, g[i])
     return bad
 
 
-def _adam(p, g, m, v, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
+def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
     # torch's lerp for weight b1_c < 0.5
     bad = 0
     for i in prange(p.size):
         gi = g[i] * sign
-        pi = p[i] * decay
+        pi = p0[i] * decay
         gi = gi + wd * pi
-        mi = m[i] + b1_c * (gi - m[i])
+        mi = m0[i] + b1_c * (gi - m0[i])
         m[i] = mi
-        vi = v[i] * b2
+        vi = v0[i] * b2
         vi = vi + b2_c * gi * gi
         v[i] = vi
         pi = pi - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
@@ -115,18 +119,19 @@ def _adam(p, g, m, v, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt)
     return bad
 
 
-def _adam_amsgrad(p, g, m, v, vmax, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
+def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size,
+                  bc2_sqrt):
     bad = 0
     for i in prange(p.size):
         gi = g[i] * sign
-        pi = p[i] * decay
+        pi = p0[i] * decay
         gi = gi + wd * pi
-        mi = m[i] + b1_c * (gi - m[i])
+        mi = m0[i] + b1_c * (gi - m0[i])
         m[i] = mi
-        vi = v[i] * b2
+        vi = v0[i] * b2
         vi = vi + b2_c * gi * gi
         v[i] = vi
-        second = max(vmax[i], vi)
+        second = max(vmax0[i], vi)
         vmax[i] = second
         pi = pi - step_size * mi / (np.sqrt(second) / bc2_sqrt + eps)
         p[i] = pi
@@ -152,5 +157,6 @@ SERIAL = {name: njit(cache=True, nogil=True)(_serial_twin(fn)) for name, fn in _
 
 
 def run(name: str, p: np.ndarray, *args) -> int:
-    """Run kernel ``name`` over flat views; returns how many elements came out non-finite."""
+    """Run kernel ``name`` over flat views (written arrays, the gradient, read arrays, scalars);
+    returns how many elements came out non-finite."""
     return (PARALLEL if p.size >= PARALLEL_MIN_ELEMENTS else SERIAL)[name](p, *args)

@@ -13,7 +13,8 @@ from pydantic import model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, lerp_, non_finite, require_non_negative,
+    Bool, Float, Hyperparameters, Optimizer, adopt, flat, flat_input, flat_read, lerp_, non_finite, read_from,
+    require_non_negative,
 )
 
 
@@ -76,18 +77,22 @@ def update(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: i
         param -= hp.lr * grad / avg
 
 
-def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int) -> int:
+def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int, source=None) -> int:
     if hp.centered:  # no kernel: the reference, and its own finiteness count
+        adopt(param, state, source)
         update(param, grad, state, hp, step)
         return non_finite(grad, param, *state)
+    param0, state0 = read_from(param, state, source)
     t = param.dtype.type
     first_grad = step == 1 and hp.square_avg_init == "first_grad"
     args = (t(hp.lr), t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay), t(0.0 if first_grad else hp.alpha),
             t(1.0 if first_grad else 1 - hp.alpha), t(hp.eps))
     if hp.momentum > 0:
+        read = [flat_read(a) for a in (param0, state0.square_avg, state0.momentum_buffer)]
         return kernels.run("rmsprop_momentum", flat(param), flat_input(grad, param), flat(state.square_avg),
-                           flat(state.momentum_buffer), *args, t(hp.momentum))
-    return kernels.run("rmsprop", flat(param), flat_input(grad, param), flat(state.square_avg), *args)
+                           flat(state.momentum_buffer), *read, *args, t(hp.momentum))
+    read = [flat_read(a) for a in (param0, state0.square_avg)]
+    return kernels.run("rmsprop", flat(param), flat_input(grad, param), flat(state.square_avg), *read, *args)
 
 
 rmsprop = Optimizer(
