@@ -167,3 +167,20 @@ def test_a_step_into_fresh_memory_writes_every_element_as_in_place_would(optimiz
         assert finite
     assert bytes(fresh.buffer) == bytes(in_place.buffer)
     assert bytes(template.buffer) == bytes(_session(optimizer, dtype).buffer)  # the record is untouched
+
+
+@pytest.mark.parametrize("optimizer,extra", [
+    ({"type": "sgd", "lr": 0.1}, {"param_groups": [{"params": ["w", "v"], "momentum": 0.9}]}),  # uneven buffers
+    ({"type": "adam", "lr": 0.01}, {"param_groups": [{"params": ["b"], "amsgrad": True, "lr": 0.1}],
+                                    "clip_grad_norm": {"max_norm": 0.1}, "schedule": {"type": "inverse_sqrt"}}),
+], ids=["sgd-momentum-in-one-group", "adam-amsgrad-in-one-group-clipped"])
+def test_a_step_into_fresh_memory_with_groups_matches_in_place(optimizer, extra):
+    template = _session(optimizer, "float32", extra)
+    in_place, fresh = template.fork(), template.fork(copy=False)
+    fresh.buffer[...] = 255  # NaN bytes: anything left unwritten shows
+    grads = [np.full(p.shape, 0.3, np.float32) for p in template.params]
+    for session, source in ((in_place, None), (fresh, template.source())):
+        _, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
+                               session.states, 1, True, session.flat(), source)
+        assert finite
+    assert bytes(fresh.buffer) == bytes(in_place.buffer)
