@@ -146,8 +146,9 @@ def apply_step(
 
 
 def warm_kernels() -> None:
-    """Compile (or load from numba's cache) every kernel for both dtypes now, not on a first request,
-    as the step path calls them: reading read-only views of the stored record."""
+    """Compile (or load from numba's cache) every kernel for both dtypes now, not on a first request.
+    An update in place compiles what a step runs: every array a kernel only reads goes in read-only
+    (``flat_read``, ``flat_input``), whether or not it is the array written."""
     from .kernels import PARALLEL_MIN_ELEMENTS
 
     variants = [{"type": "sgd"}, {"type": "sgd", "momentum": 0.9}, {"type": "adagrad"}, {"type": "rmsprop"},
@@ -158,14 +159,4 @@ def warm_kernels() -> None:
                 config = TrainingConfig.model_validate({"optimizer": variant})
                 param = np.zeros(size, dtype)
                 state = config.algorithm.init(param, config.optimizer)
-                stored = [_read_only(a) for a in (param, *state)]  # what a step reads: a record's views
-                config.algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1,
-                                       (stored[0], type(state)(*stored[1:])))
-
-
-def _read_only(array: np.ndarray | None) -> np.ndarray | None:
-    if array is None:
-        return None
-    view = array.view()
-    view.flags.writeable = False
-    return view
+                config.algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)

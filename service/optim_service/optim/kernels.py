@@ -10,7 +10,7 @@ The loop bodies are branch-free, because LLVM only vectorises them that way (a b
 Structural variants (momentum, AMSGrad) are separate kernels. Each kernel reads the current
 values from one set of arrays (``p0``, ``m0``, ...) and writes the new ones to another (``p``, ``m``,
 ...): a step reads the stored state and writes its working copy in the same pass, instead of
-copying the state first (the copy was a third of a 1M Adam step's work). The two sets are the same
+copying the state first (for 1M Adam the copy took longer than the update). The two sets are the same
 arrays for an update in place; each element is read before it is written, at its own index only.
 Each kernel also reports, in the same pass, whether any gradient or output is non-finite
 (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
