@@ -35,7 +35,7 @@ def test_a_fork_is_private_and_leaves_the_stored_record_untouched():
 def test_the_template_is_read_only():
     warm = WarmSessions(1 << 20)
     warm.template(_record("a", 4)).fork()
-    template = warm._sessions["a"]
+    template = warm._sessions.get("a")
     with pytest.raises(ValueError):
         template.params[0][0] = 1.0
 
@@ -68,7 +68,7 @@ def test_least_recently_used_sessions_leave_beyond_the_byte_bound():
     warm.template(_record("b", 100))  # touched: now the most recent
     warm.template(_record("d", 100)).fork()
     assert list(warm._sessions) == ["b", "d"]
-    assert warm._bytes == 2 * one
+    assert warm._sessions.bytes == 2 * one
 
 
 def test_a_session_larger_than_the_bound_is_not_kept():
@@ -99,4 +99,4 @@ async def test_a_session_gone_from_the_store_leaves_the_warm_cache():
     await store.delete(session.id)  # as expiry or another client would
     with pytest.raises(SessionNotFound):
         await service.load(None, session.id)
-    assert session.id not in service._warm._sessions and service._warm._bytes == 0
+    assert session.id not in service._warm._sessions and service._warm._sessions.bytes == 0

@@ -12,7 +12,6 @@ import functools
 import secrets
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +28,7 @@ from .errors import (
     VersionMismatch,
 )
 from .finite import first_non_finite, require_finite
+from .lru import ByteBoundedLRU
 from .optim.config import TrainingConfig, apply_step
 from .record import Layout, Session, from_record, read_meta
 from .settings import Settings
@@ -69,9 +69,7 @@ class WarmSessions:
     local cache, the very same buffer), and is evicted least-recently-used beyond ``max_bytes``."""
 
     def __init__(self, max_bytes: int):
-        self._max = max_bytes
-        self._bytes = 0
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: ByteBoundedLRU[Session] = ByteBoundedLRU(max_bytes)
 
     def template(self, record: SessionRecord) -> Session:
         """The decoded, read-only session that ``record`` holds: fork it to step."""
@@ -79,22 +77,13 @@ class WarmSessions:
         if warm is None or warm.version != record.version:
             warm = from_record(record, private=False)
             self.remember(warm)
-        else:
-            self._sessions.move_to_end(record.id)
         return warm
 
     def remember(self, session: Session) -> None:
-        self.forget(session.id)
-        if len(session.buffer) <= self._max:
-            self._sessions[session.id] = session
-            self._bytes += len(session.buffer)
-        while self._bytes > self._max:
-            self.forget(next(iter(self._sessions)))
+        self._sessions.put(session.id, session, len(session.buffer))
 
     def forget(self, session_id: str) -> None:
-        old = self._sessions.pop(session_id, None)
-        if old is not None:
-            self._bytes -= len(old.buffer)
+        self._sessions.pop(session_id)
 
 
 class SessionService:

@@ -8,41 +8,25 @@ retry but never a lost update. Copies are evicted least-recently-used beyond ``m
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+from ..lru import ByteBoundedLRU
 from .base import Claim, SessionRecord, SessionStore
 
 
 class CachedStore:
     def __init__(self, inner: SessionStore, max_bytes: int):
         self.inner = inner
-        self._max = max_bytes
-        self._bytes = 0
-        self._copies: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._copies: ByteBoundedLRU[SessionRecord] = ByteBoundedLRU(max_bytes)
 
     def _put(self, record: SessionRecord) -> None:
-        self._evict(record.id)
-        size = len(record.data) + len(record.meta)
-        if size > self._max:
-            return
-        self._copies[record.id] = record
-        self._bytes += size
-        while self._bytes > self._max:
-            self._evict(next(iter(self._copies)))
-
-    def _evict(self, session_id: str) -> None:
-        old = self._copies.pop(session_id, None)
-        if old is not None:
-            self._bytes -= len(old.data) + len(old.meta)
+        self._copies.put(record.id, record, len(record.data) + len(record.meta))
 
     async def get(self, session_id: str) -> SessionRecord | None:
         copy = self._copies.get(session_id)
         if copy is not None:
             version = await self.inner.version(session_id)
             if version == copy.version:
-                self._copies.move_to_end(session_id)
                 return copy
-            self._evict(session_id)
+            self._copies.pop(session_id)
             if version is None:
                 return None
         record = await self.inner.get(session_id)
@@ -59,11 +43,11 @@ class CachedStore:
         if ok:
             self._put(record)
         else:
-            self._evict(record.id)
+            self._copies.pop(record.id)
         return ok
 
     async def delete(self, session_id: str) -> bool:
-        self._evict(session_id)
+        self._copies.pop(session_id)
         return await self.inner.delete(session_id)
 
     async def version(self, session_id: str) -> int | None:

@@ -1,0 +1,50 @@
+"""A least-recently-used map bounded by the bytes its values hold: the local record cache in front of
+a remote store and the decoded sessions a step forks from both keep one."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, Iterator, TypeVar
+
+V = TypeVar("V")
+
+
+class ByteBoundedLRU(Generic[V]):
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, tuple[V, int]] = OrderedDict()
+
+    def get(self, key: str) -> V | None:
+        """The value, now the most recently used; None if absent."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: str, value: V, size: int) -> None:
+        """Keep ``value`` (replacing ``key``'s), evicting the least recently used beyond the bound; a
+        value larger than the whole bound is not kept."""
+        self.pop(key)
+        if size <= self.max_bytes:
+            self._entries[key] = (value, size)
+            self.bytes += size
+        while self.bytes > self.max_bytes:
+            self.pop(next(iter(self._entries)))
+
+    def pop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def __iter__(self) -> Iterator[str]:
+        """Keys, least recently used first."""
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
