@@ -153,6 +153,35 @@ async def test_step_json_updates_and_sets_etag_and_server_timing(client):
     assert meta["step"] == 1 and meta["loss"] == 0.25
 
 
+async def test_the_documented_step_route_answers_as_the_step_lane_does(app, client):
+    """The step lane serves every step before the router; its APIRoute, reached here through
+    FastAPI's own stack without the service's middlewares, serves one through the same code."""
+    import httpx
+    from fastapi import FastAPI
+
+    sid = await create(client)
+    lane = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": GRADS},
+                             headers={"accept": "application/octet-stream"})
+
+    without_lane = FastAPI.build_middleware_stack(app)
+
+    async def router(scope, receive, send):
+        scope["app"] = app
+        await without_lane(scope, receive, send)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router), base_url="http://test") as direct:
+        routed = await direct.post(f"/v1/sessions/{sid}/step", json={"gradients": GRADS},
+                                   headers={"accept": "application/octet-stream"})
+        assert_problem(await direct.post(f"/v1/sessions/{sid}/step", content=b"{}",
+                                         headers={"content-type": "text/plain"}), 415, "Content-Type")
+    assert lane.status_code == routed.status_code == 200
+    assert (lane.headers["etag"], routed.headers["etag"]) == ('"1"', '"2"')
+    assert routed.headers["content-type"] == lane.headers["content-type"] == "application/octet-stream"
+    w0, g = np.array(NAMED["w"]).ravel(), np.array(GRADS["w"]).ravel()
+    np.testing.assert_array_equal(np.frombuffer(lane.content, "<f8")[:6], w0 - 0.1 * g)
+    np.testing.assert_array_equal(np.frombuffer(routed.content, "<f8")[:6], (w0 - 0.1 * g) - 0.1 * g)
+
+
 async def test_step_mirrors_b64_per_tensor(client):
     sid = await create(client)
     r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"w": b64(GRADS["w"]), "b": GRADS["b"]}})

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import time
+from datetime import datetime
 
 import httpx
 import numpy as np
@@ -63,6 +67,7 @@ def test_json_logs_carry_the_request_id_and_no_tensors():
         r = httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"gradients": [0.987654321]},
                        headers={"x-request-id": "req-42"})
         assert r.headers["x-request-id"] == "req-42"
+        assert "server" not in r.headers  # uvicorn's advertisement is off
         assert httpx.get(f"{server.url}/metrics").status_code == 404
     finally:
         server.stop()
@@ -71,6 +76,8 @@ def test_json_logs_carry_the_request_id_and_no_tensors():
     step = next(line for line in lines if line.get("request_id") == "req-42")
     assert step["logger"] == "optim_service.access" and step["status"] == 200
     assert step["path"] == f"/v1/sessions/{sid}/step" and step["duration_ms"] > 0
+    assert step["time"].endswith("Z")  # ISO 8601, UTC, to the millisecond
+    assert abs(datetime.fromisoformat(step["time"][:-1] + "+00:00").timestamp() - time.time()) < 120
     text = server.logs()
     assert "0.98765" not in text and "0.12345" not in text
 
@@ -98,3 +105,18 @@ def test_histogram_exposition_matches_prometheus_clients_own():
     ours_text = {line for line in generate_latest(ours).decode().splitlines() if "_created" not in line}
     theirs_text = {line for line in generate_latest(theirs).decode().splitlines() if "_created" not in line}
     assert ours_text == theirs_text
+
+
+def test_the_json_formatter_writes_extras_and_tracebacks():
+    from optim_service.observability import JsonFormatter
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.makeLogRecord({"name": "optim_service", "levelname": "ERROR", "msg": "sweep %s failed",
+                                        "args": ("3",), "exc_info": sys.exc_info(), "request_id": "r-1",
+                                        "status": 500})
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "sweep 3 failed" and line["level"] == "ERROR" and line["logger"] == "optim_service"
+    assert line["request_id"] == "r-1" and line["status"] == 500
+    assert "ValueError: boom" in line["exc_info"] and "args" not in line and "msg" not in line

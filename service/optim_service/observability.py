@@ -15,6 +15,7 @@ import os
 import re
 import time
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
@@ -119,10 +120,34 @@ class MeteredStore:
         return timed
 
 
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC), level, logger, message, then the record's ``extra``
+    fields, the request id among them. python-json-logger took ~17 µs an access line here, this
+    takes ~8, most of it logging's own record and handler: a small step's whole budget is ~100."""
+
+    _second, _stamp = -1, ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self._time(record.created), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        doc.update((k, v) for k, v in record.__dict__.items() if k not in _RECORD_FIELDS)
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+    def _time(self, created: float) -> str:
+        """ISO 8601 in UTC to the millisecond; the seconds are formatted once per second (4 µs)."""
+        second = int(created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
-        record.__dict__.pop("color_message", None)  # uvicorn's ANSI-coloured copy of the message
         return True
 
 
@@ -132,11 +157,7 @@ def logging_config(level: str) -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"request_id": {"()": RequestIdFilter}},
-        "formatters": {"json": {
-            "()": "pythonjsonlogger.orjson.OrjsonFormatter",
-            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
-            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
-        }},
+        "formatters": {"json": {"()": JsonFormatter}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
                                 "filters": ["request_id"], "stream": "ext://sys.stderr"}},
         "loggers": {

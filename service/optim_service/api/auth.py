@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import Request
+from starlette.datastructures import State
 
 from ..errors import RateLimited, Unauthorized
 
@@ -47,13 +47,14 @@ class KeyRing:
         return owner_of(key)
 
 
-async def authenticate(request: Request) -> str | None:
-    """The request's owner (None when keys are off), after the rate limit lets it through."""
-    keys: KeyRing = request.app.state.keys
+async def authenticate(state: State, authorization: str | None) -> str | None:
+    """The owner of a request with this Authorization header (None when keys are off), after the
+    rate limit lets it through. ``state`` is the app's."""
+    keys: KeyRing = state.keys
     if not keys.enabled:
         return None
-    owner = keys.owner(request.headers.get("authorization"))
-    wait = await request.app.state.limiter.acquire(owner)
+    owner = keys.owner(authorization)
+    wait = await state.limiter.acquire(owner)
     if wait is not None:
         seconds = max(1, int(wait + 0.999))
         raise RateLimited(f"this API key is over its rate limit; retry in {seconds} s",

@@ -27,7 +27,8 @@ async def get_sessions(request: Request) -> SessionService:
 
 async def get_caller(request: Request) -> Tenant:
     """Authenticates and rate-limits the request (401/429), then names its tenant."""
-    return Tenant(await authenticate(request), request.app.state.sessions)
+    state = request.app.state
+    return Tenant(await authenticate(state, request.headers.get("authorization")), state.sessions)
 
 
 Sessions = Annotated[SessionService, Depends(get_sessions)]

@@ -14,7 +14,9 @@ _OPEN[[ord("]"), ord("}")]] = -1
 
 class BodyLimitMiddleware:
     """Refuses bodies over ``max_bytes`` with 413: at once when Content-Length says so, and while
-    reading when a chunked (or lying) body runs past it, counting the bytes actually received."""
+    reading when a chunked body runs past it, counting the bytes actually received. (The server
+    reads a body of declared length no further than that length: the bytes after it are the next
+    request, so such a body needs no counting.)"""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -24,8 +26,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _send_413(send, self.max_bytes)
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                return await _send_413(send, self.max_bytes)
+            return await self.app(scope, receive, send)  # HTTP/1.1 framing: no more than declared arrives
         received = 0
 
         async def counting_receive():

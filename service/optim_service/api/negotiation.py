@@ -1,4 +1,5 @@
-"""Content negotiation and the conditional/idempotency headers of the step route."""
+"""Content negotiation, bodies, and the conditional/idempotency headers, read from header values
+(so the step lane, which has no Starlette ``Request``, and the routes share them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import re
 from typing import Any
 
 import orjson
-from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
@@ -21,12 +21,12 @@ _ETAG = re.compile(r'^\s*(?:W/)?"(\d{1,18})"\s*$')
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
 
 
-def require_content_type(request: Request, *allowed: str) -> str:
-    ctype = media_type(request)
+def require_content_type(content_type: str | None, *allowed: str) -> str:
+    ctype = media_type(content_type)
     if ctype not in allowed:
         raise UnsupportedMediaType(
             f"Content-Type must be {' or '.join(allowed)}, got {ctype or 'none'!r}"
@@ -34,9 +34,9 @@ def require_content_type(request: Request, *allowed: str) -> str:
     return ctype
 
 
-def wants_binary(request: Request) -> bool:
+def wants_binary(accept: str | None) -> bool:
     """``Accept: application/octet-stream`` answers in binary; JSON otherwise (or 406)."""
-    accept = request.headers.get("accept", "").lower()
+    accept = (accept or "").lower()
     types = [part.split(";")[0].strip() for part in accept.split(",") if part.strip()]
     if not types or any(t in (JSON, "*/*", "application/*", "application/problem+json") for t in types):
         return BINARY in types[:1]
@@ -45,16 +45,16 @@ def wants_binary(request: Request) -> bool:
     raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
 
 
-async def read_body(request: Request) -> bytes | bytearray:
+async def read_body(content_length: str | None, receive) -> bytes | bytearray:
     """The body, read straight into one buffer of its declared length (the body-limit middleware has
     vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
     that arrives whole in one message, as every small step does, is taken as it is."""
-    declared = request.headers.get("content-length", "")
+    declared = content_length or ""
     if not declared.isdigit():
-        return await request.body()
+        return b"".join([chunk async for chunk in _chunks(receive)])
     size, buf, filled = int(declared), None, 0
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk, more = message.get("body", b""), message.get("more_body", False)
@@ -73,10 +73,20 @@ async def read_body(request: Request) -> bytes | bytearray:
     return buf
 
 
-def parse_json(request: Request, body: bytes, model: type[BaseModel], tensors: str) -> Any:
+async def _chunks(receive):
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+def parse_json(body: bytes, model: type[BaseModel], tensors: str, max_depth: int) -> Any:
     """The validated model; its ``tensors`` field holds float64 ndarrays where the fast reader was
     sure of them, orjson's lists (checked element by element later) where it was not."""
-    check_json_depth(body, request.app.state.settings.max_json_depth)
+    check_json_depth(body, max_depth)
     obj = loads_with_tensors(body, tensors)
     if obj is None:
         try:
@@ -91,14 +101,13 @@ def parse_json(request: Request, body: bytes, model: type[BaseModel], tensors: s
         raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
 
 
-def prefers_minimal(request: Request) -> bool:
+def prefers_minimal(prefer: str | None) -> bool:
     """RFC 7240 ``Prefer: return=minimal``: answer without the representation (the params)."""
-    prefer = request.headers.get("prefer", "").lower()
+    prefer = (prefer or "").lower()
     return any(p.split(";")[0].strip() == "return=minimal" for p in prefer.split(","))
 
 
-def if_match(request: Request) -> int | None:
-    value = request.headers.get("if-match")
+def if_match(value: str | None) -> int | None:
     if value is None or value.strip() == "*":
         return None
     match = _ETAG.match(value)
@@ -107,8 +116,7 @@ def if_match(request: Request) -> int | None:
     return int(match.group(1))
 
 
-def idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
+def idempotency_key(key: str | None) -> str | None:
     if key is not None and not _KEY.match(key):
         raise InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters")
     return key

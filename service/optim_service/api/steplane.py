@@ -1,42 +1,125 @@
-"""The hottest route served straight from ASGI: ``POST /v1/sessions/{id}/step``.
+"""``POST /v1/sessions/{id}/step``, the hottest route, served straight from ASGI.
 
-The router, the exception middleware, the per-request exit stack and the endpoint wrapper cost a
-small step ~15 µs of its ~175 in a tight in-process loop, more with cold caches behind a socket
-(bench/wire.py measures the whole step end to end). This lane sits innermost among the middlewares, so request ids, access logs, CORS and the body
-limit still apply, and answers errors with the app's own exception handlers. Every other request,
-and a step with another method (405), goes on to the router; the APIRoute there documents the step.
+A small JSON step is ~60 µs of session work. Starlette's ``Request`` and its header lookups, the
+router, dependency injection, a ``Response`` and a background task had added as much again, twice
+over (in-process, 100 floats: 176 µs through them, see bench/wire.py for the step on the wire). So
+``StepLane`` sits innermost among the middlewares (request ids, the access log, CORS and the body
+limit still apply), reads the headers once, answers with two ASGI messages, and maps errors through
+the app's own exception handlers. Every other request, and a step with another method (405), goes on
+to the router, whose APIRoute documents the step and serves it through the same ``serve_step``.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Mapping
+from typing import Callable
 
+import orjson
+from starlette.datastructures import State
 from starlette.requests import Request
+from starlette.responses import Response
 
-from .deps import get_caller
+from ..record import Session
+from ..sessions import StepResult, body_digest
+from . import wire
+from .auth import authenticate
+from .deps import Tenant
+from .negotiation import (BINARY, JSON, idempotency_key, if_match, parse_json, read_body, require_content_type,
+                          wants_binary)
+from .schemas import StepRequest
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
+_JSON_TYPE = (b"content-type", JSON.encode())
+_BINARY_TYPE = (b"content-type", BINARY.encode())
 
 
 class StepLane:
-    def __init__(self, app, step):
+    def __init__(self, app):
         self.app = app
-        self.step = step  # async (session_id, request, caller) -> Response
 
     async def __call__(self, scope, receive, send):
         match = scope["type"] == "http" and scope["method"] == "POST" and STEP_PATH.fullmatch(
             scope["path"].removeprefix(scope.get("root_path", "")))
         if not match:
             return await self.app(scope, receive, send)
-        request = Request(scope, receive)
+        # the first value of each header, as Starlette's Headers.get gives it (ASGI names are lowercase)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
+        state = scope["app"].state
         try:
-            response = await self.step(match[1], request, await get_caller(request))
+            caller = Tenant(await authenticate(state, headers.get("authorization")), state.sessions)
+            reply = await serve_step(match[1], headers, receive, caller, state)
         except Exception as exc:
             handler = _handler_for(scope["app"].exception_handlers, exc)
             if handler is None:
                 raise  # a bug: the server error middleware answers 500
-            response = await handler(request, exc)
-        await response(scope, receive, send)
+            reply = await handler(Request(scope, receive), exc)
+        await reply(scope, receive, send)
+
+
+class StepReply(Response):
+    """A step's answer: its headers already encoded, sent as two messages, then the step's metrics
+    recorded (after the send: the client is not kept waiting for them)."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes | memoryview, observe: Callable[[], None]):
+        self.status_code, self.raw_headers, self.body, self.background = 200, headers, body, None
+        self._observe = observe
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
+        self._observe()
+
+
+async def serve_step(session_id: str, headers: Mapping[str, str], receive, caller: Tenant, state: State) -> StepReply:
+    """Read a step (JSON or binary), apply it through the session service, and answer it."""
+    started = time.perf_counter()
+    ctype = require_content_type(headers.get("content-type"), JSON, BINARY)
+    binary_out = wants_binary(headers.get("accept"))  # refuse an unanswerable Accept before anything
+    key = idempotency_key(headers.get("idempotency-key"))
+    expected = if_match(headers.get("if-match"))
+    body = await read_body(headers.get("content-length"), receive)
+    loss, encodings = None, "list"
+    if ctype == JSON:
+        req = parse_json(body, StepRequest, "gradients", state.settings.max_json_depth)
+        loss, encodings = req.loss, wire.encodings_of(req.gradients)
+
+        def decode(session: Session):
+            return wire.decode_like(req.gradients, session.layout, "gradient")
+    else:
+        def decode(session: Session):
+            return wire.decode_binary(body, session.layout)
+
+    result = await caller.sessions.step(caller.owner, session_id, decode, loss=loss, if_match=expected,
+                                        idempotency=(key, body_digest(ctype, body)) if key else None)
+    session = result.session
+    out = [(b"etag", b'"%d"' % session.step), (b"server-timing", b"compute;dur=%.3f" % result.compute_ms)]
+    if result.replayed:
+        out.append((b"idempotent-replayed", b"true"))
+    if result.skipped:
+        out.append((b"optim-step-skipped", b"true"))
+    if binary_out:
+        content, kind = session.params_bytes(), _BINARY_TYPE
+    else:
+        doc = {"step": session.step, "params": wire.encode_like(session.params, session.layout, encodings)}
+        if result.grad_norm is not None:
+            doc["grad_norm"] = result.grad_norm
+        if result.skipped:
+            doc["skipped"] = True
+        content, kind = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), _JSON_TYPE
+    out += [kind, (b"content-length", b"%d" % len(content))]
+    wire_format = "binary" if ctype == BINARY else "json"
+    return StepReply(out, content, lambda: _observe(state.metrics, result, wire_format, started))
+
+
+def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:
+    outcome = "replayed" if result.replayed else "skipped" if result.skipped else "applied"
+    steps, compute, latency = metrics.step_series(result.session.config.optimizer.type, outcome, wire_format)
+    steps.inc()
+    if outcome == "applied":
+        compute.observe(result.compute_ms / 1e3)
+    latency.observe(time.perf_counter() - started)
 
 
 def _handler_for(handlers: dict, exc: Exception):

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 
 import orjson
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.background import BackgroundTask
 
 from ...errors import InvalidRequest
 from ...record import Layout, Session, layout_from_meta
-from ...sessions import body_digest
 from .. import wire
-from ..deps import Caller, get_caller
-from ..negotiation import (
-    BINARY,
-    JSON,
-    idempotency_key,
-    if_match,
-    read_body,
-    parse_json,
-    prefers_minimal,
-    require_content_type,
-    wants_binary,
-)
+from ..deps import Caller
+from ..negotiation import BINARY, JSON, parse_json, prefers_minimal, read_body, require_content_type, wants_binary
+from ..steplane import serve_step
 from ..responses import JSONResponse
 from ..schemas import (
     EXAMPLE_CREATE,
@@ -40,7 +28,6 @@ from ..schemas import (
     SessionInfo,
     SessionPage,
     StepAnswer,
-    StepRequest,
     answers,
 )
 
@@ -94,9 +81,10 @@ def json_body(model, example) -> dict:
                         415: STEP_PROBLEMS[415]},
              summary="Create a session, or resume one from a checkpoint")
 async def create_session(request: Request, caller: Caller) -> Response:
-    require_content_type(request, JSON)
-    minimal = prefers_minimal(request)
-    body = parse_json(request, await read_body(request), CreateSession, "params")
+    require_content_type(request.headers.get("content-type"), JSON)
+    minimal = prefers_minimal(request.headers.get("prefer"))
+    body = await read_body(request.headers.get("content-length"), request.receive)
+    body = parse_json(body, CreateSession, "params", request.app.state.settings.max_json_depth)
     layout, params = wire.decode_params(body.params, body.dtype)
     restored = None
     if body.state is not None:
@@ -139,45 +127,8 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
     responses={**answers(StepAnswer, binary=True), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
 async def step(session_id: str, request: Request, caller: Caller) -> Response:
-    started = time.perf_counter()
-    ctype = require_content_type(request, JSON, BINARY)
-    binary_out = wants_binary(request)  # refuse an unanswerable Accept before doing anything
-    body = await read_body(request)
-    key = idempotency_key(request)
-    loss, encodings = None, "list"
-    if ctype == JSON:
-        req = parse_json(request, body, StepRequest, "gradients")
-        loss, encodings = req.loss, wire.encodings_of(req.gradients)
-
-        def decode(session: Session):
-            return wire.decode_like(req.gradients, session.layout, "gradient")
-    else:
-        def decode(session: Session):
-            return wire.decode_binary(body, session.layout)
-
-    result = await caller.sessions.step(caller.owner, session_id, decode, loss=loss, if_match=if_match(request),
-        idempotency=(key, body_digest(ctype, body)) if key else None,
-    )
-    headers = {**_etag(result.session.step), "Server-Timing": f"compute;dur={result.compute_ms:.3f}"}
-    if result.replayed:
-        headers["Idempotent-Replayed"] = "true"
-    extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
-    if result.skipped:
-        headers["Optim-Step-Skipped"] = "true"
-        extra["skipped"] = True
-    response = _params_response(result.session, binary_out, encodings, extra, headers)
-    response.background = BackgroundTask(_observe, request, result, "binary" if ctype == BINARY else "json", started)
-    return response
-
-
-async def _observe(request: Request, result, wire_format: str, started: float) -> None:
-    optimizer = result.session.config.optimizer.type
-    outcome = "replayed" if result.replayed else "skipped" if result.skipped else "applied"
-    steps, compute, latency = request.app.state.metrics.step_series(optimizer, outcome, wire_format)
-    steps.inc()
-    if outcome == "applied":
-        compute.observe(result.compute_ms / 1e3)
-    latency.observe(time.perf_counter() - started)
+    # app.py's StepLane serves this before the router is reached; the route documents it
+    return await serve_step(session_id, request.headers, request.receive, caller, request.app.state)
 
 
 @router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},
@@ -195,7 +146,8 @@ async def get_params(
     encoding: Annotated[wire.Encoding, Query(description="list (nested JSON) or b64")] = "list",
 ) -> Response:
     session = await caller.sessions.load(caller.owner, session_id)
-    return _params_response(session, wants_binary(request), encoding, {}, _etag(session.step))
+    return _params_response(session, wants_binary(request.headers.get("accept")), encoding, {},
+                            _etag(session.step))
 
 
 @router.get("/{session_id}/state", responses={**answers(CreateSession), **SESSION_PROBLEMS},
