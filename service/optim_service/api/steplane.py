@@ -1,12 +1,12 @@
 """``POST /v1/sessions/{id}/step``, the hottest route, served straight from ASGI.
 
-A small JSON step is ~60 µs of session work. Starlette's ``Request`` and its header lookups, the
-router, dependency injection, a ``Response`` and a background task had added as much again, twice
-over (in-process, 100 floats: 176 µs through them, see bench/wire.py for the step on the wire). So
-``StepLane`` sits innermost among the middlewares (request ids, the access log, CORS and the body
-limit still apply), reads the headers once, answers with two ASGI messages, and maps errors through
-the app's own exception handlers. Every other request, and a step with another method (405), goes on
-to the router, whose APIRoute documents the step and serves it through the same ``serve_step``.
+A small JSON step's server time is all Python glue, a little of it in each layer (README,
+"Performance"). So ``StepLane``, the innermost of the service's middlewares (request ids, the access
+log, CORS and the body limit still apply; ``ServiceApp`` puts them around FastAPI's whole stack),
+reads the headers once, answers with two ASGI messages, and maps errors through the app's own
+exception handlers: no Starlette ``Request`` or ``Response``, router, dependency injection or
+background task. Every other request, and a step with another method (405), goes on to FastAPI,
+whose APIRoute documents the step and serves it through the same ``serve_step``.
 """
 
 from __future__ import annotations
@@ -53,14 +53,15 @@ class StepLane:
         except Exception as exc:
             handler = _handler_for(scope["app"].exception_handlers, exc)
             if handler is None:
-                raise  # a bug: the server error middleware answers 500
+                raise  # a bug: uvicorn answers 500 and logs the traceback
             reply = await handler(Request(scope, receive), exc)
         await reply(scope, receive, send)
 
 
 class StepReply(Response):
-    """A step's answer: its headers already encoded, sent as two messages, then the step's metrics
-    recorded (after the send: the client is not kept waiting for them)."""
+    """A step's answer: its headers already encoded (so ``Response.__init__``, which would encode
+    them again, is not called), sent as two messages, then the step's metrics recorded (after the
+    send: the client is not kept waiting for them). The APIRoute returns it as any Response."""
 
     def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes | memoryview, observe: Callable[[], None]):
         self.status_code, self.raw_headers, self.body, self.background = 200, headers, body, None
