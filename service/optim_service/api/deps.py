@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.datastructures import State
 
 from ..sessions import SessionService
 from .auth import authenticate
@@ -25,10 +26,14 @@ async def get_sessions(request: Request) -> SessionService:
     return request.app.state.sessions
 
 
+async def caller_of(state: State, authorization: str | None) -> Tenant:
+    """Authenticates and rate-limits a request with this Authorization header (401/429), then names
+    its tenant. ``state`` is the app's."""
+    return Tenant(await authenticate(state, authorization), state.sessions)
+
+
 async def get_caller(request: Request) -> Tenant:
-    """Authenticates and rate-limits the request (401/429), then names its tenant."""
-    state = request.app.state
-    return Tenant(await authenticate(state, request.headers.get("authorization")), state.sessions)
+    return await caller_of(request.app.state, request.headers.get("authorization"))
 
 
 Sessions = Annotated[SessionService, Depends(get_sessions)]

@@ -51,13 +51,9 @@ async def read_body(content_length: str | None, receive) -> bytes | bytearray:
     that arrives whole in one message, as every small step does, is taken as it is."""
     declared = content_length or ""
     if not declared.isdigit():
-        return b"".join([chunk async for chunk in _chunks(receive)])
+        return b"".join([chunk async for chunk, _ in _chunks(receive)])
     size, buf, filled = int(declared), None, 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk, more = message.get("body", b""), message.get("more_body", False)
+    async for chunk, more in _chunks(receive):
         if buf is None:
             if not more and len(chunk) == size:
                 return chunk
@@ -66,20 +62,20 @@ async def read_body(content_length: str | None, receive) -> bytes | bytearray:
             raise InvalidRequest("the body is longer than its Content-Length")
         buf[filled:filled + len(chunk)] = chunk
         filled += len(chunk)
-        if not more:
-            break
     if filled != size:
         raise InvalidRequest(f"the body ended after {filled} of its {size} declared bytes")
     return buf
 
 
 async def _chunks(receive):
+    """The body's pieces as (bytes, more to come), up to the last; a client gone raises."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
+        more = message.get("more_body", False)
+        yield message.get("body", b""), more
+        if not more:
             return
 
 

@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Callable
 
-import orjson
 from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,15 +23,12 @@ from starlette.responses import Response
 from ..record import Session
 from ..sessions import StepResult, body_digest
 from . import wire
-from .auth import authenticate
-from .deps import Tenant
+from .deps import Tenant, caller_of
 from .negotiation import (BINARY, JSON, idempotency_key, if_match, parse_json, read_body, require_content_type,
                           wants_binary)
 from .schemas import StepRequest
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
-_JSON_TYPE = (b"content-type", JSON.encode())
-_BINARY_TYPE = (b"content-type", BINARY.encode())
 
 
 class StepLane:
@@ -48,7 +44,7 @@ class StepLane:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
         state = scope["app"].state
         try:
-            caller = Tenant(await authenticate(state, headers.get("authorization")), state.sessions)
+            caller = await caller_of(state, headers.get("authorization"))
             reply = await serve_step(match[1], headers, receive, caller, state)
         except Exception as exc:
             handler = _handler_for(scope["app"].exception_handlers, exc)
@@ -100,16 +96,11 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         out.append((b"idempotent-replayed", b"true"))
     if result.skipped:
         out.append((b"optim-step-skipped", b"true"))
-    if binary_out:
-        content, kind = session.params_bytes(), _BINARY_TYPE
-    else:
-        doc = {"step": session.step, "params": wire.encode_like(session.params, session.layout, encodings)}
-        if result.grad_norm is not None:
-            doc["grad_norm"] = result.grad_norm
-        if result.skipped:
-            doc["skipped"] = True
-        content, kind = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), _JSON_TYPE
-    out += [kind, (b"content-length", b"%d" % len(content))]
+    extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
+    if result.skipped:
+        extra["skipped"] = True
+    content, media_type = wire.params_answer(session, binary_out, encodings, extra)
+    out += [(b"content-type", media_type.encode()), (b"content-length", b"%d" % len(content))]
     wire_format = "binary" if ctype == BINARY else "json"
     return StepReply(out, content, lambda: _observe(state.metrics, result, wire_format, started))
 

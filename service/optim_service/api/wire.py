@@ -12,10 +12,12 @@ import math
 from typing import Any, Literal
 
 import numpy as np
+import orjson
 
 from ..errors import InvalidRequest
 from ..finite import require_finite
-from ..record import DTYPES, Layout
+from ..record import DTYPES, Layout, Session
+from .negotiation import BINARY, JSON
 
 Encoding = Literal["list", "b64"]
 MAX_NAME_LENGTH = 256
@@ -171,3 +173,12 @@ def encode_like(arrays: list[np.ndarray], layout: Layout, encodings: dict[str, E
         encodings = dict.fromkeys(layout.names, encodings)
     encoded = [encode_tensor(a, encodings.get(n, "list")) for a, n in zip(arrays, layout.names)]
     return encoded[0] if layout.structure == "array" else dict(zip(layout.names, encoded))
+
+
+def params_answer(session: Session, binary: bool, encodings, extra: dict) -> tuple[bytes | memoryview, str]:
+    """A session's params as an answer body and its media type: the raw bytes (a view of the
+    session's memory), or ``{"step", "params", **extra}`` as JSON in the client's structure."""
+    if binary:
+        return session.params_bytes(), BINARY
+    doc = {"step": session.step, "params": encode_like(session.params, session.layout, encodings), **extra}
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), JSON

@@ -64,11 +64,9 @@ def _etag(step: int) -> dict[str, str]:
     return {"ETag": f'"{step}"'}
 
 
-def _params_response(session: Session, binary: bool, encodings, extra: dict, headers: dict) -> Response:
-    if binary:
-        return Response(session.params_bytes(), media_type=BINARY, headers=headers)
-    body = {"step": session.step, "params": wire.encode_like(session.params, session.layout, encodings), **extra}
-    return JSONResponse(body, headers=headers)
+def _params_response(session: Session, binary: bool, encodings, headers: dict) -> Response:
+    content, media_type = wire.params_answer(session, binary, encodings, {})
+    return Response(content, media_type=media_type, headers=headers)
 
 
 def json_body(model, example) -> dict:
@@ -146,8 +144,7 @@ async def get_params(
     encoding: Annotated[wire.Encoding, Query(description="list (nested JSON) or b64")] = "list",
 ) -> Response:
     session = await caller.sessions.load(caller.owner, session_id)
-    return _params_response(session, wants_binary(request.headers.get("accept")), encoding, {},
-                            _etag(session.step))
+    return _params_response(session, wants_binary(request.headers.get("accept")), encoding, _etag(session.step))
 
 
 @router.get("/{session_id}/state", responses={**answers(CreateSession), **SESSION_PROBLEMS},
