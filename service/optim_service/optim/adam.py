@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, adopt, flat, flat_input, flat_read, lerp_, non_finite, read_from,
+    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
     require_non_negative,
 )
 
@@ -91,9 +91,7 @@ def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) ->
 def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None) -> int:
     beta1, beta2 = hp.betas
     if 1 - beta1 >= 0.5:  # torch's lerp switches formula; no kernel for that rare case
-        adopt(param, state, source)
-        update(param, grad, state, hp, step)
-        return non_finite(grad, param, *state)
+        return reference(update, param, grad, state, hp, step, source)
     param0, state0 = read_from(param, state, source)
     t = param.dtype.type
     decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0

@@ -53,7 +53,11 @@ def require_non_negative(hp: Hyperparameters, **labels: str) -> None:
 
 
 def flat(array: np.ndarray) -> np.ndarray:
-    """A 1-D view for a kernel to write through (never a copy)."""
+    """A 1-D view for a kernel to write through (never a copy). A 1-D array is one already: the
+    session's arrays usually are, and asking for its flags and a reshape cost more than a small
+    update."""
+    if array.ndim == 1:
+        return array
     if not array.flags.c_contiguous:
         raise ValueError("kernels write in place: arrays must be C-contiguous")
     return array.reshape(-1)
@@ -78,7 +82,9 @@ def flat_read(array: np.ndarray) -> np.ndarray:
     """A 1-D, read-only view of current values a kernel reads (typed read-only whatever the array
     is, so each kernel compiles once: see ``flat_input``)."""
     view = flat(array)
-    view.flags.writeable = False
+    if view.flags.writeable:  # a read-only array (the stored state, mostly) needs no view of its own
+        view = view.view()
+        view.flags.writeable = False
     return view
 
 
@@ -91,6 +97,15 @@ def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
         array = array.view()
         array.flags.writeable = False
     return array
+
+
+def reference(update, param, grad, state: tuple, hp, step: int, source: tuple | None = None) -> int:
+    """The numpy reference as a kernel stand-in: ``update`` in place (after copying ``source`` in),
+    then how many of the arrays came out non-finite. Overflow is counted, not warned about."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        adopt(param, state, source)
+        update(param, grad, state, hp, step)
+        return non_finite(grad, param, *state)
 
 
 def non_finite(*arrays: np.ndarray | None) -> int:

@@ -13,7 +13,7 @@ from pydantic import model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, adopt, flat, flat_input, flat_read, lerp_, non_finite, read_from,
+    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
     require_non_negative,
 )
 
@@ -79,9 +79,7 @@ def update(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: i
 
 def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int, source=None) -> int:
     if hp.centered:  # no kernel: the reference, and its own finiteness count
-        adopt(param, state, source)
-        update(param, grad, state, hp, step)
-        return non_finite(grad, param, *state)
+        return reference(update, param, grad, state, hp, step, source)
     param0, state0 = read_from(param, state, source)
     t = param.dtype.type
     first_grad = step == 1 and hp.square_avg_init == "first_grad"
