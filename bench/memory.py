@@ -63,9 +63,9 @@ def main() -> int:
         print(f"create peak: {(create_peak - held) / params_bytes:.2f} parameter-sized copies beyond the session it "
               "leaves (the decoded params and the optimizer state, until they are joined into the record)")
         print(f"step peak: {adam_peak / params_bytes:.2f} parameter-sized copies beyond the session "
-              "(the request body and the working copy of the state; the answer is a view of it)")
+              "(the working copy of the state, with the body read into its parameters; the answer is a view of it)")
         session.delete()
-        # the same step on a two-buffer state (param, momentum_buffer): the body plus a working copy of 2
+        # the same step on a two-buffer state (param, momentum_buffer): a working copy of 2
         sgd = client.create_session({"w": np.zeros(N, np.float32)}, optimizer="sgd", momentum=0.9)
         print(f"step peak, SGD with momentum: {step_peak(pid, sgd, grad) / params_bytes:.2f} "
               "parameter-sized copies beyond the session")

@@ -51,6 +51,12 @@ async def test_create_get_round_trip_and_duplicates(make_store):
     await store.close()
 
 
+async def test_only_a_store_no_other_process_writes_is_private(make_store):
+    store = make_store()  # SessionService.binary_memory relies on it: a private store's step cannot lose a race
+    assert store.private is isinstance(store, MemoryStore)
+    await store.close()
+
+
 async def test_compare_and_set_only_from_the_expected_version(make_store):
     store = make_store()
     await store.create(record())

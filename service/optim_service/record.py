@@ -160,20 +160,23 @@ class Session:
     def hyperparameters(self) -> list:
         return _hyperparameters(self.config_json, self.layout.names)
 
-    def fork(self, copy: bool = True) -> Session:
+    def fork(self, copy: bool = True, memory: np.ndarray | None = None) -> Session:
         """A private, writable copy of a session loaded from a record: what a step works on, so
         that a refused step leaves the original (still the stored record) untouched. With
-        ``copy=False`` its arrays are fresh memory, for an update that reads this session and writes
-        every element (``apply_step(..., source=self.source())``): one pass over memory, not two. A
-        version 1 record is laid out anew, so the step writes it back as the current version."""
+        ``copy=False`` its arrays are fresh memory (or ``memory``, uint8 of the record's length),
+        for an update that reads this session and writes every element (``apply_step(...,
+        source=self.source())``): one pass over memory, not two. A version 1 record is laid out
+        anew, so the step writes it back as the current version."""
         clone = object.__new__(Session)
         clone.__dict__.update(self.__dict__)  # the parsed config and hyperparameters too (4x copy.copy's speed)
+        if memory is not None and (copy or len(memory) != len(self.buffer)):
+            memory = None
         if self.slots.schema == SCHEMA_VERSION:
-            clone.buffer = self.buffer.copy() if copy else np.empty_like(self.buffer)
+            clone.buffer = self.buffer.copy() if copy else np.empty_like(self.buffer) if memory is None else memory
             clone.params, clone.states = self.slots.views(clone.buffer)
             return clone
         clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
-        clone.buffer = np.empty(clone.slots.end, np.uint8)
+        clone.buffer = np.empty(clone.slots.end, np.uint8) if memory is None else memory
         clone.params, clone.states = clone.slots.views(clone.buffer)
         if copy:
             for param, state, source in zip(clone.params, clone.states, zip(self.params, self.states)):

@@ -79,6 +79,10 @@ class WarmSessions:
             self.remember(warm)
         return warm
 
+    def get(self, session_id: str) -> Session | None:
+        """The warm session of this id, of whatever version (its layout never changes)."""
+        return self._sessions.get(session_id)
+
     def remember(self, session: Session) -> None:
         self._sessions.put(session.id, session, len(session.buffer))
 
@@ -104,6 +108,19 @@ class SessionService:
         if n_elements >= self.settings.thread_offload_elements:
             return await anyio.to_thread.run_sync(fn)
         return fn()
+
+    def binary_memory(self, owner: str | None, session_id: str, nbytes: int) -> np.ndarray | None:
+        """Memory for a binary step's working copy, to read the body into. The body's gradients then
+        lie where the new parameters go, and each kernel reads an element's gradient before writing
+        its parameter there: a step holds the state and one working copy of it, not also the body
+        (a 10M-parameter Adam step: 3 parameter-sized copies above the session, not 4). Only for a
+        session warm here whose parameters take exactly ``nbytes``, on a private store: there a step
+        holding the session's lock cannot lose its compare-and-set, which would need the gradients
+        again. Otherwise None, and the body is read on its own."""
+        warm = self._warm.get(session_id) if self.store.private else None
+        if warm is None or warm.owner != owner or warm.layout.nbytes != nbytes:
+            return None
+        return np.empty_like(warm.buffer)
 
     async def create(
         self,
@@ -177,16 +194,19 @@ class SessionService:
         loss: float | None = None,
         if_match: int | None = None,
         idempotency: tuple[str, str] | None = None,  # (key, body digest)
+        memory: np.ndarray | None = None,  # from binary_memory, holding the body that ``decode`` reads
     ) -> StepResult:
         async with self._lock(session_id):
-            for _ in range(self.settings.cas_retries):
+            for attempt in range(self.settings.cas_retries):
                 record = await self._record(owner, session_id)
                 if idempotency is not None:
                     replay = await self._replay(record, *idempotency)
                     if replay is not None:
                         return replay
+                if attempt and memory is not None:  # the first attempt wrote over the gradients
+                    raise StepConflict("the session changed under this step; retry it")
                 template = self._warm.template(record)
-                session = template.fork(copy=False)  # the update writes every element of it
+                session = template.fork(copy=False, memory=memory)  # the update writes every element of it
                 if if_match is not None and session.step != if_match:
                     raise VersionMismatch(
                         f"If-Match expected step {if_match}, the session is at step {session.step}",
@@ -251,13 +271,23 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED
-        for name, grad in zip(session.layout.names, grads):
-            require_finite(grad, f"gradient '{name}'" if name else "gradient", session.layout.dtype)
-        name = next(n for n, p, s in zip(session.layout.names, session.params, session.states)
-                    if any(first_non_finite(a) is not None for a in (p, *s) if a is not None))
+        read_over = any(np.may_share_memory(grad, session.buffer) for grad in grads)  # binary_memory
+        if not read_over:
+            for name, grad in zip(session.layout.names, grads):
+                require_finite(grad, f"gradient '{name}'" if name else "gradient", session.layout.dtype)
+        name, index = next((n, i) for n, p, s in zip(session.layout.names, session.params, session.states)
+                           for a in (p, *s) if a is not None and (i := first_non_finite(a)) is not None)
+        dtype = session.layout.dtype
+        if read_over:  # the gradients' memory holds the new parameters now: which one it was is gone
+            raise InvalidRequest(
+                f"{f'gradient {name!r}' if name else 'gradient'}: non-finite at index {list(index)}, in the gradient sent or in the "
+                f"update it makes (NaN and ±Inf are refused; the update may also overflow {dtype}); "
+                "nothing was changed. Check the gradients, scale them down or clip them (clip_grad_norm), "
+                'or create the session with "nan_policy": "skip".'
+            )
         label = f"tensor '{name}'" if name else "the parameters"
         raise InvalidRequest(
-            f"this step would make {label} non-finite (overflow in {session.layout.dtype}); "
+            f"this step would make {label} non-finite (overflow in {dtype}); "
             "nothing was changed. Scale the gradients down or clip them (clip_grad_norm), "
             'or create the session with "nan_policy": "skip".'
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
@@ -45,10 +46,11 @@ def wants_binary(accept: str | None) -> bool:
     raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
 
 
-async def read_body(content_length: str | None, receive) -> bytes | bytearray:
+async def read_body(content_length: str | None, receive, into: np.ndarray | None = None) -> bytes | bytearray | memoryview:
     """The body, read straight into one buffer of its declared length (the body-limit middleware has
     vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
-    that arrives whole in one message, as every small step does, is taken as it is.
+    that arrives whole in one message, as every small step does, is taken as it is. Given ``into``
+    (uint8 memory at least that long), the body is read into its start and a view of it returned.
 
     Plain loops, not an async generator: one left unfinished (the early return) is closed through
     the event loop's finaliser hook, which cost every small step a wake-up of the loop and a task."""
@@ -61,9 +63,9 @@ async def read_body(content_length: str | None, receive) -> bytes | bytearray:
             chunks.append(chunk)
         return b"".join(chunks)
     size = int(declared)
-    if not more and len(chunk) == size:
+    if into is None and not more and len(chunk) == size:
         return chunk
-    buf, filled = bytearray(size), 0
+    buf, filled = bytearray(size) if into is None else memoryview(into)[:size], 0
     while True:
         if filled + len(chunk) > size:
             raise InvalidRequest("the body is longer than its Content-Length")

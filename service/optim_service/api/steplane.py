@@ -76,7 +76,10 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     binary_out = wants_binary(headers.get("accept"))  # refuse an unanswerable Accept before anything
     key = idempotency_key(headers.get("idempotency-key"))
     expected = if_match(headers.get("if-match"))
-    body = await read_body(headers.get("content-length"), receive)
+    length, memory = headers.get("content-length"), None
+    if ctype == BINARY and length and length.isdigit():
+        memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
+    body = await read_body(length, receive, into=memory)
     loss, encodings = None, "list"
     if ctype == JSON:
         req = parse_json(body, StepRequest, "gradients", state.settings.max_json_depth)
@@ -89,7 +92,8 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
             return wire.decode_binary(body, session.layout)
 
     result = await caller.sessions.step(caller.owner, session_id, decode, loss=loss, if_match=expected,
-                                        idempotency=(key, body_digest(ctype, body)) if key else None)
+                                        idempotency=(key, body_digest(ctype, body)) if key else None,
+                                        memory=memory)
     session = result.session
     out = [(b"etag", b'"%d"' % session.step), (b"server-timing", b"compute;dur=%.3f" % result.compute_ms)]
     if result.replayed:

@@ -102,6 +102,8 @@ def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
 def reference(update, param, grad, state: tuple, hp, step: int, source: tuple | None = None) -> int:
     """The numpy reference as a kernel stand-in: ``update`` in place (after copying ``source`` in),
     then how many of the arrays came out non-finite. Overflow is counted, not warned about."""
+    if source is not None and np.may_share_memory(grad, param):  # adopt would overwrite it
+        grad = grad.copy()
     with np.errstate(over="ignore", invalid="ignore"):
         adopt(param, state, source)
         update(param, grad, state, hp, step)

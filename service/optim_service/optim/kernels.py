@@ -12,6 +12,9 @@ values from one set of arrays (``p0``, ``m0``, ...) and writes the new ones to a
 ...): a step reads the stored state and writes its working copy in the same pass, instead of
 copying the state first (for 1M Adam the copy took longer than the update). The two sets are the same
 arrays for an update in place; each element is read before it is written, at its own index only.
+The gradient ``g`` may be the memory of ``p`` too (a binary step's body is read straight into the
+parameters of its working copy, ``SessionService.binary_memory``), so each kernel reads ``g[i]``
+once, first, into ``gr``.
 Each kernel also reports, in the same pass, whether any gradient or output is non-finite
 (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
 """
@@ -30,11 +33,12 @@ def _finite(a, b, c, d):
 def _sgd(p, g, p0, lr, sign, wd):
     bad = 0
     for i in prange(p.size):
-        gi = g[i] * sign
+        gr = g[i]
+        gi = gr * sign
         gi = gi + wd * p0[i]
         pi = p0[i] - lr * gi
         p[i] = pi
-        bad += not _finite(pi, g[i], pi, pi)
+        bad += not _finite(pi, gr, pi, pi)
     return bad
 
 
@@ -44,7 +48,8 @@ def _sgd_momentum(p, g, buf, p0, buf0, lr, sign, wd, momentum_now, grad_weight, 
     # (a Python literal here would promote the sum to float64)
     bad = 0
     for i in prange(p.size):
-        gi = g[i] * sign
+        gr = g[i]
+        gi = gr * sign
         gi = gi + wd * p0[i]
         b = buf0[i] * momentum_now
         b = b + grad_weight * gi
@@ -52,20 +57,21 @@ def _sgd_momentum(p, g, buf, p0, buf0, lr, sign, wd, momentum_now, grad_weight, 
         step = nesterov * (gi + momentum * b) + plain * b
         pi = p0[i] - lr * step
         p[i] = pi
-        bad += not _finite(pi, b, g[i], pi)
+        bad += not _finite(pi, b, gr, pi)
     return bad
 
 
 def _adagrad(p, g, s, p0, s0, clr, sign, wd, eps):
     bad = 0
     for i in prange(p.size):
-        gi = g[i] * sign
+        gr = g[i]
+        gi = gr * sign
         gi = gi + wd * p0[i]
         si = s0[i] + gi * gi
         s[i] = si
         pi = p0[i] - clr * gi / (np.sqrt(si) + eps)
         p[i] = pi
-        bad += not _finite(pi, si, g[i], pi)
+        bad += not _finite(pi, si, gr, pi)
     return bad
 
 
@@ -73,21 +79,23 @@ def _rmsprop(p, g, sq, p0, sq0, lr, sign, wd, alpha, alpha_c, eps):
     # alpha, alpha_c = (0, 1) on the lecture form's first step (σ⁰ = |g⁰|), else (α, 1 - α)
     bad = 0
     for i in prange(p.size):
-        gi = g[i] * sign
+        gr = g[i]
+        gi = gr * sign
         gi = gi + wd * p0[i]
         v = sq0[i] * alpha
         v = v + alpha_c * gi * gi
         sq[i] = v
         pi = p0[i] - lr * gi / (np.sqrt(v) + eps)
         p[i] = pi
-        bad += not _finite(pi, v, g[i], pi)
+        bad += not _finite(pi, v, gr, pi)
     return bad
 
 
 def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, lr, sign, wd, alpha, alpha_c, eps, momentum):
     bad = 0
     for i in prange(p.size):
-        gi = g[i] * sign
+        gr = g[i]
+        gi = gr * sign
         gi = gi + wd * p0[i]
         v = sq0[i] * alpha
         v = v + alpha_c * gi * gi
@@ -97,7 +105,7 @@ def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, lr, sign, wd, alpha, alpha_c
         buf[i] = b
         pi = p0[i] - lr * b
         p[i] = pi
-        bad += not _finite(pi, v, b, g[i])
+        bad += not _finite(pi, v, b, gr)
     return bad
 
 
@@ -105,7 +113,8 @@ def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_siz
     # torch's lerp for weight b1_c < 0.5
     bad = 0
     for i in prange(p.size):
-        gi = g[i] * sign
+        gr = g[i]
+        gi = gr * sign
         pi = p0[i] * decay
         gi = gi + wd * pi
         mi = m0[i] + b1_c * (gi - m0[i])
@@ -115,7 +124,7 @@ def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_siz
         v[i] = vi
         pi = pi - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
         p[i] = pi
-        bad += not _finite(pi, mi, vi, g[i])
+        bad += not _finite(pi, mi, vi, gr)
     return bad
 
 
@@ -123,7 +132,8 @@ def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, sign, wd, decay, b1_c, b2
                   bc2_sqrt):
     bad = 0
     for i in prange(p.size):
-        gi = g[i] * sign
+        gr = g[i]
+        gi = gr * sign
         pi = p0[i] * decay
         gi = gi + wd * pi
         mi = m0[i] + b1_c * (gi - m0[i])
@@ -135,7 +145,7 @@ def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, sign, wd, decay, b1_c, b2
         vmax[i] = second
         pi = pi - step_size * mi / (np.sqrt(second) / bc2_sqrt + eps)
         p[i] = pi
-        bad += not _finite(pi, mi, second, g[i])
+        bad += not _finite(pi, mi, second, gr)
     return bad
 
 

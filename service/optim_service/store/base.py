@@ -14,6 +14,8 @@ A store keeps opaque session records and never knows which optimizer they hold:
 - ``list(owner, limit, after)`` returns up to ``limit`` live records of ``owner`` with id > ``after``,
   ordered by id; their ``data`` may be empty (listing never needs tensors).
 - ``count()`` is the number of live sessions; ``count_owned(owner)`` of one owner's.
+- ``private`` is True when no other process writes these records (the memory store): a step that
+  holds its session's lock in this process then cannot lose its compare-and-set.
 - Sessions idle (not written) for ``session_ttl_seconds`` expire (0: never) and are then absent from
   every method; ``sweep()`` reclaims their space where the backend does not do it by itself.
 """
@@ -73,6 +75,8 @@ def translate_errors(*backend_errors: type[BaseException]):
 
 
 class SessionStore(Protocol):
+    private: bool
+
     async def create(self, record: SessionRecord) -> None: ...
     async def get(self, session_id: str) -> SessionRecord | None: ...
     async def version(self, session_id: str) -> int | None: ...

@@ -13,6 +13,8 @@ from .base import Claim, SessionRecord, SessionStore
 
 
 class CachedStore:
+    private = False  # other processes may write the same sessions
+
     def __init__(self, inner: SessionStore, max_bytes: int):
         self.inner = inner
         self._copies: ByteBoundedLRU[SessionRecord] = ByteBoundedLRU(max_bytes)

@@ -10,6 +10,8 @@ from .base import Claim, SessionExists, SessionRecord
 
 
 class MemoryStore:
+    private = True  # this process's own dict
+
     def __init__(self, session_ttl_seconds: int = 0) -> None:
         self._ttl = session_ttl_seconds
         self._records: dict[str, tuple[SessionRecord, float]] = {}  # id -> (record, expires at)

@@ -63,6 +63,8 @@ STAGING_TTL = 60  # a staged copy whose script never ran (the process died) clea
 
 @translate_errors(RedisConnectionError, RedisTimeoutError)
 class RedisStore:
+    private = False  # other processes may write the same sessions
+
     def __init__(self, url: str, session_ttl_seconds: int = 0, prefix: str = "optim"):
         self._redis = aioredis.Redis.from_url(url, decode_responses=False)
         self._ttl = session_ttl_seconds

@@ -45,6 +45,8 @@ NEVER = float("inf")
 
 @translate_errors(sqlite3.OperationalError)
 class SQLiteStore:
+    private = False  # other processes may write the same sessions
+
     def __init__(self, path: str, session_ttl_seconds: int = 0, synchronous: str = "normal"):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._ttl = session_ttl_seconds

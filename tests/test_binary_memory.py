@@ -1,0 +1,107 @@
+"""A binary step on the memory store reads its body straight into its working copy's parameters
+(``SessionService.binary_memory``): the same numbers as any other step, one parameter-sized copy
+less at its peak (bench/memory.py), and refusals that still change nothing."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from optim_service.api import wire
+from optim_service.app import create_app
+from optim_service.settings import Settings
+
+OCTETS = {"content-type": "application/octet-stream"}
+VARIANTS = [
+    {"type": "adam", "lr": 0.1},
+    {"type": "adam", "lr": 0.1, "amsgrad": True, "weight_decay": 0.01},
+    {"type": "adam", "lr": 0.1, "betas": [0.4, 0.9]},  # beta1 below 0.5: the numpy reference, not a kernel
+    {"type": "adamw", "lr": 0.1},
+    {"type": "rmsprop", "lr": 0.01},
+    {"type": "rmsprop", "lr": 0.01, "centered": True},  # the numpy reference too
+    {"type": "rmsprop", "lr": 0.01, "momentum": 0.9},
+    {"type": "adagrad", "lr": 0.1},
+    {"type": "sgd", "lr": 0.1},
+    {"type": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+]
+
+
+@pytest.fixture(params=[True, False], ids=["kernels", "reference"])
+async def app(request):
+    """The memory store (conftest's ``client`` talks to it), with the kernels and with the reference."""
+    application = create_app(Settings(store="memory", fused_kernels=request.param))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+async def session(client, optimizer, params, **extra) -> str:
+    r = await client.post("/v1/sessions", json={"optimizer": optimizer, "params": params, "dtype": "float32", **extra})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+async def state(client, sid) -> dict:
+    r = await client.get(f"/v1/sessions/{sid}/state")
+    assert r.status_code == 200
+    return r.json()
+
+
+@pytest.mark.parametrize("optimizer", VARIANTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+async def test_binary_steps_equal_json_steps_bit_for_bit(client, optimizer):
+    rng = np.random.default_rng(7)
+    params = {"w": rng.standard_normal((3, 4)).astype("<f4").tolist(), "b": rng.standard_normal(5).astype("<f4").tolist()}
+    by_body, by_json = await session(client, optimizer, params), await session(client, optimizer, params)
+    for _ in range(3):
+        w, b = rng.standard_normal((3, 4)).astype("<f4"), rng.standard_normal(5).astype("<f4")
+        r = await client.post(f"/v1/sessions/{by_body}/step", content=w.tobytes() + b.tobytes(), headers=OCTETS)
+        assert r.status_code == 200, r.text
+        exact = {k: {"shape": list(v.shape), "b64": base64.b64encode(v.tobytes()).decode()} for k, v in (("w", w), ("b", b))}
+        r = await client.post(f"/v1/sessions/{by_json}/step", json={"gradients": exact})
+        assert r.status_code == 200, r.text
+    assert await state(client, by_body) == await state(client, by_json)
+
+
+async def test_the_stored_session_is_the_memory_the_body_was_read_into(app, client):
+    sid = await session(client, {"type": "adam", "lr": 0.1}, [1.0, 2.0, 3.0])
+    sessions = app.state.sessions
+    memory = sessions.binary_memory(None, sid, 12)
+    assert memory is not None and sessions.binary_memory(None, sid, 8) is None  # a wrong length reads apart
+    assert sessions.binary_memory("someone else", sid, 12) is None and sessions.binary_memory(None, "nope", 12) is None
+    body = memoryview(memory)[:12]
+    body[:] = np.array([0.5, -0.5, 1.0], "<f4").tobytes()
+    result = await sessions.step(None, sid, lambda s: wire.decode_binary(body, s.layout), memory=memory)
+    assert result.session.buffer is memory and result.session.step == 1
+    stored = await sessions.store.get(sid)
+    assert np.shares_memory(np.frombuffer(stored.data, np.uint8), memory)
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float32, requires_grad=True)
+    w.grad = torch.tensor([0.5, -0.5, 1.0])
+    torch.optim.Adam([w], lr=0.1).step()
+    np.testing.assert_array_equal(result.session.params[0], w.detach().numpy())
+
+
+async def test_a_shared_store_reads_the_body_apart(tmp_path):
+    application = create_app(Settings(store=f"sqlite:///{tmp_path}/s.db"))
+    async with application.router.lifespan_context(application):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://test") as client:
+            sid = await session(client, {"type": "sgd", "lr": 0.1}, [1.0, 2.0])
+        assert application.state.sessions.binary_memory(None, sid, 8) is None
+
+
+@pytest.mark.parametrize("gradient,fragments", [
+    ([np.nan, 1.0], ["gradient 'w': non-finite at index [0]", "in the gradient sent or in the update"]),
+    ([1.0, 1e30], ["gradient 'w': non-finite at index [1]", "may also overflow float32"]),  # g² overflows
+])
+async def test_a_refused_binary_step_says_where_and_changes_nothing(client, gradient, fragments):
+    sid = await session(client, {"type": "adam", "lr": 0.1}, {"w": [1.0, 2.0]})
+    before = await state(client, sid)
+    r = await client.post(f"/v1/sessions/{sid}/step", content=np.array(gradient, "<f4").tobytes(), headers=OCTETS)
+    assert r.status_code == 422 and "Traceback" not in r.text
+    for fragment in fragments:
+        assert fragment in r.json()["detail"], r.json()["detail"]
+    assert await state(client, sid) == before
+    r = await client.post(f"/v1/sessions/{sid}/step", content=np.array([0.5, 0.5], "<f4").tobytes(), headers=OCTETS)
+    assert r.status_code == 200 and r.json()["step"] == 1
