@@ -8,7 +8,6 @@ update is ever lost or applied twice. Nothing is written until the new state is 
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
 import time
 import weakref
@@ -102,12 +101,6 @@ class SessionService:
         if lock is None:
             lock = self._locks[session_id] = asyncio.Lock()
         return lock
-
-    async def _run(self, fn, n_elements: int):
-        """Large updates go to a worker thread so the event loop keeps serving small ones."""
-        if n_elements >= self.settings.thread_offload_elements:
-            return await anyio.to_thread.run_sync(fn)
-        return fn()
 
     def binary_memory(self, owner: str | None, session_id: str, nbytes: int) -> np.ndarray | None:
         """Memory for a binary step's working copy, to read the body into. The body's gradients then
@@ -214,10 +207,11 @@ class SessionService:
                     )
                 grads = decode(session)
                 started = time.perf_counter()
-                grad_norm = await self._run(
-                    functools.partial(_advance, session, grads, self.settings.fused_kernels, template),
-                    sum(session.layout.sizes),
-                )
+                args = (session, grads, self.settings.fused_kernels, template)
+                if sum(session.layout.sizes) < self.settings.thread_offload_elements:
+                    grad_norm = _advance(*args)
+                else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
+                    grad_norm = await anyio.to_thread.run_sync(_advance, *args)
                 compute_ms = (time.perf_counter() - started) * 1e3
                 skipped = grad_norm is SKIPPED
                 if skipped:  # store only the count: the arrays may be half-updated

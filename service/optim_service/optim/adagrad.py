@@ -52,11 +52,10 @@ def update(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: i
 
 def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None) -> int:
     param0, state0 = read_from(param, state, source)
-    t = param.dtype.type
     clr = hp.lr / (1 + (step - 1) * hp.lr_decay)
     return kernels.run("adagrad", flat(param), flat_input(grad, param), flat(state.sum),
-                       flat_read(param0), flat_read(state0.sum), t(clr),
-                       t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay), t(hp.eps))
+                       flat_read(param0), flat_read(state0.sum),
+                       np.array((clr, -1.0 if hp.maximize else 1.0, hp.weight_decay, hp.eps), param.dtype))
 
 
 adagrad = Optimizer(

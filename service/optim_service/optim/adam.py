@@ -93,7 +93,6 @@ def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, sou
     if 1 - beta1 >= 0.5:  # torch's lerp switches formula; no kernel for that rare case
         return reference(update, param, grad, state, hp, step, source)
     param0, state0 = read_from(param, state, source)
-    t = param.dtype.type
     decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0
     written = [flat(param), flat(state.exp_avg), flat(state.exp_avg_sq)]
     read = [param0, state0.exp_avg, state0.exp_avg_sq]
@@ -102,11 +101,10 @@ def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, sou
         read.append(state0.max_exp_avg_sq)
     read = [flat_read(array) for array in read]
     arrays = [written[0], flat_input(grad, param), *written[1:], *read]
-    return kernels.run(
-        "adam_amsgrad" if hp.amsgrad else "adam", *arrays,
-        t(-1.0 if hp.maximize else 1.0), t(0.0 if decoupled else hp.weight_decay),
-        t(1 - hp.lr * hp.weight_decay if decoupled else 1.0), t(1 - beta1), t(beta2), t(1 - beta2),
-        t(hp.eps), t(hp.lr / (1 - beta1**step)), t(math.sqrt(1 - beta2**step)))
+    return kernels.run("adam_amsgrad" if hp.amsgrad else "adam", *arrays, np.array((
+        -1.0 if hp.maximize else 1.0, 0.0 if decoupled else hp.weight_decay,
+        1 - hp.lr * hp.weight_decay if decoupled else 1.0, 1 - beta1, beta2, 1 - beta2,
+        hp.eps, hp.lr / (1 - beta1**step), math.sqrt(1 - beta2**step)), param.dtype))
 
 
 adam = Optimizer(

@@ -92,7 +92,7 @@ def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
     """A 1-D, contiguous array of ``like``'s dtype that a kernel only reads (a gradient), typed
     read-only whatever it came from: numba compiles a kernel once per argument type, and
     ``warm_kernels`` compiles the read-only one at start-up."""
-    array = np.ascontiguousarray(array, like.dtype).reshape(-1)
+    array = flat(np.ascontiguousarray(array, like.dtype))
     if array.flags.writeable:
         array = array.view()
         array.flags.writeable = False

@@ -15,6 +15,8 @@ arrays for an update in place; each element is read before it is written, at its
 The gradient ``g`` may be the memory of ``p`` too (a binary step's body is read straight into the
 parameters of its working copy, ``SessionService.binary_memory``), so each kernel reads ``g[i]``
 once, first, into ``gr``.
+The scalars (learning rate, betas, ...) come as one array ``c`` of the tensor's dtype: making nine
+numpy scalars and having numba's dispatcher type each one cost more than a 100-element update.
 Each kernel also reports, in the same pass, whether any gradient or output is non-finite
 (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
 """
@@ -30,7 +32,8 @@ def _finite(a, b, c, d):
     return max(max(abs(a), abs(b)), max(abs(c), abs(d))) < np.inf
 
 
-def _sgd(p, g, p0, lr, sign, wd):
+def _sgd(p, g, p0, c):
+    lr, sign, wd = c[0], c[1], c[2]
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -42,10 +45,12 @@ def _sgd(p, g, p0, lr, sign, wd):
     return bad
 
 
-def _sgd_momentum(p, g, buf, p0, buf0, lr, sign, wd, momentum_now, grad_weight, momentum, nesterov, plain):
+def _sgd_momentum(p, g, buf, p0, buf0, c):
     # momentum_now, grad_weight = (0, 1) on the first step (the buffer starts as the gradient),
     # else (momentum, 1 - dampening); (nesterov, plain) is (1, 0) or (0, 1), in the tensor's dtype
     # (a Python literal here would promote the sum to float64)
+    lr, sign, wd, momentum_now = c[0], c[1], c[2], c[3]
+    grad_weight, momentum, nesterov, plain = c[4], c[5], c[6], c[7]
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -61,7 +66,8 @@ def _sgd_momentum(p, g, buf, p0, buf0, lr, sign, wd, momentum_now, grad_weight, 
     return bad
 
 
-def _adagrad(p, g, s, p0, s0, clr, sign, wd, eps):
+def _adagrad(p, g, s, p0, s0, c):
+    clr, sign, wd, eps = c[0], c[1], c[2], c[3]
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -75,8 +81,9 @@ def _adagrad(p, g, s, p0, s0, clr, sign, wd, eps):
     return bad
 
 
-def _rmsprop(p, g, sq, p0, sq0, lr, sign, wd, alpha, alpha_c, eps):
+def _rmsprop(p, g, sq, p0, sq0, c):
     # alpha, alpha_c = (0, 1) on the lecture form's first step (σ⁰ = |g⁰|), else (α, 1 - α)
+    lr, sign, wd, alpha, alpha_c, eps = c[0], c[1], c[2], c[3], c[4], c[5]
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -91,7 +98,8 @@ def _rmsprop(p, g, sq, p0, sq0, lr, sign, wd, alpha, alpha_c, eps):
     return bad
 
 
-def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, lr, sign, wd, alpha, alpha_c, eps, momentum):
+def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, c):
+    lr, sign, wd, alpha, alpha_c, eps, momentum = c[0], c[1], c[2], c[3], c[4], c[5], c[6]
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -109,8 +117,10 @@ def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, lr, sign, wd, alpha, alpha_c
     return bad
 
 
-def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
+def _adam(p, g, m, v, p0, m0, v0, c):
     # torch's lerp for weight b1_c < 0.5
+    sign, wd, decay, b1_c, b2 = c[0], c[1], c[2], c[3], c[4]
+    b2_c, eps, step_size, bc2_sqrt = c[5], c[6], c[7], c[8]
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -128,8 +138,9 @@ def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_siz
     return bad
 
 
-def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size,
-                  bc2_sqrt):
+def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, c):
+    sign, wd, decay, b1_c, b2 = c[0], c[1], c[2], c[3], c[4]
+    b2_c, eps, step_size, bc2_sqrt = c[5], c[6], c[7], c[8]
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -167,6 +178,6 @@ SERIAL = {name: njit(cache=True, nogil=True)(_serial_twin(fn)) for name, fn in _
 
 
 def run(name: str, p: np.ndarray, *args) -> int:
-    """Run kernel ``name`` over flat views (written arrays, the gradient, read arrays, scalars);
-    returns how many elements came out non-finite."""
+    """Run kernel ``name`` over flat views (written arrays, the gradient, read arrays) and ``c``, its
+    scalars in the tensor's dtype as one array; returns how many elements came out non-finite."""
     return (PARALLEL if p.size >= PARALLEL_MIN_ELEMENTS else SERIAL)[name](p, *args)

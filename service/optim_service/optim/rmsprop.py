@@ -81,16 +81,16 @@ def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: in
     if hp.centered:  # no kernel: the reference, and its own finiteness count
         return reference(update, param, grad, state, hp, step, source)
     param0, state0 = read_from(param, state, source)
-    t = param.dtype.type
     first_grad = step == 1 and hp.square_avg_init == "first_grad"
-    args = (t(hp.lr), t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay), t(0.0 if first_grad else hp.alpha),
-            t(1.0 if first_grad else 1 - hp.alpha), t(hp.eps))
+    scalars = (hp.lr, -1.0 if hp.maximize else 1.0, hp.weight_decay, 0.0 if first_grad else hp.alpha,
+               1.0 if first_grad else 1 - hp.alpha, hp.eps)
     if hp.momentum > 0:
         read = [flat_read(a) for a in (param0, state0.square_avg, state0.momentum_buffer)]
         return kernels.run("rmsprop_momentum", flat(param), flat_input(grad, param), flat(state.square_avg),
-                           flat(state.momentum_buffer), *read, *args, t(hp.momentum))
+                           flat(state.momentum_buffer), *read, np.array((*scalars, hp.momentum), param.dtype))
     read = [flat_read(a) for a in (param0, state0.square_avg)]
-    return kernels.run("rmsprop", flat(param), flat_input(grad, param), flat(state.square_avg), *read, *args)
+    return kernels.run("rmsprop", flat(param), flat_input(grad, param), flat(state.square_avg), *read,
+                       np.array(scalars, param.dtype))
 
 
 rmsprop = Optimizer(

@@ -56,15 +56,15 @@ def update(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> N
 
 def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None) -> int:
     param0, state0 = read_from(param, state, source)
-    t = param.dtype.type
-    common = (t(hp.lr), t(-1.0 if hp.maximize else 1.0), t(hp.weight_decay))
+    common = (hp.lr, -1.0 if hp.maximize else 1.0, hp.weight_decay)
     if hp.momentum == 0:
-        return kernels.run("sgd", flat(param), flat_input(grad, param), flat_read(param0), *common)
+        return kernels.run("sgd", flat(param), flat_input(grad, param), flat_read(param0),
+                           np.array(common, param.dtype))
     first = step == 1
     return kernels.run("sgd_momentum", flat(param), flat_input(grad, param), flat(state.momentum_buffer),
-                       flat_read(param0), flat_read(state0.momentum_buffer), *common,
-                       t(0.0 if first else hp.momentum), t(1.0 if first else 1 - hp.dampening),
-                       t(hp.momentum), t(1.0 if hp.nesterov else 0.0), t(0.0 if hp.nesterov else 1.0))
+                       flat_read(param0), flat_read(state0.momentum_buffer), np.array((
+                           *common, 0.0 if first else hp.momentum, 1.0 if first else 1 - hp.dampening,
+                           hp.momentum, 1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0), param.dtype))
 
 
 sgd = Optimizer(
