@@ -30,3 +30,4 @@ bench: $(VENV)/.test-deps
 	cd bench && ../$(BIN)/python wire.py
 	cd bench && ../$(BIN)/python memory.py
 	cd bench && ../$(BIN)/python stores.py
+	cd bench && ../$(BIN)/python instructions.py

@@ -26,7 +26,8 @@ class Server:
     """A server process on a free port: ``optim-service serve``, or an echo app of echo_app.py under
     uvicorn ("echo": bare ASGI, "fastapi-echo": one FastAPI route)."""
 
-    def __init__(self, kind: str, env: dict | None = None):
+    def __init__(self, kind: str, env: dict | None = None, wrapper: tuple[str, ...] = (), start_seconds: float = 30):
+        """``wrapper`` runs the server under another program (valgrind, for bench/instructions.py)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if kind == "service":
@@ -35,11 +36,12 @@ class Server:
             target = "echo_app:fastapi_app" if kind == "fastapi-echo" else "echo_app:app"
             cmd = [str(BIN / "uvicorn"), target, "--port", str(self.port), "--log-level", "warning",
                    "--no-access-log"]
-        self.proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, env={**os.environ, **(env or {})},
+        self.proc = subprocess.Popen([*wrapper, *cmd], cwd=Path(__file__).parent, env={**os.environ, **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(300):
+        deadline = time.monotonic() + start_seconds
+        while time.monotonic() < deadline:
             try:
-                httpx.get(self.url + ("/healthz" if kind == "service" else "/"), timeout=1)
+                httpx.get(self.url + ("/healthz" if kind == "service" else "/"), timeout=start_seconds)
                 return
             except httpx.TransportError:
                 time.sleep(0.1)
