@@ -91,9 +91,8 @@ class Slots:
 
     def views(self, buf) -> tuple[list[np.ndarray], list[tuple]]:
         flat = np.frombuffer(buf, self.dtype)
-        params = [flat[o:o + n].reshape(shape) for o, n, shape in self.params]
-        states = [self.state_type(*[None if w is None else flat[w[0]:w[0] + w[1]].reshape(w[2]) for w in fields])
-                  for fields in self.states]
+        params = [_view(flat, *where) for where in self.params]
+        states = [self.state_type(*[None if w is None else _view(flat, *w) for w in fields]) for fields in self.states]
         return params, states
 
     def flat(self, buf) -> tuple[np.ndarray, tuple] | None:
@@ -104,6 +103,12 @@ class Slots:
         flat = np.frombuffer(buf, self.dtype)
         size = self.params[-1][0] + self.params[-1][1]  # every parameter, in one run from 0
         return flat[:size], self.state_type(*[None if k is None else flat[k:k + size] for k in self.kinds])
+
+
+def _view(flat: np.ndarray, offset: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """One array of ``flat``; a 1-D one is the slice itself (a reshape per array showed in a small step)."""
+    run = flat[offset:offset + size]
+    return run if len(shape) == 1 else run.reshape(shape)
 
 
 @lru_cache(maxsize=4096)

@@ -11,8 +11,7 @@ import asyncio
 import secrets
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import anyio.to_thread
 import blake3
@@ -36,8 +35,7 @@ from .store import Claim, SessionRecord, SessionStore
 GradientDecoder = Callable[[Session], list[np.ndarray]]
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
     session: Session
     grad_norm: float | None
     compute_ms: float
