@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 
 from . import _wire
-from ._transport import AsyncHTTPClientTransport, HTTPClientTransport
+from ._transport import WRITABLE_BODY, AsyncHTTPClientTransport, HTTPClientTransport
 from .errors import APIConnectionError, APITimeoutError, for_status
 
 JSON = "application/json"
@@ -34,17 +34,30 @@ class _Call:
     method: str
     path: str
     json: Any = None
-    content: bytes | None = None
+    content: list[memoryview] | None = None  # the body's pieces, sent one after another: no joined copy
     headers: dict[str, str] = field(default_factory=dict)
     retry_safe: bool = True  # reads, deletes and keyed steps may be resent
 
-    def kwargs(self) -> dict:
+    def kwargs(self, asynchronous: bool = False) -> dict:
         kw: dict[str, Any] = {"headers": self.headers}
         if self.json is not None:
             kw["json"] = self.json
-        if self.content is not None:
-            kw["content"] = self.content
+        if self.content is not None:  # a fresh iterable per attempt; the length said, so not chunked
+            kw["headers"] = {**self.headers, "Content-Length": str(sum(map(len, self.content)))}
+            kw["content"] = _pieces(self.content) if asynchronous else self.content
         return kw
+
+
+async def _pieces(pieces: list[memoryview]):
+    for piece in pieces:
+        yield piece
+
+
+def _wants_body(response: httpx.Response) -> bool:
+    """Whether the body still has to be read: not a binary answer the transport already holds in
+    writable memory (httpx's ``read`` would copy it once more)."""
+    return not (WRITABLE_BODY in response.extensions and response.status_code < 400
+                and response.headers.get("content-type", "").startswith(BINARY))
 
 
 def _read(response: httpx.Response):
@@ -139,7 +152,7 @@ def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
     if loss is None and sum(a.size for a in arrays) >= BINARY_MIN_ELEMENTS:
         headers |= {"Content-Type": BINARY, "Accept": BINARY}
         return _Call("POST", f"/v1/sessions/{session.id}/step", headers=headers,
-                     content=b"".join(a.data for a in arrays))
+                     content=[memoryview(a).cast("B") for a in arrays])
     grads = [_wire.to_b64(a) for a in arrays]
     body: dict[str, Any] = {"gradients": dict(zip(session.layout.names, grads)) if session.layout.named else grads[0]}
     if loss is not None:
@@ -166,7 +179,8 @@ class _SessionBase:
     def _take(self, answer) -> Any:
         if isinstance(answer, httpx.Response):  # binary
             self.step_count = int(answer.headers["etag"].strip('W/"'))
-            self._params = _wire.from_binary(bytearray(answer.content), self.layout)  # one copy, writable
+            body = answer.extensions.get(WRITABLE_BODY)  # what the sync transport read the body into
+            self._params = _wire.from_binary(bytearray(answer.content) if body is None else body, self.layout)
         else:
             self.step_count = answer["step"]
             self._params = _wire.from_json(answer["params"], self.layout)
@@ -218,7 +232,9 @@ class OptimClient(_Base):
     def _send(self, call: _Call):
         for attempt in range(self.max_retries + 1):
             try:
-                response = self._http.request(call.method, self._url(call.path), **call.kwargs())
+                with self._http.stream(call.method, self._url(call.path), **call.kwargs()) as response:
+                    if _wants_body(response):
+                        response.read()
             except httpx.TransportError as e:
                 if (wait := self._retry(call, attempt, e, None)) is None:
                     raise _connection_error(e) from e
@@ -274,7 +290,9 @@ class AsyncOptimClient(_Base):
     async def _send(self, call: _Call):
         for attempt in range(self.max_retries + 1):
             try:
-                response = await self._http.request(call.method, self._url(call.path), **call.kwargs())
+                async with self._http.stream(call.method, self._url(call.path), **call.kwargs(True)) as response:
+                    if _wants_body(response):
+                        await response.aread()
             except httpx.TransportError as e:
                 if (wait := self._retry(call, attempt, e, None)) is None:
                     raise _connection_error(e) from e

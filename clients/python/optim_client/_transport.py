@@ -7,6 +7,11 @@ step's client time; ``http.client`` writes headers and body in two packets and p
 the ``email`` package. These plug in through httpx's own extension point, so timeouts, headers and
 the client's API stay httpx's. Connections are kept alive (one per thread and host for the sync
 twin, a pool per host for the async one); one the server closed while idle is noticed before use.
+
+No body is copied on its way: a request's pieces (the SDK sends a step's arrays as they are) go out
+one after another, and the sync twin reads a body of known length straight into writable memory,
+which it also hands over as ``extensions[WRITABLE_BODY]``: the SDK's arrays view it, where reading
+``content`` would have copied it once more.
 """
 
 from __future__ import annotations
@@ -24,16 +29,17 @@ JOIN_BELOW = 1 << 16  # a request body this small goes out joined to its head, i
 MAX_HEAD = 1 << 16
 MAX_IDLE = 20  # kept-alive connections per host for the async twin, as httpx's own pool keeps
 STREAM_LIMIT = 1 << 20  # the async reader's buffer: 64 KiB (asyncio's default) wakes it 64 times per 4 MB
+WRITABLE_BODY = "optim_client.writable_body"
 
 
-def _writes(request: httpx.Request, body: bytes) -> list[bytes]:
-    """The request as one write (head and a small body joined: the server wakes once) or two (no copy
-    of a large body)."""
+def _writes(request: httpx.Request, body: list) -> list:
+    """The request as one write (head and a small body joined: the server wakes once), or the head
+    and then the body's own pieces (bytes-like, sized in bytes): no copy of a large body."""
     lines = [f"{request.method} {request.url.raw_path.decode('ascii')} HTTP/1.1".encode()]
     lines += [name + b": " + value for name, value in request.headers.raw if name.lower() != b"accept-encoding"]
     lines.append(b"Accept-Encoding: identity")  # the body is handed over as received
     head = b"\r\n".join(lines) + b"\r\n\r\n"
-    return [head + body] if len(body) < JOIN_BELOW else [head, body]
+    return [head + b"".join(body)] if sum(map(len, body)) < JOIN_BELOW else [head, *body]
 
 
 class _Answer:
@@ -70,10 +76,13 @@ class _Answer:
         """More of an undeclared body; b"" when the connection ended."""
         self.parser.feed_data(chunk)
 
-    def response(self, body: bytes | None = None) -> tuple[httpx.Response, bool]:
+    def response(self, body: bytes | bytearray | None = None) -> tuple[httpx.Response, bool]:
         content = b"".join(self.chunks) if body is None else body
-        response = httpx.Response(self.parser.get_status_code(), headers=self.headers, content=content,
-                                  request=self.request, extensions={"http_version": b"HTTP/1.1"})
+        extensions = {"http_version": b"HTTP/1.1"}
+        if isinstance(content, bytearray):
+            extensions[WRITABLE_BODY] = content
+        response = httpx.Response(self.parser.get_status_code(), headers=self.headers,
+                                  stream=httpx.ByteStream(content), request=self.request, extensions=extensions)
         return response, self.parser.should_keep_alive()
 
 
@@ -99,7 +108,7 @@ class HTTPClientTransport(httpx.BaseTransport):
         sock, reader = conn
         try:
             sock.settimeout(timeouts.get("write"))
-            for data in _writes(request, request.read()):
+            for data in _writes(request, list(request.stream)):
                 sock.sendall(data)
             sock.settimeout(timeouts.get("read"))
             response, keep_alive = _receive(reader, _Answer(request))
@@ -152,9 +161,13 @@ def _receive(reader, answer: _Answer) -> tuple[httpx.Response, bool]:
             if not chunk:
                 break
         return answer.response()
-    body = reader.read(length)  # one copy, kernel to bytes, however large
-    if len(body) != length:
-        raise ConnectionError(f"the server closed the connection after {len(body)} of {length} bytes")
+    body = bytearray(length)  # the one copy, from the kernel to memory the caller may keep and write
+    view, got = memoryview(body), 0
+    while got < length:
+        n = reader.readinto(view[got:])
+        if not n:
+            raise ConnectionError(f"the server closed the connection after {got} of {length} bytes")
+        got += n
     return answer.response(body)
 
 
@@ -182,7 +195,7 @@ class AsyncHTTPClientTransport(httpx.AsyncBaseTransport):
         reader, writer = conn
         keep_alive = False
         try:
-            for data in _writes(request, await request.aread()):
+            for data in _writes(request, [chunk async for chunk in request.stream]):
                 writer.write(data)
             await asyncio.wait_for(writer.drain(), timeouts.get("write"))
             response, keep_alive = await _areceive(reader, _Answer(request), timeouts.get("read"))
