@@ -9,9 +9,9 @@ the client's API stay httpx's. Connections are kept alive (one per thread and ho
 twin, a pool per host for the async one); one the server closed while idle is noticed before use.
 
 No body is copied on its way: a request's pieces (the SDK sends a step's arrays as they are) go out
-one after another, and the sync twin reads a body of known length straight into writable memory,
-which it also hands over as ``extensions[WRITABLE_BODY]``: the SDK's arrays view it, where reading
-``content`` would have copied it once more.
+one after another, and a body of known length is read into one writable buffer (the sync twin
+straight from the socket, the async one from its stream's buffer), which is also handed over as
+``extensions[WRITABLE_BODY]``: the SDK's arrays view it, where reading ``content`` would copy it again.
 """
 
 from __future__ import annotations
@@ -252,4 +252,17 @@ async def _areceive(reader: asyncio.StreamReader, answer: _Answer, timeout: floa
             if not chunk:
                 break
         return answer.response()
-    return answer.response(await asyncio.wait_for(reader.readexactly(length), timeout) if length else b"")
+    return answer.response(await asyncio.wait_for(_read_into(reader, bytearray(length)), timeout))
+
+
+async def _read_into(reader: asyncio.StreamReader, body: bytearray) -> bytearray:
+    """``body`` filled from the stream: one buffer of the body's size, where ``readexactly`` would
+    make a bytes object that a writable array then had to copy."""
+    view, got = memoryview(body), 0
+    while got < len(body):
+        chunk = await reader.read(len(body) - got)
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection after {got} of {len(body)} bytes")
+        view[got:got + len(chunk)] = chunk
+        got += len(chunk)
+    return body
