@@ -263,16 +263,16 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED
+        dtype = session.layout.dtype
         read_over = any(np.may_share_memory(grad, session.buffer) for grad in grads)  # binary_memory
         if not read_over:
             for name, grad in zip(session.layout.names, grads):
-                require_finite(grad, f"gradient '{name}'" if name else "gradient", session.layout.dtype)
+                require_finite(grad, _gradient(name), dtype)
         name, index = next((n, i) for n, p, s in zip(session.layout.names, session.params, session.states)
                            for a in (p, *s) if a is not None and (i := first_non_finite(a)) is not None)
-        dtype = session.layout.dtype
         if read_over:  # the gradients' memory holds the new parameters now: which one it was is gone
             raise InvalidRequest(
-                f"{f'gradient {name!r}' if name else 'gradient'}: non-finite at index {list(index)}, in the gradient sent or in the "
+                f"{_gradient(name)}: non-finite at index {list(index)}, in the gradient sent or in the "
                 f"update it makes (NaN and ±Inf are refused; the update may also overflow {dtype}); "
                 "nothing was changed. Check the gradients, scale them down or clip them (clip_grad_norm), "
                 'or create the session with "nan_policy": "skip".'
@@ -286,6 +286,10 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     session.step = step
     session.updated_at = time.time()
     return grad_norm
+
+
+def _gradient(name: str) -> str:
+    return f"gradient '{name}'" if name else "gradient"
 
 
 def _restore_state(template: tuple, buffers: dict[str, np.ndarray], name: str) -> tuple:

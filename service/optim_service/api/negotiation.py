@@ -46,7 +46,8 @@ def wants_binary(accept: str | None) -> bool:
     raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
 
 
-async def read_body(content_length: str | None, receive, into: np.ndarray | None = None) -> bytes | bytearray | memoryview:
+async def read_body(content_length: str | None, receive,
+                    into: np.ndarray | None = None) -> bytes | bytearray | memoryview:
     """The body, read straight into one buffer of its declared length (the body-limit middleware has
     vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
     that arrives whole in one message, as every small step does, is taken as it is. Given ``into``

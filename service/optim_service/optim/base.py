@@ -92,11 +92,7 @@ def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
     """A 1-D, contiguous array of ``like``'s dtype that a kernel only reads (a gradient), typed
     read-only whatever it came from: numba compiles a kernel once per argument type, and
     ``warm_kernels`` compiles the read-only one at start-up."""
-    array = flat(np.ascontiguousarray(array, like.dtype))
-    if array.flags.writeable:
-        array = array.view()
-        array.flags.writeable = False
-    return array
+    return flat_read(np.ascontiguousarray(array, like.dtype))
 
 
 def reference(update, param, grad, state: tuple, hp, step: int, source: tuple | None = None) -> int:
