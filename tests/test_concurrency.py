@@ -63,3 +63,34 @@ def test_sdk_retry_after_a_lost_answer_applies_the_step_once(server):
         assert session.step_count == 1
         np.testing.assert_array_equal(out["x"], -np.ones(100))
         assert client.get_session(session.id).step_count == 1
+
+
+async def test_steps_queued_on_one_session_take_turns_and_leave_no_lock_behind():
+    """In one process: each update hops to a thread (so the steps really wait for each other), one
+    waiting step is cancelled, and once all are done no per-session lock is left."""
+    import asyncio
+
+    from optim_service.optim.config import TrainingConfig
+    from optim_service.record import Layout
+    from optim_service.sessions import SessionService
+    from optim_service.settings import Settings
+    from optim_service.store import MemoryStore
+
+    service = SessionService(MemoryStore(), Settings(store="memory", thread_offload_elements=0))
+    config = TrainingConfig.model_validate({"optimizer": {"type": "sgd", "lr": 0.5}})
+    session = await service.create(None, config, Layout(("",), ((4,),), "float32", "array"),
+                                   [np.zeros(4, np.float32)])
+
+    def ones(_session):
+        return [np.ones(4, np.float32)]
+
+    tasks = [asyncio.create_task(service.step(None, session.id, ones)) for _ in range(20)]
+    await asyncio.sleep(0)  # every step has started; the first holds the lock across its thread hop
+    tasks[5].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[5], asyncio.CancelledError)
+    applied = sorted(r.session.step for r in results if not isinstance(r, BaseException))
+    assert applied == list(range(1, 20))  # every step number once: none lost, none doubled
+    final = await service.load(None, session.id)
+    np.testing.assert_array_equal(final.params[0], np.full(4, -0.5 * 19, np.float32))
+    assert service._locks == {}

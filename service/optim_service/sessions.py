@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-import weakref
 from typing import Callable, NamedTuple
 
 import anyio.to_thread
@@ -91,14 +90,10 @@ class SessionService:
     def __init__(self, store: SessionStore, settings: Settings):
         self.store = store
         self.settings = settings
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # per session with a step running or waiting: its lock and how many steps hold or await it
+        # (a WeakValueDictionary made a weak reference and its callback on every step, ~9 µs)
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._warm = WarmSessions(settings.cache_bytes)
-
-    def _lock(self, session_id: str) -> asyncio.Lock:
-        lock = self._locks.get(session_id)
-        if lock is None:
-            lock = self._locks[session_id] = asyncio.Lock()
-        return lock
 
     def binary_memory(self, owner: str | None, session_id: str, nbytes: int) -> np.ndarray | None:
         """Memory for a binary step's working copy, to read the body into. The body's gradients then
@@ -187,49 +182,64 @@ class SessionService:
         idempotency: tuple[str, str] | None = None,  # (key, body digest)
         memory: np.ndarray | None = None,  # from binary_memory, holding the body that ``decode`` reads
     ) -> StepResult:
-        async with self._lock(session_id):
-            for attempt in range(self.settings.cas_retries):
-                record = await self._record(owner, session_id)
-                if idempotency is not None:
-                    replay = await self._replay(record, *idempotency)
-                    if replay is not None:
-                        return replay
-                if attempt and memory is not None:  # the first attempt wrote over the gradients
-                    raise StepConflict("the session changed under this step; retry it")
-                template = self._warm.template(record)
-                session = template.fork(copy=False, memory=memory)  # the update writes every element of it
-                if if_match is not None and session.step != if_match:
-                    raise VersionMismatch(
-                        f"If-Match expected step {if_match}, the session is at step {session.step}",
-                        step=session.step,
-                    )
-                grads = decode(session)
-                started = time.perf_counter()
-                args = (session, grads, self.settings.fused_kernels, template)
-                if sum(session.layout.sizes) < self.settings.thread_offload_elements:
-                    grad_norm = _advance(*args)
-                else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
-                    grad_norm = await anyio.to_thread.run_sync(_advance, *args)
-                compute_ms = (time.perf_counter() - started) * 1e3
-                skipped = grad_norm is SKIPPED
-                if skipped:  # store only the count: the arrays may be half-updated
-                    session = template.fork()
-                    session.skipped_steps += 1
-                    session.updated_at = time.time()
-                    grad_norm = None
-                elif loss is not None:
-                    session.loss = loss
-                session.version += 1
-                claim = None
-                if idempotency is not None:
-                    claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
-                                  self.settings.idempotency_ttl_seconds)
-                if await self.store.compare_and_set(session.to_record(), record.version, claim):
-                    self._warm.remember(session)  # its buffer is the stored record's data now
-                    return StepResult(session, grad_norm, compute_ms, skipped=skipped)
-            raise StepConflict(
-                f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
-            )
+        """One step, after the steps on this session ahead of it in this process; the lock is
+        dropped with the last step that needs it, so idle sessions hold none."""
+        entry = self._locks.get(session_id)
+        if entry is None:
+            entry = self._locks[session_id] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[session_id]
+
+    async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory) -> StepResult:
+        for attempt in range(self.settings.cas_retries):
+            record = await self._record(owner, session_id)
+            if idempotency is not None:
+                replay = await self._replay(record, *idempotency)
+                if replay is not None:
+                    return replay
+            if attempt and memory is not None:  # the first attempt wrote over the gradients
+                raise StepConflict("the session changed under this step; retry it")
+            template = self._warm.template(record)
+            session = template.fork(copy=False, memory=memory)  # the update writes every element of it
+            if if_match is not None and session.step != if_match:
+                raise VersionMismatch(
+                    f"If-Match expected step {if_match}, the session is at step {session.step}",
+                    step=session.step,
+                )
+            grads = decode(session)
+            started = time.perf_counter()
+            args = (session, grads, self.settings.fused_kernels, template)
+            if sum(session.layout.sizes) < self.settings.thread_offload_elements:
+                grad_norm = _advance(*args)
+            else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
+                grad_norm = await anyio.to_thread.run_sync(_advance, *args)
+            compute_ms = (time.perf_counter() - started) * 1e3
+            skipped = grad_norm is SKIPPED
+            if skipped:  # store only the count: the arrays may be half-updated
+                session = template.fork()
+                session.skipped_steps += 1
+                session.updated_at = time.time()
+                grad_norm = None
+            elif loss is not None:
+                session.loss = loss
+            session.version += 1
+            claim = None
+            if idempotency is not None:
+                claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
+                              self.settings.idempotency_ttl_seconds)
+            if await self.store.compare_and_set(session.to_record(), record.version, claim):
+                self._warm.remember(session)  # its buffer is the stored record's data now
+                return StepResult(session, grad_norm, compute_ms, skipped=skipped)
+        raise StepConflict(
+            f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
+        )
 
     async def _replay(self, record: SessionRecord, key: str, digest: str) -> StepResult | None:
         claim = await self.store.get_claim(record.id, key)

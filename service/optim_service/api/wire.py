@@ -17,16 +17,13 @@ import orjson
 from ..errors import InvalidRequest
 from ..finite import require_finite
 from ..record import DTYPES, Layout, Session
+from .jsonbody import is_b64_tensor
 from .negotiation import BINARY, JSON
 
 Encoding = Literal["list", "b64"]
 MAX_NAME_LENGTH = 256
 MAX_DIMENSIONS = 32  # numpy's limit
 MAX_EXTENT_PRODUCT = 2**60
-
-
-def is_b64_tensor(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"shape", "b64"} and isinstance(value["b64"], str)
 
 
 def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
