@@ -23,8 +23,8 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process on a free port: ``optim-service serve``, or an echo app of echo_app.py under
-    uvicorn ("echo": bare ASGI, "fastapi-echo": one FastAPI route)."""
+    """A server process on a free port: ``optim-service serve``, or a floor app of echo_app.py under
+    uvicorn ("echo": bare ASGI, "fastapi-echo": one FastAPI route, "adam-only": a bare Adam step)."""
 
     def __init__(self, kind: str, env: dict | None = None, wrapper: tuple[str, ...] = (), start_seconds: float = 30):
         """``wrapper`` runs the server under another program (valgrind, for bench/instructions.py)."""
@@ -33,7 +33,8 @@ class Server:
         if kind == "service":
             cmd = [str(BIN / "optim-service"), "serve", "--port", str(self.port), "--store", "memory"]
         else:
-            target = "echo_app:fastapi_app" if kind == "fastapi-echo" else "echo_app:app"
+            target = {"echo": "echo_app:app", "fastapi-echo": "echo_app:fastapi_app",
+                      "adam-only": "echo_app:adam_only"}[kind]
             cmd = [str(BIN / "uvicorn"), target, "--port", str(self.port), "--log-level", "warning",
                    "--no-access-log"]
         self.proc = subprocess.Popen([*wrapper, *cmd], cwd=Path(__file__).parent, env={**os.environ, **(env or {})},

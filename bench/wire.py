@@ -36,12 +36,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
-    service, echo, tcp, fastapi_echo = Server("service"), Server("echo"), TcpEcho(), Server("fastapi-echo")
+    service, echo, tcp = Server("service"), Server("echo"), TcpEcho()
+    fastapi_echo, adam_only = Server("fastapi-echo"), Server("adam-only")
     rows = []
     try:
         client = OptimClient(service.url)
         svc_post, echo_post, tcp_roundtrip = http_post(service.port), http_post(echo.port), tcp.client()
-        fastapi_post = http_post(fastapi_echo.port)
+        fastapi_post, adam_only_post = http_post(fastapi_echo.port), http_post(adam_only.port)
 
         # 1. 1M float32 Adam, octet-stream both ways, raw http.client vs a raw TCP echo of the bytes
         n = 1_000_000
@@ -68,6 +69,10 @@ def main() -> int:
                                            lambda: echo_post("/", body, "application/json"), args.repeat * 10)
         rows.append(row("(context) one-route FastAPI echo, same body", framework_ms, "ASGI echo, same body",
                         echo2_ms, None))
+        bare_ms, echo3_ms = paired_ms(lambda: adam_only_post("/", body, "application/json"),
+                                      lambda: echo_post("/", body, "application/json"), args.repeat * 10)
+        rows.append(row("(context) Adam-only ASGI app: orjson, kernel, answer", bare_ms, "ASGI echo, same body",
+                        echo3_ms, None))
 
         # 3. through the SDK at 100 and 1M vs bare httpx.Client.post of the same bytes to the echo
         with httpx.Client() as bare:
@@ -121,7 +126,7 @@ def main() -> int:
         print(f"| throughput, 16 clients × 64 sessions | {service_rate:.0f} steps/s | ASGI echo | "
               f"{echo_rate:.0f} req/s | {service_rate / echo_rate:.2f}× of echo | reported | |")
     finally:
-        for server in (service, echo, tcp, fastapi_echo):
+        for server in (service, echo, tcp, fastapi_echo, adam_only):
             server.stop()
     return 0
 
