@@ -7,6 +7,7 @@ import numpy as np
 import orjson
 import pytest
 
+from optim_service.optim.base import Run, joined
 from optim_service.optim.config import TrainingConfig, apply_step
 from optim_service.record import SCHEMA_VERSION, Layout, Session, from_record, read_meta
 from optim_service.sessions import SessionService
@@ -184,3 +185,37 @@ def test_a_step_into_fresh_memory_with_groups_matches_in_place(optimizer, extra)
                                session.states, 1, True, session.flat(), source)
         assert finite
     assert bytes(fresh.buffer) == bytes(in_place.buffer)
+
+
+async def test_a_flat_step_lays_no_per_tensor_arrays_and_leaves_the_state_read_only():
+    """A step over the whole session needs one array per kind: the per-tensor views (300 for 100
+    Adam tensors) are laid only when something reads them, and what is stored is frozen."""
+    template = _session({"type": "adam", "lr": 0.01}, "float32")
+    store = MemoryStore()
+    await store.create(template.to_record())
+    service = SessionService(store, Settings(store="memory"))
+    grads = {n: np.full(s, 0.5, np.float32) for n, s in SHAPES.items()}
+    stepped = (await service.step(None, "s", lambda s: [grads[n] for n in s.layout.names])).session
+    assert stepped.arrays.laid() == []
+    flat_params, flat_state = stepped.flat()
+    for array in (stepped.buffer, flat_params, *flat_state):
+        assert array is None or not array.flags.writeable
+    w = stepped.params[0]  # laid now, from the stored memory, read-only as well
+    assert w.shape == SHAPES["w"] and not w.flags.writeable and np.shares_memory(w, stepped.buffer)
+    with pytest.raises(ValueError):
+        w[0, 0] = 1.0
+    # and the next step reads it as it is
+    again = (await service.step(None, "s", lambda s: [grads[n] for n in s.layout.names])).session
+    assert again.step == 2 and not np.shares_memory(again.buffer, stepped.buffer)
+
+
+def test_a_run_cuts_its_pieces_only_when_read_and_joins_without_a_copy():
+    whole = np.arange(1 + 6 + 4, dtype=np.float32)
+    run = Run(whole, ((), (2, 3), (4,)))
+    assert len(run) == 3 and joined(run) is whole
+    pieces = list(run)
+    assert [p.shape for p in pieces] == [(), (2, 3), (4,)]
+    assert all(np.shares_memory(p, whole) for p in pieces[1:])
+    np.testing.assert_array_equal(np.concatenate([p.reshape(-1) for p in pieces]), whole)
+    listed = [np.ones(2), np.zeros((1, 3))]
+    np.testing.assert_array_equal(joined(listed), [1, 1, 0, 0, 0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Literal
@@ -77,8 +78,9 @@ Where = tuple[int, int, tuple[int, ...]]  # (offset, size, shape), in elements
 
 @dataclass(frozen=True)
 class Slots:
-    """Where each array lives in a record's data. Computed once per layout; ``views`` lays the
-    arrays over any buffer, ``flat`` the whole session as one array per kind when it can."""
+    """Where each array lives in a record's data. Computed once per layout; ``param_views`` and
+    ``state_views`` lay the arrays over any buffer, ``flat`` the whole session as one array per kind
+    when it can."""
 
     dtype: np.dtype
     state_type: type  # the optimizer's NamedTuple
@@ -89,11 +91,13 @@ class Slots:
     kinds: tuple[int | None, ...] | None  # per state field, where its run over all tensors starts
     end: int  # the data's length in bytes
 
-    def views(self, buf) -> tuple[list[np.ndarray], list[tuple]]:
+    def param_views(self, buf) -> list[np.ndarray]:
         flat = np.frombuffer(buf, self.dtype)
-        params = [_view(flat, *where) for where in self.params]
-        states = [self.state_type(*[None if w is None else _view(flat, *w) for w in fields]) for fields in self.states]
-        return params, states
+        return [_view(flat, *where) for where in self.params]
+
+    def state_views(self, buf) -> list[tuple]:
+        flat = np.frombuffer(buf, self.dtype)
+        return [self.state_type(*[None if w is None else _view(flat, *w) for w in fields]) for fields in self.states]
 
     def flat(self, buf) -> tuple[np.ndarray, tuple] | None:
         """Every parameter as one array and each buffer kind as one array, viewing ``buf`` (None for
@@ -103,6 +107,54 @@ class Slots:
         flat = np.frombuffer(buf, self.dtype)
         size = self.params[-1][0] + self.params[-1][1]  # every parameter, in one run from 0
         return flat[:size], self.state_type(*[None if k is None else flat[k:k + size] for k in self.kinds])
+
+
+class Arrays:
+    """A session's per-tensor arrays over its buffer, laid on first use: a step that updates the
+    whole session as one array per kind (``Session.flat``) never needs them, and a 100-tensor Adam
+    session has 300 (making them on every fork was 40% of such a step's server time)."""
+
+    __slots__ = ("_slots", "_buffer", "_made")
+
+    def __init__(self, slots: Slots, buffer: np.ndarray):
+        self._slots, self._buffer = slots, buffer
+        self._made: list[list | None] = [None, None]  # params, states
+
+    def lists(self) -> tuple[Tensors, Tensors]:
+        """The session's ``params`` and ``states``: sequences that lay their arrays when first read."""
+        count = len(self._slots.params)
+        return Tensors(self, 0, count), Tensors(self, 1, count)
+
+    def get(self, which: int) -> list:
+        made = self._made[which]
+        if made is None:
+            lay = self._slots.state_views if which else self._slots.param_views
+            made = self._made[which] = lay(self._buffer)
+        return made
+
+    def laid(self) -> list[np.ndarray]:
+        """Every array laid so far."""
+        params, states = self._made
+        return [*(params or ()), *(a for state in states or () for a in state if a is not None)]
+
+
+class Tensors(Sequence):
+    """One item per tensor (its parameter, or its optimizer state) from ``Arrays``, which lays them
+    all when the first is read; the length needs none of them."""
+
+    __slots__ = ("_arrays", "_which", "_len")
+
+    def __init__(self, arrays: Arrays, which: int, length: int):
+        self._arrays, self._which, self._len = arrays, which, length
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        return self._arrays.get(self._which)[index]
+
+    def __iter__(self):
+        return iter(self._arrays.get(self._which))
 
 
 def _view(flat: np.ndarray, offset: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -147,8 +199,8 @@ class Session:
     config: TrainingConfig
     layout: Layout
     step: int  # optimizer steps applied: the ETag
-    params: list[np.ndarray]
-    states: list[tuple]  # one optimizer NamedTuple per tensor, buffers may be None
+    params: Sequence[np.ndarray]  # a list, or over ``buffer``, laid on first use (``Arrays``)
+    states: Sequence[tuple]  # one optimizer NamedTuple per tensor, buffers may be None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     loss: float | None = None  # the last loss a client reported with a step
@@ -156,6 +208,7 @@ class Session:
     version: int = 0  # every write bumps it; the store's compare-and-set fences on it
     buffer: np.ndarray | None = None  # uint8: the memory every array views, when loaded from a record
     slots: Slots | None = None  # where in ``buffer`` each array lives
+    arrays: Arrays | None = None  # ``params`` and ``states`` when they view ``buffer``
 
     @cached_property
     def config_json(self) -> bytes:
@@ -174,15 +227,18 @@ class Session:
         anew, so the step writes it back as the current version."""
         clone = object.__new__(Session)
         clone.__dict__.update(self.__dict__)  # the parsed config and hyperparameters too (4x copy.copy's speed)
+        clone.__dict__.pop("_flat", None)  # views of this session's memory, not the clone's
         if memory is not None and (copy or len(memory) != len(self.buffer)):
             memory = None
         if self.slots.schema == SCHEMA_VERSION:
             clone.buffer = self.buffer.copy() if copy else np.empty_like(self.buffer) if memory is None else memory
-            clone.params, clone.states = self.slots.views(clone.buffer)
+            clone.arrays = Arrays(self.slots, clone.buffer)
+            clone.params, clone.states = clone.arrays.lists()
             return clone
         clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
         clone.buffer = np.empty(clone.slots.end, np.uint8) if memory is None else memory
-        clone.params, clone.states = clone.slots.views(clone.buffer)
+        clone.arrays = Arrays(clone.slots, clone.buffer)
+        clone.params, clone.states = clone.arrays.lists()
         if copy:
             for param, state, source in zip(clone.params, clone.states, zip(self.params, self.states)):
                 adopt(param, state, source)
@@ -194,8 +250,20 @@ class Session:
 
     def flat(self) -> tuple[np.ndarray, tuple] | None:
         """The whole session as one parameter array and one array per buffer kind, when every
-        tensor holds the same buffers (views of the session's memory, like its arrays)."""
-        return self.slots.flat(self.buffer) if self.slots is not None else None
+        tensor holds the same buffers (views of the session's memory, like its arrays; made once)."""
+        if "_flat" not in self.__dict__:
+            self._flat = self.slots.flat(self.buffer) if self.slots is not None else None
+        return self._flat
+
+    def freeze(self) -> None:
+        """Make its memory and the arrays laid so far read-only: this session is the stored state
+        now, which the next step reads and nothing writes. (The kernels take what they only read
+        as read-only arrays: the next step need not make read-only views of these.)"""
+        flat = self.__dict__.get("_flat")
+        for array in (self.buffer, *(self.arrays.laid() if self.arrays is not None else ()),
+                      *((flat[0], *flat[1]) if flat is not None else ())):
+            if array is not None:
+                array.flags.writeable = False
 
     def buffers(self, i: int) -> dict[str, np.ndarray]:
         state = self.states[i]
@@ -269,12 +337,13 @@ def from_record(record: SessionRecord, private: bool = True) -> Session:
                    meta["schema_version"])
     if slots.end != len(buf):
         raise ValueError(f"record {record.id}: {len(buf)} data bytes, layout needs {slots.end}")
-    params, states = slots.views(buf)
+    arrays = Arrays(slots, buf)
+    params, states = arrays.lists()
     session = Session(
         id=record.id, owner=record.owner, config=config, layout=layout, step=meta["step"],
         params=params, states=states,
         created_at=meta["created_at"], updated_at=meta["updated_at"], loss=meta["loss"],
-        skipped_steps=meta["skipped_steps"], version=record.version, buffer=buf, slots=slots,
+        skipped_steps=meta["skipped_steps"], version=record.version, buffer=buf, slots=slots, arrays=arrays,
     )
     session.config_json = config_json  # what the record holds, so the next record repeats it exactly
     return session

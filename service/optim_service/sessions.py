@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import anyio.to_thread
 import blake3
@@ -31,7 +32,7 @@ from .record import Layout, Session, from_record, read_meta
 from .settings import Settings
 from .store import Claim, SessionRecord, SessionStore
 
-GradientDecoder = Callable[[Session], list[np.ndarray]]
+GradientDecoder = Callable[[Session], Sequence[np.ndarray]]  # a list, or a Run of one body
 
 
 class StepResult(NamedTuple):
@@ -235,6 +236,7 @@ class SessionService:
                 claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
                               self.settings.idempotency_ttl_seconds)
             if await self.store.compare_and_set(session.to_record(), record.version, claim):
+                session.freeze()
                 self._warm.remember(session)  # its buffer is the stored record's data now
                 return StepResult(session, grad_norm, compute_ms, skipped=skipped)
         raise StepConflict(

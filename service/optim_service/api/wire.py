@@ -16,6 +16,7 @@ import orjson
 
 from ..errors import InvalidRequest
 from ..finite import require_finite
+from ..optim.base import Run
 from ..record import DTYPES, Layout, Session
 from .jsonbody import is_b64_tensor
 from .negotiation import BINARY, JSON
@@ -141,19 +142,14 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> 
     return arrays
 
 
-def decode_binary(body: bytes, layout: Layout) -> list[np.ndarray]:
+def decode_binary(body: bytes, layout: Layout) -> Run:
     """Every tensor's values concatenated in creation order, C order, little-endian session dtype."""
     if len(body) != layout.nbytes:
         raise InvalidRequest(
             f"binary body: expected {layout.nbytes} bytes ({sum(layout.sizes)} {layout.dtype} values "
             f"for shapes {layout.shapes_json()}), got {len(body)}"
         )
-    flat = np.frombuffer(body, layout.np_dtype)  # views of the body itself: no copy
-    arrays, offset = [], 0
-    for shape, size in zip(layout.shapes, layout.sizes):
-        arrays.append(flat[offset:offset + size].reshape(shape))
-        offset += size
-    return arrays
+    return Run(np.frombuffer(body, layout.np_dtype), layout.shapes)  # views of the body itself: no copy
 
 
 def encode_tensor(array: np.ndarray, encoding: Encoding):

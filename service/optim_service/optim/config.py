@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from . import OPTIMIZERS
-from .base import Hyperparameters, reference
+from .base import Hyperparameters, joined, reference
 from .clipping import ClipGradNorm, clip_coefficient
 from .schedules import Schedule
 
@@ -122,13 +122,14 @@ def apply_step(
         grad_norm, coef = None, 1.0
         if config.clip_grad_norm:
             grad_norm, coef = clip_coefficient(grads, config.clip_grad_norm)
-        sources = list(zip(source[0], source[1])) if source is not None else [None] * len(params)
         if (flat is not None and (source is None or source[2] is not None) and len(params) > 1
                 and flat[0].size <= FLAT_MAX_AVERAGE * len(params)
                 and all(hp is hyperparameters[0] for hp in hyperparameters)):
             params, states, hyperparameters = [flat[0]], [flat[1]], hyperparameters[:1]
             sources = [source[2] if source is not None else None]
-            grads = [np.concatenate([g.reshape(-1) for g in grads])]
+            grads = [joined(grads)]
+        else:  # (only here: a session's per-tensor arrays are laid when first read)
+            sources = list(zip(source[0], source[1])) if source is not None else [None] * len(params)
         if coef != 1.0:  # scaled copies: the gradients may be read-only views of a request body
             grads = [g * coef for g in grads]
         algorithm = config.algorithm
