@@ -61,7 +61,8 @@ def main() -> int:
             print(f"| {name} | {value / 2**20:.0f} MiB | {value / params_bytes:.2f}× | {value / state_bytes:.2f}× |")
         print(f"\nsession cost: {after / state_bytes:.2f}× its raw state bytes (target ≤ 1.1×)")
         print(f"create peak: {(create_peak - held) / params_bytes:.2f} parameter-sized copies beyond the session it "
-              "leaves (the decoded params and the optimizer state, until they are joined into the record)")
+              "leaves (the decoded params, until they are joined with the optimizer state into the record; a "
+              "fresh state's zeros hold no memory until written)")
         print(f"step peak: {adam_peak / params_bytes:.2f} parameter-sized copies beyond the session "
               "(the working copy of the state, with the body read into its parameters; the answer is a view of it)")
         session.delete()

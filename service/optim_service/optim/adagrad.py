@@ -10,6 +10,7 @@ from pydantic import model_validator
 from . import kernels
 from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, read_from, require_non_negative,
+    zeros,
 )
 
 
@@ -35,7 +36,8 @@ class AdagradState(NamedTuple):
 
 
 def init(param: np.ndarray, hp: AdagradHyperparameters) -> AdagradState:
-    return AdagradState(np.full_like(param, hp.initial_accumulator_value))
+    value = hp.initial_accumulator_value
+    return AdagradState(np.full_like(param, value) if value else zeros(param))
 
 
 def update(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int) -> None:

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from . import kernels
 from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
-    require_non_negative,
+    require_non_negative, zeros,
 )
 
 Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
@@ -58,9 +58,9 @@ class AdamState(NamedTuple):
 
 def init(param: np.ndarray, hp: AdamHyperparameters) -> AdamState:
     return AdamState(
-        np.zeros_like(param),
-        np.zeros_like(param),
-        np.zeros_like(param) if hp.amsgrad else None,
+        zeros(param),
+        zeros(param),
+        zeros(param) if hp.amsgrad else None,
     )
 
 

@@ -14,7 +14,7 @@ from pydantic import model_validator
 from . import kernels
 from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
-    require_non_negative,
+    require_non_negative, zeros,
 )
 
 
@@ -45,9 +45,9 @@ class RMSpropState(NamedTuple):
 
 def init(param: np.ndarray, hp: RMSpropHyperparameters) -> RMSpropState:
     return RMSpropState(
-        np.zeros_like(param),
-        np.zeros_like(param) if hp.momentum > 0 else None,
-        np.zeros_like(param) if hp.centered else None,
+        zeros(param),
+        zeros(param) if hp.momentum > 0 else None,
+        zeros(param) if hp.centered else None,
     )
 
 

@@ -10,6 +10,7 @@ from pydantic import model_validator
 from . import kernels
 from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, read_from, require_non_negative,
+    zeros,
 )
 
 
@@ -35,7 +36,7 @@ class SGDState(NamedTuple):
 
 
 def init(param: np.ndarray, hp: SGDHyperparameters) -> SGDState:
-    return SGDState(np.zeros_like(param) if hp.momentum != 0 else None)
+    return SGDState(zeros(param) if hp.momentum != 0 else None)
 
 
 def update(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> None:
