@@ -261,6 +261,16 @@ async def test_overflowing_step_is_refused_and_stores_nothing(client):
     assert await snapshot(client, sid) == before
 
 
+async def test_a_step_dividing_by_zero_is_refused_not_a_server_error(client):
+    r = await client.post("/v1/sessions", json={"optimizer": {"type": "adam", "eps": 0}, "params": [1.0, 2.0],
+                                                "dtype": "float32"})
+    sid = r.json()["id"]
+    before = await snapshot(client, sid)
+    r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.0, 1.0]})  # 0 / (√0 + 0)
+    assert_problem(r, 422, "non-finite", "nothing was changed")
+    assert await snapshot(client, sid) == before
+
+
 async def test_if_match(client):
     sid = await create(client)
     r = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": GRADS}, headers={"if-match": '"0"'})

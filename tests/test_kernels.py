@@ -66,6 +66,17 @@ def test_kernels_report_non_finite_gradients_and_results():
         assert not finite
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("kind", ["adam", "rmsprop", "adagrad"])
+def test_a_division_by_zero_is_a_non_finite_result_not_an_exception(kind, fused):
+    """eps 0 and a zero gradient divide 0 by 0: NaN, as in numpy and torch, which the step refuses."""
+    cfg = TrainingConfig.model_validate({"optimizer": {"type": kind, "eps": 0.0}})
+    param = np.zeros(4, np.float32)
+    state = cfg.algorithm.init(param, cfg.optimizer)
+    _, finite = apply_step(cfg, [cfg.optimizer], [param], [np.zeros(4, np.float32)], [state], 1, fused)
+    assert not finite
+
+
 STEPS_AFTER_WARM = r"""
 import asyncio, json, sys
 import httpx, numpy as np
