@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Literal
@@ -114,47 +114,50 @@ class Arrays:
     whole session as one array per kind (``Session.flat``) never needs them, and a 100-tensor Adam
     session has 300 (making them on every fork was 40% of such a step's server time)."""
 
-    __slots__ = ("_slots", "_buffer", "_made")
+    __slots__ = ("_slots", "_buffer", "_params", "_states")
 
     def __init__(self, slots: Slots, buffer: np.ndarray):
         self._slots, self._buffer = slots, buffer
-        self._made: list[list | None] = [None, None]  # params, states
+        self._params: list[np.ndarray] | None = None
+        self._states: list[tuple] | None = None
 
     def lists(self) -> tuple[Tensors, Tensors]:
         """The session's ``params`` and ``states``: sequences that lay their arrays when first read."""
         count = len(self._slots.params)
-        return Tensors(self, 0, count), Tensors(self, 1, count)
+        return Tensors(self.params, count), Tensors(self.states, count)
 
-    def get(self, which: int) -> list:
-        made = self._made[which]
-        if made is None:
-            lay = self._slots.state_views if which else self._slots.param_views
-            made = self._made[which] = lay(self._buffer)
-        return made
+    def params(self) -> list[np.ndarray]:
+        if self._params is None:
+            self._params = self._slots.param_views(self._buffer)
+        return self._params
+
+    def states(self) -> list[tuple]:
+        if self._states is None:
+            self._states = self._slots.state_views(self._buffer)
+        return self._states
 
     def laid(self) -> list[np.ndarray]:
         """Every array laid so far."""
-        params, states = self._made
-        return [*(params or ()), *(a for state in states or () for a in state if a is not None)]
+        return [*(self._params or ()), *(a for state in self._states or () for a in state if a is not None)]
 
 
 class Tensors(Sequence):
-    """One item per tensor (its parameter, or its optimizer state) from ``Arrays``, which lays them
+    """One item per tensor (its parameter, or its optimizer state), from a function that lays them
     all when the first is read; the length needs none of them."""
 
-    __slots__ = ("_arrays", "_which", "_len")
+    __slots__ = ("_lay", "_len")
 
-    def __init__(self, arrays: Arrays, which: int, length: int):
-        self._arrays, self._which, self._len = arrays, which, length
+    def __init__(self, lay: Callable[[], list], length: int):
+        self._lay, self._len = lay, length
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index):
-        return self._arrays.get(self._which)[index]
+        return self._lay()[index]
 
     def __iter__(self):
-        return iter(self._arrays.get(self._which))
+        return iter(self._lay())
 
 
 def _view(flat: np.ndarray, offset: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
