@@ -87,13 +87,22 @@ class WarmSessions:
         self._sessions.pop(session_id)
 
 
+class _SessionLock:
+    """A session's lock, and how many steps hold or await it: at none it is dropped."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self):
+        self.lock, self.users = asyncio.Lock(), 0
+
+
 class SessionService:
     def __init__(self, store: SessionStore, settings: Settings):
         self.store = store
         self.settings = settings
-        # per session with a step running or waiting: its lock and how many steps hold or await it
-        # (a WeakValueDictionary made a weak reference and its callback on every step, ~9 µs)
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        # per session with a step running or waiting (a WeakValueDictionary of locks made a weak
+        # reference and its callback on every step, ~9 µs)
+        self._locks: dict[str, _SessionLock] = {}
         self._warm = WarmSessions(settings.cache_bytes)
 
     def binary_memory(self, owner: str | None, session_id: str, nbytes: int) -> np.ndarray | None:
@@ -185,17 +194,16 @@ class SessionService:
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
         dropped with the last step that needs it, so idle sessions hold none."""
-        entry = self._locks.get(session_id)
-        if entry is None:
-            entry = self._locks[session_id] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
+        held = self._locks.get(session_id)
+        if held is None:
+            held = self._locks[session_id] = _SessionLock()
+        held.users += 1
         try:
-            async with lock:
+            async with held.lock:
                 return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory)
         finally:
-            users[0] -= 1
-            if not users[0]:
+            held.users -= 1
+            if not held.users:
                 del self._locks[session_id]
 
     async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory) -> StepResult:
