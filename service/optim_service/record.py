@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import orjson
 
-from .optim.base import adopt
+from .optim.base import adopt, piece
 from .optim.config import TrainingConfig
 from .store import SessionRecord
 
@@ -93,11 +93,11 @@ class Slots:
 
     def param_views(self, buf) -> list[np.ndarray]:
         flat = np.frombuffer(buf, self.dtype)
-        return [_view(flat, *where) for where in self.params]
+        return [piece(flat, *where) for where in self.params]
 
     def state_views(self, buf) -> list[tuple]:
         flat = np.frombuffer(buf, self.dtype)
-        return [self.state_type(*[None if w is None else _view(flat, *w) for w in fields]) for fields in self.states]
+        return [self.state_type(*[None if w is None else piece(flat, *w) for w in fields]) for fields in self.states]
 
     def flat(self, buf) -> tuple[np.ndarray, tuple] | None:
         """Every parameter as one array and each buffer kind as one array, viewing ``buf`` (None for
@@ -158,12 +158,6 @@ class Tensors(Sequence):
 
     def __iter__(self):
         return iter(self._lay())
-
-
-def _view(flat: np.ndarray, offset: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
-    """One array of ``flat``; a 1-D one is the slice itself (a reshape per array showed in a small step)."""
-    run = flat[offset:offset + size]
-    return run if len(shape) == 1 else run.reshape(shape)
 
 
 @lru_cache(maxsize=4096)
@@ -233,16 +227,16 @@ class Session:
         clone.__dict__.pop("_flat", None)  # views of this session's memory, not the clone's
         if memory is not None and (copy or len(memory) != len(self.buffer)):
             memory = None
-        if self.slots.schema == SCHEMA_VERSION:
-            clone.buffer = self.buffer.copy() if copy else np.empty_like(self.buffer) if memory is None else memory
-            clone.arrays = Arrays(self.slots, clone.buffer)
-            clone.params, clone.states = clone.arrays.lists()
-            return clone
-        clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
-        clone.buffer = np.empty(clone.slots.end, np.uint8) if memory is None else memory
+        relaid = self.slots.schema != SCHEMA_VERSION
+        if relaid:
+            clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
+        if copy and not relaid:
+            clone.buffer = self.buffer.copy()
+        else:
+            clone.buffer = np.empty(clone.slots.end, np.uint8) if memory is None else memory
         clone.arrays = Arrays(clone.slots, clone.buffer)
         clone.params, clone.states = clone.arrays.lists()
-        if copy:
+        if copy and relaid:
             for param, state, source in zip(clone.params, clone.states, zip(self.params, self.states)):
                 adopt(param, state, source)
         return clone

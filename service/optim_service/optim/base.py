@@ -104,6 +104,13 @@ def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
     return flat_read(np.ascontiguousarray(array, like.dtype))
 
 
+def piece(flat: np.ndarray, offset: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """``size`` elements of ``flat`` from ``offset``, in ``shape``; a 1-D one is the slice itself (a
+    reshape per array showed in a small step)."""
+    run = flat[offset:offset + size]
+    return run if len(shape) == 1 else run.reshape(shape)
+
+
 class Run(Sequence):
     """Per-tensor arrays that are consecutive pieces of one 1-D array, ``whole`` (a binary body's
     gradients): a step over the whole session as one array (``apply_step``) takes ``whole`` as it
@@ -129,8 +136,7 @@ class Run(Sequence):
             pieces, offset = [], 0
             for shape in self._shapes:
                 size = math.prod(shape)
-                run = self.whole[offset:offset + size]
-                pieces.append(run if len(shape) == 1 else run.reshape(shape))
+                pieces.append(piece(self.whole, offset, size, shape))
                 offset += size
             self._pieces = pieces
         return self._pieces
