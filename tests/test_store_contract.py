@@ -10,7 +10,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from optim_service.store import CachedStore, Claim, MemoryStore, SessionExists, SessionRecord, open_store
+from optim_service.store import CachedStore, CapReached, Caps, Claim, MemoryStore, SessionExists, SessionRecord, open_store
 from optim_service.store.redis import RedisStore
 
 BACKENDS = ["memory", "sqlite", "redis", "sqlite+cache", "redis+cache"]
@@ -199,3 +199,89 @@ async def test_a_sqlite_file_from_0_1_0_keeps_its_claims(tmp_path):
     assert (got.body_digest, got.version) == ("d" * 64, 1)
     assert await store.compare_and_set(record(version=2), 1, Claim("key-2", "e" * 64, 2, 2, 600))
     await store.close()
+
+
+# --- caps, checked in the create's own transaction, and owner-scoped reads --------------------------
+
+CAPS = Caps(sessions=50, sessions_per_owner=30, bytes_per_owner=1 << 40)
+
+
+async def test_caps_hold_under_concurrent_creates_from_many_clients(make_store):
+    """The issue's case: one key at its cap of 30, two more racing for the 20 places left of 50. Each
+    store a test makes is another client of the same backend, as replicas are."""
+    stores = [make_store() for _ in range(4)]
+    if isinstance(stores[0], MemoryStore):  # one process's dict: its clients are its coroutines
+        stores = [stores[0]] * 4
+    for i in range(30):
+        await stores[0].create(record(f"alice-{i:02d}", owner="alice"), CAPS)
+    with pytest.raises(CapReached) as refused:
+        await stores[1].create(record("alice-30", owner="alice"), CAPS)
+    assert (refused.value.cap, refused.value.limit, refused.value.used) == ("sessions_per_owner", 30, 30)
+
+    async def attempt(store, sid, owner):
+        try:
+            await store.create(record(sid, owner=owner), CAPS)
+            return 1
+        except CapReached as e:
+            assert e.cap in ("sessions", "sessions_per_owner")
+            return 0
+
+    made = await asyncio.gather(*(attempt(stores[i % 4], f"{owner}-{i:02d}", owner)
+                                  for i in range(30) for owner in ("bob", "carol")))
+    assert sum(made) == 20
+    assert await stores[0].count() == 50
+    assert await stores[0].count_owned("bob") + await stores[0].count_owned("carol") == 20
+    await stores[2].delete("alice-00")  # a delete gives its place back
+    await stores[3].create(record("dave-0", owner="dave"), CAPS)
+    for store in stores:
+        await store.close()
+
+
+async def test_a_key_byte_budget_counts_tensors_and_metadata(make_store):
+    store = make_store()
+    size = len(record(data=bytes(1000)).data) + len(record().meta)
+    caps = Caps(sessions=100, sessions_per_owner=100, bytes_per_owner=3 * size)
+    for i in range(3):
+        await store.create(record(f"s{i}", data=bytes(1000)), caps)
+    with pytest.raises(CapReached) as refused:
+        await store.create(record("s3", data=bytes(1000)), caps)
+    assert (refused.value.cap, refused.value.used, refused.value.needed) == ("bytes_per_owner", 3 * size, size)
+    await store.create(record("other", owner="bob", data=bytes(1000)), caps)  # another key's budget
+    await store.create(record("anonymous", owner=None, data=bytes(10_000)), caps)  # keys off: no per-key cap
+    await store.delete("s0")
+    await store.create(record("s3", data=bytes(1000)), caps)
+    await store.close()
+
+
+async def test_expired_sessions_count_against_no_cap(make_store):
+    store = make_store(ttl=1)
+    caps = Caps(sessions=2, sessions_per_owner=2, bytes_per_owner=1 << 30)
+    await store.create(record("a"), caps)
+    await store.create(record("b"), caps)
+    with pytest.raises(CapReached):
+        await store.create(record("c"), caps)
+    await asyncio.sleep(2.1)
+    await store.create(record("c"), caps)
+    await store.close()
+
+
+async def test_a_read_for_another_owner_finds_nothing(make_store):
+    store = make_store()
+    await store.create(record("s1", owner="alice", data=os.urandom(1 << 16)))
+    assert (await store.get("s1", "alice")).data == (await store.get("s1")).data
+    assert await store.get("s1", "mallory") is None
+    assert await store.get("s1", None) is None
+    assert await store.get("ghost", "alice") is None
+    await store.create(record("s2", owner=None))
+    assert (await store.get("s2", None)).owner is None and await store.get("s2", "alice") is None
+    await store.close()
+
+
+async def test_only_the_memory_store_keeps_a_total_byte_budget():
+    store = MemoryStore()
+    caps = Caps(sessions=100, sessions_per_owner=100, bytes_per_owner=1 << 40, total_bytes=2500)
+    await store.create(record("a", data=bytes(1000)), caps)
+    await store.create(record("b", owner="bob", data=bytes(1000)), caps)
+    with pytest.raises(CapReached) as refused:
+        await store.create(record("c", owner="carol", data=bytes(1000)), caps)
+    assert refused.value.cap == "total_bytes" and refused.value.limit == 2500

@@ -48,10 +48,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.fused_kernels:
             await asyncio.to_thread(warm_kernels)  # no compile stall on a first request
-        store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes),
-                             metrics.store_seconds)
+        store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes,
+                                        settings.store_timeout_seconds), metrics.store_seconds)
         app.state.sessions = SessionService(store, settings)
-        app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst)
+        app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst,
+                                          settings.store_timeout_seconds)
                              if keys.enabled else Unlimited())
         sweeper = asyncio.create_task(_sweep_forever(store, settings.sweep_interval_seconds))
         try:
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Adam, AdamW, RMSProp, Adagrad and SGD over HTTP, numerically identical to torch.optim",
         default_response_class=JSONResponse,
         lifespan=lifespan,
+        redirect_slashes=False,  # its 307 built the Location from the Host header; a 404 says enough
         docs_url=None,  # served below from local assets: no CDN is reachable from every deployment
         redoc_url=None,
         openapi_url="/openapi.json" if settings.expose_docs else None,

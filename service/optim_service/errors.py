@@ -42,6 +42,14 @@ class TooManySessions(OptimServiceError):
     title = "Too many sessions"
 
 
+class QuotaExceeded(OptimServiceError):
+    title = "Storage quota exceeded"
+
+
+class SessionBusy(OptimServiceError):
+    title = "Session busy"
+
+
 class Unauthorized(OptimServiceError):
     title = "Missing or invalid API key"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -58,8 +57,10 @@ class LocalLimiter:
 
 @translate_errors(RedisConnectionError, RedisTimeoutError)
 class RedisLimiter:
-    def __init__(self, url: str, rate: float, burst: int, prefix: str = "optim"):
-        self._redis = aioredis.Redis.from_url(url)
+    def __init__(self, url: str, rate: float, burst: int, prefix: str = "optim", timeout_seconds: float = 5.0):
+        from .store.redis import connect
+
+        self._redis = connect(url, timeout_seconds)
         self._script = self._redis.register_script(GCRA)
         self._interval_ms = 1000.0 / rate
         self._tolerance_ms = self._interval_ms * burst
@@ -74,9 +75,9 @@ class RedisLimiter:
         await self._redis.aclose()
 
 
-def open_limiter(store_url: str, rate: float, burst: int):
+def open_limiter(store_url: str, rate: float, burst: int, timeout_seconds: float = 5.0):
     if rate <= 0:
         return Unlimited()
     if store_url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisLimiter(store_url, rate, burst)
+        return RedisLimiter(store_url, rate, burst, timeout_seconds=timeout_seconds)
     return LocalLimiter(rate, burst)

@@ -8,6 +8,7 @@ update is ever lost or applied twice. Nothing is written until the new state is 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ import numpy as np
 from .errors import (
     IdempotencyKeyReused,
     InvalidRequest,
+    QuotaExceeded,
+    SessionBusy,
     SessionNotFound,
     StepConflict,
     TooManySessions,
@@ -28,9 +31,10 @@ from .errors import (
 from .finite import first_non_finite, require_finite
 from .lru import ByteBoundedLRU
 from .optim.config import TrainingConfig, apply_step
+from .optim.schedules import ScheduleOverflow
 from .record import Layout, Session, from_record, read_meta
 from .settings import Settings
-from .store import Claim, SessionRecord, SessionStore
+from .store import CapReached, Caps, Claim, SessionRecord, SessionStore
 
 GradientDecoder = Callable[[Session], Sequence[np.ndarray]]  # a list, or a Run of one body
 
@@ -104,6 +108,8 @@ class SessionService:
         # reference and its callback on every step, ~9 µs)
         self._locks: dict[str, _SessionLock] = {}
         self._warm = WarmSessions(settings.cache_bytes)
+        self.caps = Caps(settings.max_sessions, settings.max_sessions_per_key, settings.max_bytes_per_key,
+                         settings.memory_store_max_bytes or _half_the_memory())
 
     def binary_memory(self, owner: str | None, session_id: str, nbytes: int) -> np.ndarray | None:
         """Memory for a binary step's working copy, to read the body into. The body's gradients then
@@ -134,26 +140,24 @@ class SessionService:
         step = 0
         if restored is not None:
             step, buffers = restored
-            states = [_restore_state(s, b, n) for s, b, n in zip(states, buffers, layout.names)]
+            states = [_restore_state(config.algorithm, s, b, n) for s, b, n in zip(states, buffers, layout.names)]
+        try:
+            config.check_schedule(step)
+        except ScheduleOverflow as e:
+            raise InvalidRequest(f"{e}, its first step; no session was created: choose a schedule that "
+                                 "stays finite (a smaller gamma, say)") from None
         if len(layout.names) > self.settings.max_tensors_per_session:
             raise InvalidRequest(f"params has {len(layout.names)} tensors; this service allows at most "
                                  f"{self.settings.max_tensors_per_session} per session")
         if sum(layout.sizes) > self.settings.max_elements_per_session:
             raise InvalidRequest(f"params has {sum(layout.sizes)} elements; this service allows at most "
                                  f"{self.settings.max_elements_per_session} per session")
-        if owner is not None and await self.store.count_owned(owner) >= self.settings.max_sessions_per_key:
-            raise TooManySessions(
-                f"this API key holds its maximum of {self.settings.max_sessions_per_key} sessions; "
-                "delete sessions you no longer need"
-            )
-        if await self.store.count() >= self.settings.max_sessions:
-            raise TooManySessions(
-                f"the service holds its maximum of {self.settings.max_sessions} sessions; delete "
-                "sessions you no longer need (idle ones expire on their own)"
-            )
         session = Session(new_session_id(), owner, config, layout, step, params, states)
         record = session.to_record()
-        await self.store.create(record)
+        try:
+            await self.store.create(record, self.caps)
+        except CapReached as e:
+            raise _refusal(e) from None
         self._warm.remember(from_record(record, private=False))
         return session
 
@@ -165,10 +169,13 @@ class SessionService:
         return record, read_meta(record)
 
     async def _record(self, owner: str | None, session_id: str) -> SessionRecord:
-        record = await self.store.get(session_id)
+        # the store checks the owner before it reads any tensor: another key's id costs what a
+        # missing one does, whatever that session's size
+        record = await self.store.get(session_id, owner)
         if record is None:
-            self._warm.forget(session_id)  # expired or deleted elsewhere: free its decoded copy now
-        if record is None or record.owner != owner:
+            warm = self._warm.get(session_id)
+            if warm is not None and warm.owner == owner:
+                self._warm.forget(session_id)  # expired or deleted elsewhere: free its decoded copy now
             raise SessionNotFound(f"no session '{session_id}' (it may have been deleted or never existed)")
         return record
 
@@ -199,8 +206,18 @@ class SessionService:
             held = self._locks[session_id] = _SessionLock()
         held.users += 1
         try:
-            async with held.lock:
+            try:  # a step behind a stalled one gives up within one store timeout, not one per step ahead
+                async with asyncio.timeout(self.settings.store_timeout_seconds):
+                    await held.lock.acquire()
+            except TimeoutError:
+                raise SessionBusy(
+                    f"the steps ahead of this one on session '{session_id}' did not finish within "
+                    f"{self.settings.store_timeout_seconds:g} s; nothing was changed, retry shortly",
+                    headers={"Retry-After": "1"}) from None
+            try:
                 return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory)
+            finally:
+                held.lock.release()
         finally:
             held.users -= 1
             if not held.users:
@@ -225,10 +242,15 @@ class SessionService:
             grads = decode(session)
             started = time.perf_counter()
             args = (session, grads, self.settings.fused_kernels, template)
-            if sum(session.layout.sizes) < self.settings.thread_offload_elements:
-                grad_norm = _advance(*args)
-            else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
-                grad_norm = await anyio.to_thread.run_sync(_advance, *args)
+            try:
+                if sum(session.layout.sizes) < self.settings.thread_offload_elements:
+                    grad_norm = _advance(*args)
+                else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
+                    grad_norm = await anyio.to_thread.run_sync(_advance, *args)
+            except ScheduleOverflow as e:
+                raise InvalidRequest(
+                    f"{e}; nothing was changed. This session cannot step past step {session.step}: resume its "
+                    "GET .../state as a new session with a schedule that stays finite", step=session.step) from None
             compute_ms = (time.perf_counter() - started) * 1e3
             skipped = grad_norm is SKIPPED
             if skipped:  # store only the count: the arrays may be half-updated
@@ -312,9 +334,40 @@ def _gradient(name: str) -> str:
     return f"gradient '{name}'" if name else "gradient"
 
 
-def _restore_state(template: tuple, buffers: dict[str, np.ndarray], name: str) -> tuple:
+def _restore_state(algorithm, template: tuple, buffers: dict[str, np.ndarray], name: str) -> tuple:
+    """A checkpoint's buffers for one tensor, checked as the optimizer needs them: the buffers it
+    keeps, each finite (the decoder's check) and, where it is a sum or average of squares, >= 0."""
+    label = f"tensor '{name}'" if name else "the tensor"
     expected = [k for k, v in template._asdict().items() if v is not None]
     if sorted(buffers) != sorted(expected):
-        label = f"tensor '{name}'" if name else "the tensor"
         raise InvalidRequest(f"state for {label}: expected buffers {expected}, got {sorted(buffers)}")
+    for buffer in algorithm.nonnegative_buffers:
+        values = buffers.get(buffer)
+        if values is not None and values.size and (low := float(values.min())) < 0:
+            raise InvalidRequest(
+                f"state for {label}: buffer '{buffer}' holds {low!r}, but {algorithm.name} keeps a sum or "
+                "average of squares there, never negative; this checkpoint was not written by this "
+                "optimizer, or was changed")
     return template._replace(**buffers)
+
+
+def _refusal(e: CapReached):
+    """A cap's refusal, saying what is left."""
+    if e.cap == "sessions":
+        return TooManySessions(f"the service holds its maximum of {e.limit} sessions; delete sessions you "
+                               "no longer need (idle ones expire on their own)")
+    if e.cap == "sessions_per_owner":
+        return TooManySessions(f"this API key holds its maximum of {e.limit} sessions; delete sessions you "
+                               "no longer need")
+    left = max(e.limit - e.used, 0)
+    whose = "this API key's sessions" if e.cap == "bytes_per_owner" else "the service's memory store"
+    setting = "OPTIM_MAX_BYTES_PER_KEY" if e.cap == "bytes_per_owner" else "OPTIM_MEMORY_STORE_MAX_BYTES"
+    return QuotaExceeded(
+        f"this session needs {e.needed} bytes of storage; {whose} hold {e.used} of the {e.limit} allowed "
+        f"({setting}), so {left} bytes are left; delete sessions you no longer need, or use fewer or "
+        "smaller tensors", needed_bytes=e.needed, used_bytes=e.used, limit_bytes=e.limit)
+
+
+def _half_the_memory() -> int:
+    """The memory store's default budget: half this machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2

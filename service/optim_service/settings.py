@@ -34,6 +34,21 @@ class Settings(BaseSettings):
     max_elements_per_session: int = Field(1 << 24, ge=1, description="parameters per session (each tensor's size summed)")
     max_tensors_per_session: int = Field(1024, ge=1)
     max_json_depth: int = Field(64, ge=4, description="nesting of arrays and objects in a JSON body")
+    max_bytes_per_key: int = Field(16 << 30, ge=1, description="stored bytes (state and metadata) one API key "
+                                   "may hold across its sessions")
+    memory_store_max_bytes: int | None = Field(None, ge=1, description="bytes the memory store holds in all; "
+                                               "default half this machine's memory")
+
+    # limits on a connection, before any request reaches the app (api/connection.py)
+    max_header_bytes: int = Field(32 << 10, ge=1024, description="request line and headers; 431 beyond")
+    max_headers: int = Field(100, ge=8, description="header fields per request; 431 beyond")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="to receive a request's headers; 408 after")
+    body_idle_timeout_seconds: float = Field(30.0, gt=0, description="between two pieces of a body; 408 after")
+    max_connections: int = Field(1000, ge=1, description="open connections per process; 503 beyond")
+
+    store_timeout_seconds: float = Field(5.0, gt=0, description="each store call, and a step's wait for its "
+                                         "session's lock; 503 after")
+    readyz_timeout_seconds: float = Field(1.0, gt=0, description="/readyz answers 503 when the store takes longer")
 
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a step's Idempotency-Key is remembered")
     cas_retries: int = Field(32, ge=1, description="reload-and-recompute attempts when another process wins a step")

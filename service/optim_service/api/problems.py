@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .. import errors
-from ..store import StoreUnavailable
+from ..store import OutcomeUnknown, StoreUnavailable
 from .responses import JSONResponse
 
 STATUS: dict[type[errors.OptimServiceError], int] = {
@@ -21,6 +21,8 @@ STATUS: dict[type[errors.OptimServiceError], int] = {
     errors.IdempotencyKeyReused: 422,
     errors.StepConflict: 409,
     errors.TooManySessions: 429,
+    errors.QuotaExceeded: 429,
+    errors.SessionBusy: 503,
     errors.Unauthorized: 401,
     errors.PayloadTooLarge: 413,
     errors.RateLimited: 429,
@@ -73,6 +75,12 @@ def install(app: FastAPI) -> None:
                        str(exc.detail), headers=headers)
 
     async def store_unavailable(request: Request, exc: StoreUnavailable):
+        if isinstance(exc, OutcomeUnknown):
+            return problem(503, "Store did not confirm",
+                           "the session store did not confirm this write in time, so it may or may not "
+                           "have been applied; retry with the same Idempotency-Key (a step is then applied "
+                           "at most once), or GET the session to see its step",
+                           headers={"Retry-After": "1"})
         return problem(503, "Store unavailable",
                        "the session store is not answering; nothing was changed, retry shortly",
                        headers={"Retry-After": "1"})

@@ -63,4 +63,5 @@ def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: in
 adagrad = Optimizer(
     "adagrad", AdagradHyperparameters, init, update, fused, AdagradState,
     "θ ← θ − η/(1+(t−1)·lr_decay) · g / (√Σg² + ε) (torch.optim.Adagrad)",
+    ("sum",),
 )

@@ -110,8 +110,10 @@ def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, sou
 adam = Optimizer(
     "adam", AdamHyperparameters, init, update, fused, AdamState,
     "m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − η·m̂/(√v̂ + ε) (torch.optim.Adam)",
+    ("exp_avg_sq", "max_exp_avg_sq"),
 )
 adamw = Optimizer(
     "adamw", AdamWHyperparameters, init, update, fused, AdamState,
     "Adam with decoupled weight decay θ ← θ(1 − η·λ) (torch.optim.AdamW)",
+    ("exp_avg_sq", "max_exp_avg_sq"),
 )

@@ -44,6 +44,7 @@ class Optimizer(NamedTuple):
     fused: Callable[[np.ndarray, np.ndarray, Any, Any, int], int]
     state_type: type
     summary: str
+    nonnegative_buffers: tuple[str, ...] = ()  # sums or averages of squares: a restored one must be >= 0
 
 
 def require_non_negative(hp: Hyperparameters, **labels: str) -> None:

@@ -90,6 +90,14 @@ class TrainingConfig(BaseModel):
     def algorithm(self):
         return OPTIMIZERS[self.optimizer.type]
 
+    def check_schedule(self, step: int) -> None:
+        """Refuse now a schedule whose next step (after ``step``) has no finite learning rate, for
+        any param group: ``ScheduleOverflow``."""
+        if self.schedule is not None:
+            for i in range(len(self.param_groups) + 1):
+                hp = self.optimizer if i == len(self.param_groups) else self._group_hyperparameters(i)
+                self.schedule.lr_at(hp.lr, step)
+
 
 FLAT_MAX_AVERAGE = 1 << 14  # elements per tensor, on average, up to which a step is one update
 
@@ -138,7 +146,7 @@ def apply_step(
         for param, grad, state, hp, read in zip(params, grads, states, hyperparameters, sources):
             if config.schedule is not None:
                 if id(hp) not in scheduled:
-                    scheduled[id(hp)] = hp.model_copy(update={"lr": config.schedule.lr(hp.lr, step - 1)})
+                    scheduled[id(hp)] = hp.model_copy(update={"lr": config.schedule.lr_at(hp.lr, step - 1)})
                 hp = scheduled[id(hp)]
             if fused:
                 finite &= algorithm.fused(param, grad, state, hp, step, read) == 0

@@ -96,4 +96,5 @@ def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: in
 rmsprop = Optimizer(
     "rmsprop", RMSpropHyperparameters, init, update, fused, RMSpropState,
     "σ² ← α·σ² + (1−α)·g², θ ← θ − η·g/(σ + ε) (torch.optim.RMSprop; lecture form σ⁰=|g⁰|)",
+    ("square_avg",),
 )

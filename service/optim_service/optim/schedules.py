@@ -17,8 +17,24 @@ from .base import Float
 Int = Annotated[int, Strict()]
 
 
+class ScheduleOverflow(ArithmeticError):
+    """A schedule whose learning rate at some step is no finite number (``exponential`` with a
+    large gamma, say): that step is refused, naming both."""
+
+
 class _Schedule(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    def lr_at(self, base_lr: float, t: int) -> float:
+        """``lr(base_lr, t)``, or ``ScheduleOverflow`` when that is no finite number."""
+        try:
+            lr = self.lr(base_lr, t)
+        except (OverflowError, ZeroDivisionError):  # Python's float ** raises where numpy gives inf
+            lr = math.inf
+        if not math.isfinite(lr):
+            raise ScheduleOverflow(
+                f"schedule '{self.type}' gives no finite learning rate for step {t + 1} (from lr {base_lr!r})")
+        return lr
 
 
 class InverseSqrt(_Schedule):

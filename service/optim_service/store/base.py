@@ -2,8 +2,12 @@
 
 A store keeps opaque session records and never knows which optimizer they hold:
 
-- ``create(record)`` stores a new record; raises ``SessionExists`` if the id is taken.
-- ``get(id)`` returns the whole record (meta, data and version written together) or ``None``.
+- ``create(record, caps=None)`` stores a new record; raises ``SessionExists`` if the id is taken, and
+  ``CapReached`` if storing it would pass one of ``caps``, checked in the create's own transaction
+  (its own script on Redis) so that concurrent creates from any number of processes never pass one.
+- ``get(id, owner=ANY)`` returns the whole record (meta, data and version written together) or
+  ``None``; given an owner, ``None`` also for another owner's record, found without reading its
+  tensors, so that a foreign id costs what a missing one does.
 - ``version(id)`` returns just the live record's version, or ``None``: cheap, for cache checks.
 - ``compare_and_set(record, expected_version, claim=None)`` replaces the stored record only if its
   version is still ``expected_version`` and, when ``claim`` is given, that idempotency key is not yet
@@ -22,6 +26,8 @@ A store keeps opaque session records and never knows which optimizer they hold:
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,12 +53,83 @@ class Claim:
     ttl_seconds: int
 
 
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY = _Any()  # get()'s owner when any owner's record will do (the store's own use)
+
+
+def record_bytes(record: SessionRecord) -> int:
+    """What a record counts against the byte budgets: its tensors and its metadata."""
+    return len(record.data) + len(record.meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """The limits a create must stay within. Owner ``None`` (API keys off) has no per-owner caps;
+    ``total_bytes`` binds only a store whose memory is this process's (the memory store)."""
+
+    sessions: int
+    sessions_per_owner: int
+    bytes_per_owner: int
+    total_bytes: int | None = None
+
+
+class CapReached(Exception):
+    """A create refused by a cap: which one, its limit, what is used now and what was asked."""
+
+    def __init__(self, cap: str, limit: int, used: int, needed: int = 1):
+        super().__init__(f"{cap}: {used} of {limit} used, {needed} asked")
+        self.cap, self.limit, self.used, self.needed = cap, limit, used, needed
+
+
 class SessionExists(Exception):
     pass
 
 
 class StoreUnavailable(Exception):
     """The backend cannot be reached or is busy; the request changed nothing and may be retried."""
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """A write the backend did not confirm in time: it may have been applied or not. Only an
+    Idempotency-Key makes its retry safe."""
+
+
+WRITES = frozenset({"create", "compare_and_set", "delete"})
+
+
+class BoundedStore:
+    """Every call of ``inner`` ends within ``seconds``, whatever its client library waits: past
+    that, a read raises ``StoreUnavailable`` and a write ``OutcomeUnknown``."""
+
+    def __init__(self, inner, seconds: float):
+        self.inner = inner
+        self.private = inner.private
+        self._seconds = seconds
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.inner, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
+            return attr
+        write = name in WRITES
+
+        async def bounded(*args, **kwargs):
+            try:
+                async with asyncio.timeout(self._seconds):
+                    return await attr(*args, **kwargs)
+            except TimeoutError:
+                error = OutcomeUnknown if write else StoreUnavailable
+                raise error(f"the store did not answer {name} within {self._seconds:g} s") from None
+            except StoreUnavailable as e:
+                if write and not isinstance(e, OutcomeUnknown):
+                    raise OutcomeUnknown(str(e)) from e
+                raise
+
+        setattr(self, name, bounded)  # built once per method: later lookups skip __getattr__
+        return bounded
 
 
 def translate_errors(*backend_errors: type[BaseException]):
@@ -77,8 +154,8 @@ def translate_errors(*backend_errors: type[BaseException]):
 class SessionStore(Protocol):
     private: bool
 
-    async def create(self, record: SessionRecord) -> None: ...
-    async def get(self, session_id: str) -> SessionRecord | None: ...
+    async def create(self, record: SessionRecord, caps: Caps | None = None) -> None: ...
+    async def get(self, session_id: str, owner: str | None | _Any = ANY) -> SessionRecord | None: ...
     async def version(self, session_id: str) -> int | None: ...
     async def compare_and_set(
         self, record: SessionRecord, expected_version: int, claim: Claim | None = None

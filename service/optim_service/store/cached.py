@@ -9,7 +9,7 @@ retry but never a lost update. Copies are evicted least-recently-used beyond ``m
 from __future__ import annotations
 
 from ..lru import ByteBoundedLRU
-from .base import Claim, SessionRecord, SessionStore
+from .base import ANY, Caps, Claim, SessionRecord, SessionStore
 
 
 class CachedStore:
@@ -22,8 +22,10 @@ class CachedStore:
     def _put(self, record: SessionRecord) -> None:
         self._copies.put(record.id, record, len(record.data) + len(record.meta))
 
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(self, session_id: str, owner=ANY) -> SessionRecord | None:
         copy = self._copies.get(session_id)
+        if copy is not None and owner is not ANY and copy.owner != owner:
+            return await self.inner.get(session_id, owner)  # a foreign id costs what a missing one does
         if copy is not None:
             version = await self.inner.version(session_id)
             if version == copy.version:
@@ -31,13 +33,13 @@ class CachedStore:
             self._copies.pop(session_id)
             if version is None:
                 return None
-        record = await self.inner.get(session_id)
+        record = await self.inner.get(session_id, owner)
         if record is not None:
             self._put(record)
         return record
 
-    async def create(self, record: SessionRecord) -> None:
-        await self.inner.create(record)
+    async def create(self, record: SessionRecord, caps: Caps | None = None) -> None:
+        await self.inner.create(record, caps)
         self._put(record)
 
     async def compare_and_set(self, record: SessionRecord, expected_version: int, claim: Claim | None = None) -> bool:

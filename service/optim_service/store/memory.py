@@ -6,7 +6,7 @@ import bisect
 import time
 from collections import OrderedDict
 
-from .base import Claim, SessionExists, SessionRecord
+from .base import ANY, CapReached, Caps, Claim, SessionExists, SessionRecord, record_bytes
 
 
 class MemoryStore:
@@ -14,10 +14,14 @@ class MemoryStore:
 
     def __init__(self, session_ttl_seconds: int = 0) -> None:
         self._ttl = session_ttl_seconds
-        self._records: dict[str, tuple[SessionRecord, float]] = {}  # id -> (record, expires at)
+        # id -> (record, expires at), in expiry order (one TTL for all: a write moves a record last),
+        # so expired records are popped from the front
+        self._records: OrderedDict[str, tuple[SessionRecord, float]] = OrderedDict()
         self._ids: list[str] = []  # sorted, for paging
         # per session, in expiry order (one TTL for all), so pruning pops from the front
         self._claims: dict[str, OrderedDict[str, tuple[Claim, float]]] = {}
+        self._owned: dict[str | None, list[int]] = {}  # owner -> [sessions, bytes]
+        self._bytes = 0
 
     def _expiry(self) -> float:
         return time.monotonic() + self._ttl if self._ttl else float("inf")
@@ -31,19 +35,61 @@ class MemoryStore:
             return None
         return entry[0]
 
+    def _purge(self) -> None:
+        now = time.monotonic()
+        while self._records:
+            sid, (_, expires) = next(iter(self._records.items()))
+            if expires > now:
+                break
+            self._drop(sid)
+
+    def _put(self, record: SessionRecord, old: SessionRecord | None) -> None:
+        tally = self._owned.setdefault(record.owner, [0, 0])
+        delta = record_bytes(record) - (record_bytes(old) if old is not None else 0)
+        tally[0] += old is None
+        tally[1] += delta
+        self._bytes += delta
+        self._records[record.id] = (record, self._expiry())
+        self._records.move_to_end(record.id)
+
     def _drop(self, session_id: str) -> None:
-        del self._records[session_id]
+        record, _ = self._records.pop(session_id)
         self._ids.pop(bisect.bisect_left(self._ids, session_id))
         self._claims.pop(session_id, None)
+        tally = self._owned[record.owner]
+        tally[0] -= 1
+        tally[1] -= record_bytes(record)
+        self._bytes -= record_bytes(record)
+        if not tally[0]:
+            del self._owned[record.owner]
 
-    async def create(self, record: SessionRecord) -> None:
-        if self._live(record.id) is not None:
+    def _check(self, caps: Caps, record: SessionRecord) -> None:
+        needed = record_bytes(record)
+        if len(self._records) >= caps.sessions:
+            raise CapReached("sessions", caps.sessions, len(self._records))
+        if record.owner is not None:
+            count, used = self._owned.get(record.owner, (0, 0))
+            if count >= caps.sessions_per_owner:
+                raise CapReached("sessions_per_owner", caps.sessions_per_owner, count)
+            if used + needed > caps.bytes_per_owner:
+                raise CapReached("bytes_per_owner", caps.bytes_per_owner, used, needed)
+        if caps.total_bytes is not None and self._bytes + needed > caps.total_bytes:
+            raise CapReached("total_bytes", caps.total_bytes, self._bytes, needed)
+
+    async def create(self, record: SessionRecord, caps: Caps | None = None) -> None:
+        self._purge()
+        if record.id in self._records:
             raise SessionExists(record.id)
-        self._records[record.id] = (record, self._expiry())
+        if caps is not None:
+            self._check(caps, record)
+        self._put(record, None)
         bisect.insort(self._ids, record.id)
 
-    async def get(self, session_id: str) -> SessionRecord | None:
-        return self._live(session_id)
+    async def get(self, session_id: str, owner=ANY) -> SessionRecord | None:
+        record = self._live(session_id)
+        if record is None or (owner is not ANY and record.owner != owner):
+            return None
+        return record
 
     async def version(self, session_id: str) -> int | None:
         record = self._live(session_id)
@@ -58,7 +104,7 @@ class MemoryStore:
                 return False
             claims = self._claims.setdefault(record.id, OrderedDict())
             claims[claim.key] = (claim, time.monotonic() + claim.ttl_seconds)
-        self._records[record.id] = (record, self._expiry())
+        self._put(record, current)
         return True
 
     async def get_claim(self, session_id: str, key: str) -> Claim | None:
@@ -92,18 +138,17 @@ class MemoryStore:
         return out
 
     async def count(self) -> int:
-        return sum(1 for _, expires in self._records.values() if expires > time.monotonic())
+        self._purge()
+        return len(self._records)
 
     async def count_owned(self, owner: str | None) -> int:
-        now = time.monotonic()
-        return sum(1 for r, expires in self._records.values() if r.owner == owner and expires > now)
+        self._purge()
+        return self._owned.get(owner, (0, 0))[0]
 
     async def sweep(self) -> int:
-        now = time.monotonic()
-        expired = [sid for sid, (_, expires) in self._records.items() if expires <= now]
-        for sid in expired:
-            self._drop(sid)
-        return len(expired)
+        before = len(self._records)
+        self._purge()
+        return before - len(self._records)
 
     async def ping(self) -> None:
         return None

@@ -3,9 +3,15 @@
 A step's compare-and-set is one Lua script (a script is a transaction): it checks the version and
 the idempotency key's absence, then moves the staged tensors into place and writes record and claim
 with their TTLs together. Every key of a
-session shares the hash tag ``{s:ID}``, so the script stays atomic on Redis Cluster. Indexes used only
-for listing and counting (by owner, all sessions) are updated beside the script; a crash between the
-two can leave an index entry behind, which reads skip and ``sweep`` removes.
+session shares the hash tag ``{s:ID}``, so the script stays atomic on Redis Cluster.
+
+Caps are reservations, each taken by one script on the keys it counts: an owner's sessions and
+their bytes (hash tag ``{o:OWNER}``), then all sessions. A create reserves, then writes the record,
+and gives back what it reserved when any part fails; so concurrent creates on any number of replicas
+never pass a cap, on one Redis or a cluster (where one script cannot reach keys of several slots). A
+process killed between a reservation and its record leaves a reservation that counts until its
+expiry: caps err on the side of refusing. The listing index is updated beside the scripts; a crash
+between the two can leave an entry behind, which reads skip and ``sweep`` removes.
 
 Durability is the server's: run Redis with ``appendonly yes`` (docker-compose.yml does).
 """
@@ -16,11 +22,13 @@ import time
 import uuid
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import Claim, SessionExists, SessionRecord, translate_errors
+from .base import ANY, CapReached, Caps, Claim, SessionExists, SessionRecord, record_bytes, translate_errors
 
 # The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
 # place in O(1), so megabytes never pass through Lua's argument copies.
@@ -58,20 +66,55 @@ for _, key in ipairs(claims) do redis.call('DEL', key) end
 redis.call('DEL', KEYS[2], KEYS[3])
 return redis.call('DEL', KEYS[1])
 """
+# KEYS: an index (sorted set: id -> expiry) and, for an owner, its sizes (hash: id -> bytes).
+# ARGV: id, expiry, bytes, max sessions, max bytes, now, index TTL (0: none).
+# Returns {1}, {2} when the id is already reserved, or {0, count} / {-1, bytes used} when a cap refuses.
+RESERVE = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[6])
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[6])
+  if KEYS[2] then for _, sid in ipairs(expired) do redis.call('HDEL', KEYS[2], sid) end end
+end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {2} end
+local count = redis.call('ZCARD', KEYS[1])
+if count >= tonumber(ARGV[4]) then return {0, count} end
+if KEYS[2] then
+  local used = 0
+  for _, n in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(n) end
+  if used + tonumber(ARGV[3]) > tonumber(ARGV[5]) then return {-1, used} end
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+if tonumber(ARGV[7]) > 0 then
+  for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[7]) end
+end
+return {1}
+"""
+UNLIMITED = 1 << 62
 STAGING_TTL = 60  # a staged copy whose script never ran (the process died) cleans itself up
+
+
+def connect(url: str, timeout_seconds: float) -> aioredis.Redis:
+    """A client whose every wait is bounded here, whatever the library's defaults (redis-py 5 waits
+    forever, 8 five seconds), retrying once at once: a restarted Redis leaves dropped connections in
+    the pool."""
+    return aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=timeout_seconds,
+                                   socket_connect_timeout=timeout_seconds, retry=Retry(NoBackoff(), 1))
 
 
 @translate_errors(RedisConnectionError, RedisTimeoutError)
 class RedisStore:
     private = False  # other processes may write the same sessions
 
-    def __init__(self, url: str, session_ttl_seconds: int = 0, prefix: str = "optim"):
-        self._redis = aioredis.Redis.from_url(url, decode_responses=False)
+    def __init__(self, url: str, session_ttl_seconds: int = 0, prefix: str = "optim",
+                 timeout_seconds: float = 5.0):
+        self._redis = connect(url, timeout_seconds)
         self._ttl = session_ttl_seconds
         self._p = prefix
         self._create = self._redis.register_script(CREATE)
         self._cas = self._redis.register_script(COMPARE_AND_SET)
         self._delete = self._redis.register_script(DELETE)
+        self._reserve = self._redis.register_script(RESERVE)
 
     def _rec(self, sid: str) -> str:
         return f"{self._p}:{{s:{sid}}}:rec"
@@ -96,40 +139,85 @@ class RedisStore:
     def _owner_index(self, owner: str | None) -> str:
         return f"{self._p}:owner:{owner or '-'}"
 
-    def _owner_expiry(self, owner: str | None) -> str:
-        return f"{self._p}:owner-expiry:{owner or '-'}"
+    def _owner_sessions(self, owner: str | None) -> str:
+        return f"{self._p}:{{o:{owner or '-'}}}:sessions"
+
+    def _owner_bytes(self, owner: str | None) -> str:
+        return f"{self._p}:{{o:{owner or '-'}}}:bytes"
 
     @property
     def _all(self) -> str:
         return f"{self._p}:sessions"
 
+    def _expires(self) -> float | str:
+        return time.time() + self._ttl if self._ttl else "+inf"
+
     async def _touch_indexes(self, record: SessionRecord) -> None:
-        expires = time.time() + self._ttl if self._ttl else "+inf"
+        expires = self._expires()
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self._all, {record.id: expires})
+            # xx: a session deleted meanwhile is not counted again
+            pipe.zadd(self._all, {record.id: expires}, xx=True)
+            pipe.zadd(self._owner_sessions(record.owner), {record.id: expires}, xx=True)
             pipe.zadd(self._owner_index(record.owner), {record.id: 0})
-            pipe.zadd(self._owner_expiry(record.owner), {record.id: expires})
             if self._ttl:  # indexes outlive every session they list, and still expire
-                for index in (self._all, self._owner_index(record.owner), self._owner_expiry(record.owner)):
+                for index in (self._all, self._owner_index(record.owner), self._owner_sessions(record.owner),
+                              self._owner_bytes(record.owner)):
                     pipe.expire(index, 2 * self._ttl)
             await pipe.execute()
 
-    async def create(self, record: SessionRecord) -> None:
-        staged = await self._stage(record)
-        created = await self._create(keys=[self._rec(record.id), self._data(record.id), staged],
-                                     args=[record.version, record.owner or "", record.meta, self._ttl])
-        if not created:
+    async def _release(self, session_id: str, owner: str | None) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._all, session_id)
+            pipe.zrem(self._owner_sessions(owner), session_id)
+            pipe.hdel(self._owner_bytes(owner), session_id)
+            pipe.zrem(self._owner_index(owner), session_id)
+            await pipe.execute()
+
+    async def create(self, record: SessionRecord, caps: Caps | None = None) -> None:
+        owner, nbytes, now = record.owner, record_bytes(record), time.time()
+        index_ttl = 2 * self._ttl if self._ttl else 0
+        per_owner = caps is not None and owner is not None
+        verdict = await self._reserve(
+            keys=[self._owner_sessions(owner), self._owner_bytes(owner)],
+            args=[record.id, self._expires(), nbytes, caps.sessions_per_owner if per_owner else UNLIMITED,
+                  caps.bytes_per_owner if per_owner else UNLIMITED, now, index_ttl])
+        if verdict[0] == 2:
             raise SessionExists(record.id)
+        if verdict[0] == 0:
+            raise CapReached("sessions_per_owner", caps.sessions_per_owner, int(verdict[1]))
+        if verdict[0] == -1:
+            raise CapReached("bytes_per_owner", caps.bytes_per_owner, int(verdict[1]), nbytes)
+        try:
+            verdict = await self._reserve(
+                keys=[self._all], args=[record.id, self._expires(), nbytes,
+                                        caps.sessions if caps else UNLIMITED, UNLIMITED, now, index_ttl])
+            if verdict[0] == 0:
+                raise CapReached("sessions", caps.sessions, int(verdict[1]))
+            staged = await self._stage(record)
+            created = await self._create(keys=[self._rec(record.id), self._data(record.id), staged],
+                                         args=[record.version, owner or "", record.meta, self._ttl])
+            if not created:
+                raise SessionExists(record.id)
+        except BaseException:
+            await self._release(record.id, owner)
+            raise
         await self._touch_indexes(record)
 
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(self, session_id: str, owner=ANY) -> SessionRecord | None:
+        if owner is not ANY:  # the owner is checked before the tensors are read
+            found = await self._redis.hget(self._rec(session_id), "owner")
+            if found is None or (found.decode() or None) != owner:
+                return None
         async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one consistent snapshot
             pipe.hmget(self._rec(session_id), "version", "owner", "meta")
             pipe.get(self._data(session_id))
-            (version, owner, meta), data = await pipe.execute()
+            (version, found, meta), data = await pipe.execute()
         if version is None or data is None:
             return None
-        return SessionRecord(session_id, owner.decode() or None, int(version), meta, data)
+        found = found.decode() or None
+        if owner is not ANY and found != owner:
+            return None
+        return SessionRecord(session_id, found, int(version), meta, data)
 
     async def version(self, session_id: str) -> int | None:
         version = await self._redis.hget(self._rec(session_id), "version")
@@ -160,14 +248,10 @@ class RedisStore:
         return Claim(key, digest, int(version), int(step), max(int(ttl), 1))
 
     async def delete(self, session_id: str) -> bool:
-        record = await self.get(session_id)
+        owner = await self._redis.hget(self._rec(session_id), "owner")
         deleted = await self._delete(keys=[self._rec(session_id), self._data(session_id), self._claims(session_id)])
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self._all, session_id)
-            if record is not None:
-                pipe.zrem(self._owner_index(record.owner), session_id)
-                pipe.zrem(self._owner_expiry(record.owner), session_id)
-            await pipe.execute()
+        if owner is not None:
+            await self._release(session_id, owner.decode() or None)
         return bool(deleted)
 
     async def list(self, owner, limit, after):
@@ -197,7 +281,7 @@ class RedisStore:
         return await self._redis.zcount(self._all, time.time(), "+inf")
 
     async def count_owned(self, owner: str | None) -> int:
-        return await self._redis.zcount(self._owner_expiry(owner), time.time(), "+inf")
+        return await self._redis.zcount(self._owner_sessions(owner), time.time(), "+inf")
 
     async def sweep(self) -> int:
         return await self._redis.zremrangebyscore(self._all, "-inf", time.time())

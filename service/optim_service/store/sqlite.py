@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from .base import Claim, SessionExists, SessionRecord, translate_errors
+from .base import ANY, CapReached, Caps, Claim, SessionExists, SessionRecord, record_bytes, translate_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     version INTEGER NOT NULL,
     meta BLOB NOT NULL,
     data BLOB NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    nbytes INTEGER NOT NULL DEFAULT 0  -- length(meta) + length(data), for the byte budgets
 );
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, id);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
@@ -47,12 +48,13 @@ NEVER = float("inf")
 class SQLiteStore:
     private = False  # other processes may write the same sessions
 
-    def __init__(self, path: str, session_ttl_seconds: int = 0, synchronous: str = "normal"):
+    def __init__(self, path: str, session_ttl_seconds: int = 0, synchronous: str = "normal",
+                 timeout_seconds: float = 5.0):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._ttl = session_ttl_seconds
         self._lock = threading.Lock()  # one connection per process, used by one thread at a time
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout_seconds)
+        self._db.execute(f"PRAGMA busy_timeout={int(timeout_seconds * 1000)}")
         # Tensor blobs are megabytes: 64 KiB pages write them 3× faster than 4 KiB (bench/stores.py).
         # Only takes effect when the file is created.
         self._db.execute("PRAGMA page_size=65536")
@@ -60,6 +62,9 @@ class SQLiteStore:
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.lower() == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        if "nbytes" not in {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}:  # 0.1.0's table
+            self._db.execute("ALTER TABLE sessions ADD COLUMN nbytes INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE sessions SET nbytes = length(meta) + length(data)")
         if "body_sha256" in {row[1] for row in self._db.execute("PRAGMA table_info(claims)")}:
             self._db.execute("ALTER TABLE claims RENAME COLUMN body_sha256 TO body_digest")  # 0.1.0's name
 
@@ -82,20 +87,30 @@ class SQLiteStore:
     def _expiry(self) -> float:
         return time.time() + self._ttl if self._ttl else NEVER
 
-    async def create(self, record: SessionRecord) -> None:
-        def insert(db):
-            db.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (record.id, time.time()))
-            try:
-                db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
-                           (record.id, record.owner, record.version, record.meta, record.data, self._expiry()))
-            except sqlite3.IntegrityError:
-                raise SessionExists(record.id) from None
+    async def create(self, record: SessionRecord, caps: Caps | None = None) -> None:
+        nbytes = record_bytes(record)
+
+        def insert(db):  # one BEGIN IMMEDIATE: no other writer between the counts and the insert
+            now = time.time()
+            db.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (record.id, now))
+            if db.execute("SELECT 1 FROM sessions WHERE id = ?", (record.id,)).fetchone():
+                raise SessionExists(record.id)
+            if caps is not None:
+                _check(db, caps, record.owner, nbytes, now)
+            db.execute("INSERT INTO sessions (id, owner, version, meta, data, expires_at, nbytes) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (record.id, record.owner, record.version, record.meta, record.data, self._expiry(), nbytes))
         await self._run(insert)
 
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(self, session_id: str, owner=ANY) -> SessionRecord | None:
         def select(db):
-            row = db.execute("SELECT id, owner, version, meta, data FROM sessions WHERE id = ? AND expires_at > ?",
-                             (session_id, time.time())).fetchone()
+            now = time.time()
+            if owner is ANY:
+                row = db.execute("SELECT id, owner, version, meta, data FROM sessions WHERE id = ? AND expires_at > ?",
+                                 (session_id, now)).fetchone()
+            else:  # the owner is compared before the row's blobs are read
+                row = db.execute("SELECT id, owner, version, meta, data FROM sessions "
+                                 "WHERE id = ? AND owner IS ? AND expires_at > ?", (session_id, owner, now)).fetchone()
             return SessionRecord(*row) if row else None
         return await self._run(select, write=False)
 
@@ -122,8 +137,8 @@ class SQLiteStore:
                                 now + claim.ttl_seconds))
                 except sqlite3.IntegrityError:
                     return False
-            db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ? WHERE id = ?",
-                       (record.version, record.meta, record.data, self._expiry(), record.id))
+            db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ?, nbytes = ? WHERE id = ?",
+                       (record.version, record.meta, record.data, self._expiry(), record_bytes(record), record.id))
             return True
         return await self._run(cas)
 
@@ -173,3 +188,17 @@ class SQLiteStore:
     async def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _check(db, caps: Caps, owner: str | None, nbytes: int, now: float) -> None:
+    (count,) = db.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (now,)).fetchone()
+    if count >= caps.sessions:
+        raise CapReached("sessions", caps.sessions, count)
+    if owner is None:
+        return
+    count, used = db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM sessions "
+                             "WHERE owner = ? AND expires_at > ?", (owner, now)).fetchone()
+    if count >= caps.sessions_per_owner:
+        raise CapReached("sessions_per_owner", caps.sessions_per_owner, count)
+    if used + nbytes > caps.bytes_per_owner:
+        raise CapReached("bytes_per_owner", caps.bytes_per_owner, used, nbytes)

@@ -1,0 +1,164 @@
+"""Limits on a connection that hold before a request reaches the app, and so before authentication.
+
+uvicorn reads headers of any size, waits for them forever (its keep-alive timer stops at the first
+byte a client sends) and waits forever for a body that stops short. ``LimitedHttpProtocol`` is its
+httptools protocol with the limits a server exposed to anyone who can reach its port needs, each a
+setting (SECURITY.md lists them):
+
+- header bytes (``max_header_bytes``) and count (``max_headers``): 431, counted while they arrive,
+  so a 64 MiB header costs at most the limit plus one read;
+- time to receive the headers (``header_timeout_seconds``), from a request's first byte (or from
+  the connection's opening): 408, whatever the pace of a slow sender;
+- idle time between body bytes (``body_idle_timeout_seconds``): 408; a body the app has not asked
+  for yet is the server's wait, not the client's, and is not counted;
+- connections per process (``max_connections``): one over gets 503 and is closed at once.
+
+The HTTP parser's own 400s are problem+json like every other error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from ..settings import Settings
+
+# a request's phases, as far as the limits care
+_IDLE, _HEADERS, _BODY, _DONE = range(4)
+
+
+@functools.cache
+def _settings() -> Settings:
+    """The process's settings, as the app factory builds them (``optim-service serve`` passes its
+    flags to every worker as OPTIM_* variables)."""
+    return Settings()
+
+
+def problem_bytes(status: int, title: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 problem+json answer that closes the connection."""
+    body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+    return b"".join([STATUS_LINE[status], b"content-type: application/problem+json\r\n",
+                     b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body])
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        s = _settings()
+        self._max_header_bytes, self._max_headers = s.max_header_bytes, s.max_headers
+        self._header_timeout, self._body_idle = s.header_timeout_seconds, s.body_idle_timeout_seconds
+        self._max_connections = s.max_connections
+        self._phase = _IDLE
+        self._header_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the connection --------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self._max_connections:
+            self._refuse(503, "Too many connections",
+                         f"this server process holds its maximum of {self._max_connections} connections "
+                         "(OPTIM_MAX_CONNECTIONS); retry shortly")
+            return
+        self._start_request()  # a connection that never sends a byte is dropped like a slow one
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase in (_IDLE, _DONE):
+            self._start_request()
+        if self._phase == _HEADERS:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._phase == _HEADERS and self._header_bytes > self._max_header_bytes:
+            self._headers_too_large()
+        elif self._phase == _BODY:
+            self._arm(self._body_idle, self._body_idle_expired)
+
+    def send_400_response(self, msg: str) -> None:
+        self._cancel_timer()
+        self._refuse(400, "Malformed HTTP request",
+                     "the request could not be parsed as HTTP/1.1; check the request line, the header "
+                     "syntax and the body's framing (Content-Length or chunked)")
+
+    # -- parser callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase = _HEADERS
+
+    def on_headers_complete(self) -> None:
+        self._cancel_timer()
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self._max_header_bytes or len(self.headers) > self._max_headers:
+            self._headers_too_large()
+            return
+        self._phase = _BODY
+        super().on_headers_complete()
+        if self._phase == _BODY and not self.transport.is_closing():
+            self._arm(self._body_idle, self._body_idle_expired)
+
+    def on_message_complete(self) -> None:
+        self._cancel_timer()
+        self._phase = _DONE
+        super().on_message_complete()
+
+    # -- limits ----------------------------------------------------------------------------------
+
+    def _start_request(self) -> None:
+        self._phase, self._header_bytes = _HEADERS, 0
+        self._arm(self._header_timeout, self._headers_expired)
+
+    def _headers_too_large(self) -> None:
+        self._refuse(431, "Request header fields too large",
+                     f"the request's headers are over this service's limit of {self._max_header_bytes} "
+                     f"bytes or {self._max_headers} fields (OPTIM_MAX_HEADER_BYTES, OPTIM_MAX_HEADERS)")
+
+    def _headers_expired(self) -> None:
+        self._timer = None
+        if self._phase != _HEADERS or self.transport.is_closing():
+            return
+        if self._header_bytes == 0:  # nothing asked, nothing to answer
+            self.transport.close()
+            return
+        self._refuse(408, "Request timeout",
+                     f"the request's headers did not arrive within {self._header_timeout:g} s "
+                     "(OPTIM_HEADER_TIMEOUT_SECONDS)")
+
+    def _body_idle_expired(self) -> None:
+        self._timer = None
+        if self._phase != _BODY or self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the app has not asked for more yet: not the client's delay
+            self._arm(self._body_idle, self._body_idle_expired)
+            return
+        self._refuse(408, "Request timeout",
+                     f"the request body stalled: no byte arrived for {self._body_idle:g} s "
+                     "(OPTIM_BODY_IDLE_TIMEOUT_SECONDS); nothing was changed")
+
+    def _refuse(self, status: int, title: str, detail: str) -> None:
+        """Answer ``status`` and close, unless an answer is already under way on this connection
+        (then a second one would interleave with it: just close)."""
+        self._cancel_timer()
+        self._phase = _DONE
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self.transport.write(problem_bytes(status, title, detail))
+        self.transport.close()  # the app, if it is reading, gets http.disconnect
+
+    def _arm(self, seconds: float, callback) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,193 @@
+"""What reaches the port before any authentication, tried with real sockets against a real server
+process: huge and numerous headers, slow senders, bodies that stop short, more connections than the
+process allows, bytes that are no HTTP, and a redirect built from Host. Each answers problem+json
+or closes, and the server's memory stays bounded."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from conftest import ServerProcess
+
+LIMITS = {"OPTIM_HEADER_TIMEOUT_SECONDS": "1", "OPTIM_BODY_IDLE_TIMEOUT_SECONDS": "1",
+          "OPTIM_MAX_CONNECTIONS": "40", "OPTIM_MAX_HEADER_BYTES": "16384", "OPTIM_MAX_HEADERS": "50",
+          "OPTIM_API_KEYS": "k1"}
+AUTH = {"Authorization": "Bearer k1"}
+
+
+@pytest.fixture(scope="module")
+def limited():
+    proc = ServerProcess("--store", "memory", env=LIMITS)
+    yield proc
+    proc.stop()
+
+
+def rss_kib(proc: ServerProcess) -> int:
+    with open(f"/proc/{proc.proc.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def connect(server: ServerProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """Status, headers and body of one answer, read until the server closes or the body is whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    if not data:
+        return 0, {}, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def problem(status: int, headers: dict, body: bytes) -> dict:
+    assert headers["content-type"] == "application/problem+json", (status, headers, body)
+    doc = json.loads(body)
+    assert doc["status"] == status and doc["detail"]
+    return doc
+
+
+def test_a_huge_header_gets_431_after_the_limit_not_after_it_is_read(limited):
+    before = rss_kib(limited)
+    sock = connect(limited)
+    sock.sendall(b"GET /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    sent = 0
+    try:
+        for _ in range(64):  # 64 MiB, as the attack that grew the server by 124 MiB
+            sock.sendall(b"a" * (1 << 20))
+            sent += 1
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert sent < 64, "the server read a 64 MiB header to the end"
+    status, headers, body = read_answer(sock)
+    if status:  # the answer can be lost to the reset of a connection still sending
+        assert status == 431
+        assert "16384" in problem(431, headers, body)["detail"]
+    sock.close()
+    assert rss_kib(limited) - before < 16 << 10
+    assert httpx.get(f"{limited.url}/healthz").status_code == 200
+
+
+def test_too_many_header_fields_get_431(limited):
+    sock = connect(limited)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(60)) + b"\r\n")
+    status, headers, body = read_answer(sock)
+    assert status == 431 and "50 fields" in problem(431, headers, body)["detail"]
+    assert closed_by_server(sock, 2)
+
+
+def test_a_header_sent_a_byte_at_a_time_times_out(limited):
+    sock = connect(limited)
+    started = time.monotonic()
+    status = None
+    try:
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            sock.send(bytes([byte]))
+            time.sleep(0.1)
+            if time.monotonic() - started > 5:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    status, headers, body = read_answer(sock)
+    assert status == 408 and problem(408, headers, body)
+    assert time.monotonic() - started < 3  # the 1 s limit, not the sender's pace
+
+
+def test_a_body_that_stops_short_times_out_and_changes_nothing(limited):
+    created = httpx.post(f"{limited.url}/v1/sessions", headers=AUTH,
+                         json={"optimizer": {"type": "sgd", "lr": 0.1}, "params": [1.0, 2.0]}).json()
+    sock = connect(limited)
+    body = json.dumps({"gradients": [1.0, 1.0]}).encode()
+    sock.sendall(f"POST /v1/sessions/{created['id']}/step HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k1\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + body)
+    started = time.monotonic()
+    status, headers, answer = read_answer(sock)
+    assert status == 408 and "stalled" in problem(408, headers, answer)["detail"]
+    assert time.monotonic() - started < 3
+    assert closed_by_server(sock, 2)
+    after = httpx.get(f"{limited.url}/v1/sessions/{created['id']}", headers=AUTH).json()
+    assert after["step"] == 0
+
+
+def test_idle_and_slow_connections_are_dropped_and_capped(limited):
+    """40 connections per process: slow senders beyond it are refused at once; all of them are
+    closed within the header timeout; the server answers throughout, its memory bounded."""
+    before = rss_kib(limited)
+    socks = []
+    refused = 0
+    for _ in range(60):
+        sock = connect(limited)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        socks.append(sock)
+    time.sleep(0.2)
+    for sock in socks:
+        sock.settimeout(0.05)
+        try:
+            head = sock.recv(4096)
+            if head.startswith(b"HTTP/1.1 503"):
+                refused += 1
+                assert b"application/problem+json" in head
+        except socket.timeout:
+            pass
+    assert refused >= 20  # the 41st and later (a probe's own connection may hold one place)
+    time.sleep(1.5)
+    for sock in socks:
+        assert closed_by_server(sock, 1)
+        sock.close()
+    assert httpx.get(f"{limited.url}/healthz").status_code == 200
+    assert rss_kib(limited) - before < 16 << 10
+
+
+def test_bytes_that_are_no_http_get_a_problem(limited):
+    sock = connect(limited)
+    sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n")
+    status, headers, body = read_answer(sock)
+    assert status == 400 and problem(400, headers, body)["title"] == "Malformed HTTP request"
+
+
+def test_no_redirect_is_built_from_the_host_header(limited):
+    for method in ("DELETE", "GET"):
+        answer = httpx.request(method, f"{limited.url}/v1/sessions/..%2F", headers={**AUTH, "Host": "evil.example"})
+        assert answer.status_code == 404 and "location" not in answer.headers
+        assert answer.headers["content-type"] == "application/problem+json"
+    answer = httpx.get(f"{limited.url}/v1/sessions/", headers={**AUTH, "Host": "evil.example"})
+    assert answer.status_code in (404, 405) and "location" not in answer.headers
+
+
+def test_keep_alive_still_serves_request_after_request(limited):
+    """The limits are per request: a connection that keeps answering is never cut by them."""
+    with httpx.Client(base_url=limited.url, headers=AUTH) as http:
+        for _ in range(3):
+            assert http.get("/healthz").status_code == 200
+            time.sleep(0.6)  # each pause shorter than the limits, together longer
+        sid = http.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0] * 10_000}).json()["id"]
+        assert http.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5] * 10_000}).status_code == 200
