@@ -1,9 +1,10 @@
-# `make run` serves on 127.0.0.1:8000; `make test` runs the whole suite. Both set up .venv themselves.
+# `make run` serves on 127.0.0.1:8000; `make test` runs the whole suite. Both set up .venv themselves;
+# `make test` also installs the system tools its tests drive (scripts/system-deps).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +20,10 @@ $(VENV)/.test-deps: $(VENV)/.run-deps
 run: $(VENV)/.run-deps
 	$(BIN)/optim-service serve --host 127.0.0.1 --port 8000
 
-test: $(VENV)/.test-deps
+system-deps:
+	@scripts/system-deps
+
+test: system-deps $(VENV)/.test-deps
 	$(BIN)/pytest
 
 clean:

@@ -47,7 +47,7 @@ def test_sessions_list_show_delete_against_a_live_server():
         assert cli("delete", sid).stdout.strip() == f"deleted {sid}"
         missing = cli("show", sid)
         assert missing.returncode == 1 and "404" in missing.stderr and sid in missing.stderr
-        unauthorized = subprocess.run([str(SERVICE_BIN), "sessions", "--url", server.url, "list"],
+        unauthorized = subprocess.run([str(SERVICE_BIN), "sessions", "list", "--url", server.url],
                                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
         assert unauthorized.returncode == 1 and "401" in unauthorized.stderr
     finally:
@@ -61,3 +61,61 @@ def test_session_ids_never_look_like_an_option():
     ids = [new_session_id() for _ in range(2000)]
     assert not any(i.startswith("-") for i in ids)
     assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
+
+
+def test_version():
+    result = subprocess.run([str(SERVICE_BIN), "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == "optim-service 0.1.0"
+
+
+def test_client_flags_anywhere_a_limit_and_quiet_on_a_broken_pipe():
+    server = ServerProcess("--store", "memory", env={"OPTIM_API_KEYS": "sk-cli"})
+    try:
+        for _ in range(30):
+            httpx.post(f"{server.url}/v1/sessions", headers={"Authorization": "Bearer sk-cli"},
+                       json={"optimizer": {"type": "sgd"}, "params": [1.0]})
+        env = {"PATH": "/usr/bin:/bin"}
+        for args in (["--url", server.url, "--api-key", "sk-cli", "sessions", "list"],
+                     ["sessions", "--url", server.url, "list", "--api-key", "sk-cli"],
+                     ["sessions", "list", "--url", server.url, "--api-key", "sk-cli"]):
+            listed = subprocess.run([str(SERVICE_BIN), *args], capture_output=True, text=True, timeout=60, env=env)
+            assert listed.returncode == 0, listed.stderr
+            assert len(listed.stdout.splitlines()) == 31  # a header and 30 sessions
+        limited = subprocess.run([str(SERVICE_BIN), "sessions", "list", "--limit", "7", "--url", server.url,
+                                  "--api-key", "sk-cli"], capture_output=True, text=True, timeout=60, env=env)
+        assert len(limited.stdout.splitlines()) == 8
+        piped = subprocess.run(f"'{SERVICE_BIN}' sessions list --url {server.url} --api-key sk-cli | head -n 1",
+                               shell=True, capture_output=True, text=True, timeout=60, env=env)
+        assert piped.stdout.startswith("id") and piped.stderr == ""
+    finally:
+        server.stop()
+
+
+def test_a_bad_configuration_is_one_line_and_exit_2_before_serving():
+    for args, words in ((["--store", "sqlite://somehost/x.db"], "names a host"),
+                        (["--store", "postgres://db/x"], "unsupported store URL"),
+                        (["--store", "sqlite:///"], "names no file")):
+        result = subprocess.run([str(SERVICE_BIN), "serve", *args], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and words in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    result = subprocess.run([str(SERVICE_BIN), "serve"], capture_output=True, text=True, timeout=30,
+                            env={"OPTIM_PORT": "eighty", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and result.stderr.startswith("optim-service: OPTIM_PORT:")
+
+
+def test_sqlite_urls_mean_what_they_say_and_the_start_names_the_store(tmp_path):
+    absolute = tmp_path / "abs.db"
+    server = ServerProcess("--store", f"sqlite:{absolute}")
+    try:
+        assert absolute.exists()
+        logs = server.logs()
+        assert f"store sqlite:{absolute} answers" in logs and "kernels ready" in logs
+    finally:
+        server.stop()
+    server = ServerProcess("--store", "redis://:hunter2@127.0.0.1:1/0")  # nothing listens there
+    try:
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        logs = server.logs()
+        assert "redis://:***@127.0.0.1:1/0 does not answer" in logs and "hunter2" not in logs
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .observability import MeteredStore, Metrics, RequestContextMiddleware
 from .ratelimit import Unlimited, open_limiter
 from .sessions import SessionService
 from .settings import Settings
-from .store import open_store
+from .store import StoreUnavailable, open_store, redact
 
 logger = logging.getLogger("optim_service")
 CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Accept", "If-Match", "Idempotency-Key", "X-Request-ID",
@@ -46,10 +47,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.fused_kernels:
-            await asyncio.to_thread(warm_kernels)  # no compile stall on a first request
+        if settings.fused_kernels:  # no compile stall on a first request
+            logger.info("preparing the numba kernels (a first start compiles them, ~10 s; later starts "
+                        "load them from numba's cache)")
+            started = time.perf_counter()
+            await asyncio.to_thread(warm_kernels)
+            logger.info("kernels ready in %.1f s", time.perf_counter() - started)
         store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes,
                                         settings.store_timeout_seconds), metrics.store_seconds)
+        await _report_store(store, settings)
         app.state.sessions = SessionService(store, settings)
         app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst,
                                           settings.store_timeout_seconds)
@@ -115,6 +121,18 @@ class ServiceApp(FastAPI):
         for cls, args, kwargs in reversed(self.outer_middleware):
             app = cls(app, *args, **kwargs)
         return app
+
+
+async def _report_store(store, settings: Settings) -> None:
+    """One line naming the store (no password) and whether it answers: a store that does not is
+    not fatal (it may come up later; /readyz tells), but the operator should know now."""
+    try:
+        async with asyncio.timeout(settings.readyz_timeout_seconds * 2):
+            await store.ping()
+        logger.info("store %s answers", redact(settings.store))
+    except (StoreUnavailable, TimeoutError) as e:
+        logger.warning("store %s does not answer yet (%s); /readyz answers 503 until it does",
+                       redact(settings.store), e or "no answer in time")
 
 
 async def _sweep_forever(store, interval: float) -> None:

@@ -7,52 +7,85 @@ import json
 import os
 import sys
 
+from . import __version__
 from .observability import logging_config
 from .settings import Settings
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optim-service", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"optim-service {__version__}")
+    _client_flags(parser, os.environ.get("OPTIM_URL", "http://127.0.0.1:8000"), os.environ.get("OPTIM_API_KEY"))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", help="bind address (OPTIM_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (OPTIM_PORT, default 8000)")
     serve.add_argument("--store", help="memory | sqlite:///path | redis://host:port/db (OPTIM_STORE)")
     serve.add_argument("--workers", type=int, help="worker processes (OPTIM_WORKERS, default 1)")
+    serve.set_defaults(run=_serve)
 
     sessions = commands.add_parser("sessions", help="list, show or delete sessions on a running server")
-    sessions.add_argument("--url", default=os.environ.get("OPTIM_URL", "http://127.0.0.1:8000"),
-                          help="the server (OPTIM_URL)")
-    sessions.add_argument("--api-key", default=os.environ.get("OPTIM_API_KEY"), help="(OPTIM_API_KEY)")
-    actions = sessions.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="every session of this key, one a line")
+    _client_flags(sessions)
+    actions = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="this key's sessions, one a line")
+    listing.add_argument("--limit", type=int, default=None, help="at most this many (default: all)")
     show = actions.add_parser("show", help="one session's metadata as JSON")
     show.add_argument("session_id")
     delete = actions.add_parser("delete", help="delete sessions")
     delete.add_argument("session_ids", nargs="+")
+    for action in (listing, show, delete):
+        _client_flags(action)
+        action.set_defaults(run=_sessions)
 
     spec = commands.add_parser("openapi", help="write the OpenAPI document (no server needed)")
     spec.add_argument("--output", "-o", help="file to write (default: standard output)")
+    spec.set_defaults(run=lambda args: _openapi(args.output))
+    return parser
 
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "openapi":
-        return _openapi(args.output)
-    return _sessions(args)
+
+def _client_flags(parser: argparse.ArgumentParser, url=argparse.SUPPRESS, key=argparse.SUPPRESS) -> None:
+    """--url and --api-key, accepted before or after any subcommand (set only where given)."""
+    parser.add_argument("--url", default=url, help="the server (OPTIM_URL, default http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", default=key, help="(OPTIM_API_KEY)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # `optim-service sessions list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"optim-service: {message}", file=sys.stderr)
+    return 2
 
 
 def _serve(args) -> int:
+    from pydantic import ValidationError
+
+    from .store import check_url
+
     # Flags become OPTIM_* variables so every worker process builds the same Settings.
     for name in ("host", "port", "store", "workers"):
         if getattr(args, name) is not None:
             os.environ[f"OPTIM_{name.upper()}"] = str(getattr(args, name))
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        return _fail("; ".join(f"OPTIM_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()))
+    try:
+        check_url(settings.store)
+    except ValueError as e:
+        return _fail(str(e))
     if settings.workers > 1 and settings.store == "memory":
-        print("optim-service: the memory store lives inside one process, so --workers > 1 would give "
-              "each worker its own sessions; use --store sqlite:///path or redis://...", file=sys.stderr)
-        return 2
+        return _fail("the memory store lives inside one process, so --workers > 1 would give each worker "
+                     "its own sessions; use --store sqlite:///path or redis://...")
 
     import uvicorn
 
@@ -85,27 +118,35 @@ def _sessions(args) -> int:
     with httpx.Client(base_url=args.url, headers=headers, timeout=30) as http:
         try:
             if args.action == "list":
-                after = None
-                print(f"{'id':<24} {'optimizer':<9} {'step':>8} {'dtype':<8} {'parameters':>12}  updated")
-                while True:
-                    page = _ok(http.get("/v1/sessions", params={"limit": 1000, **({"after": after} if after else {})}))
-                    for s in page["sessions"]:
-                        print(f"{s['id']:<24} {s['optimizer']['type']:<9} {s['step']:>8} {s['dtype']:<8} "
-                              f"{s['num_parameters']:>12}  {s['updated_at']}")
-                    if not (after := page["next"]):
-                        return 0
-            if args.action == "show":
+                _list(http, args.limit)
+            elif args.action == "show":
                 print(json.dumps(_ok(http.get(f"/v1/sessions/{args.session_id}")), indent=2))
-                return 0
-            for session_id in args.session_ids:
-                _ok(http.delete(f"/v1/sessions/{session_id}"))
-                print(f"deleted {session_id}")
+            else:
+                for session_id in args.session_ids:
+                    _ok(http.delete(f"/v1/sessions/{session_id}"))
+                    print(f"deleted {session_id}")
             return 0
         except httpx.HTTPError as e:
             print(f"optim-service: cannot reach {args.url}: {e}", file=sys.stderr)
         except _Refused as e:
             print(f"optim-service: {e}", file=sys.stderr)
         return 1
+
+
+def _list(http, limit: int | None) -> None:
+    after, shown = None, 0
+    while limit is None or shown < limit:
+        page_size = 1000 if limit is None else min(1000, limit - shown)
+        page = _ok(http.get("/v1/sessions", params={"limit": page_size, **({"after": after} if after else {})}))
+        if after is None:  # the header once the server has answered
+            print(f"{'id':<24} {'optimizer':<9} {'step':>8} {'dtype':<8} {'parameters':>12} {'loss':>12}  updated")
+        for s in page["sessions"]:
+            loss = "" if s["loss"] is None else f"{s['loss']:.6g}"
+            print(f"{s['id']:<24} {s['optimizer']['type']:<9} {s['step']:>8} {s['dtype']:<8} "
+                  f"{s['num_parameters']:>12} {loss:>12}  {s['updated_at']}")
+        shown += len(page["sessions"])
+        if not (after := page["next"]):
+            return
 
 
 class _Refused(Exception):

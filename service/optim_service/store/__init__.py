@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from .base import (
     ANY, BoundedStore, CapReached, Caps, Claim, OutcomeUnknown, SessionExists, SessionRecord, SessionStore,
@@ -26,24 +26,60 @@ def open_store(url: str, session_ttl_seconds: int = 0, cache_bytes: int = 0,
     return store
 
 
+def sqlite_path(url: str) -> str:
+    """The file a ``sqlite:`` URL names, as SQLAlchemy reads them: ``sqlite:///relative/path``,
+    ``sqlite:////absolute/path``, and also ``sqlite:/absolute/path`` and ``sqlite:relative/path``.
+    A host (``sqlite://host/...``) means nothing to a file: ValueError."""
+    parts = urlsplit(url)
+    rest = url[len("sqlite:"):].split("?", 1)[0]
+    if rest.startswith("//"):
+        if parts.netloc:
+            raise ValueError(f"store URL {url!r} names a host, which SQLite has none of; use "
+                             "sqlite:///relative/path or sqlite:////absolute/path")
+        path = rest[3:]  # sqlite:///x is relative x; sqlite:////x is /x
+    else:
+        path = rest  # sqlite:/x is /x, sqlite:x is x
+    if not path or path.endswith("/"):
+        raise ValueError(f"store URL {url!r} names no file; use sqlite:///data/optim.db")
+    return path
+
+
+def check_url(url: str) -> None:
+    """ValueError, with a sentence saying what is wrong, for a URL ``open_store`` cannot open."""
+    if url == "memory":
+        return
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        sqlite_path(url)
+    elif scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unsupported store URL {redact(url)!r}; use memory, sqlite:///path or redis://host:port/db")
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
 def _open(url: str, session_ttl_seconds: int, timeout_seconds: float) -> SessionStore:
+    check_url(url)
     if url == "memory":
         return MemoryStore(session_ttl_seconds)
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         from .sqlite import SQLiteStore
 
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        if not path:
-            raise ValueError(f"store URL {url!r} names no file; use sqlite:///data/optim.db")
         synchronous = parse_qs(parts.query).get("synchronous", ["normal"])[0]
-        return SQLiteStore(path, session_ttl_seconds, synchronous, timeout_seconds)
-    if parts.scheme in ("redis", "rediss", "unix"):
-        from .redis import RedisStore
+        return SQLiteStore(sqlite_path(url), session_ttl_seconds, synchronous, timeout_seconds)
+    from .redis import RedisStore
 
-        return RedisStore(url, session_ttl_seconds, timeout_seconds=timeout_seconds)
-    raise ValueError(f"unsupported store URL {url!r}; use memory, sqlite:///path or redis://host:port/db")
+    return RedisStore(url, session_ttl_seconds, timeout_seconds=timeout_seconds)
 
 
 __all__ = ["ANY", "BoundedStore", "CachedStore", "CapReached", "Caps", "Claim", "MemoryStore", "OutcomeUnknown",
-           "SessionExists", "SessionRecord", "SessionStore", "StoreUnavailable", "open_store"]
+           "SessionExists", "SessionRecord", "SessionStore", "StoreUnavailable", "check_url", "open_store", "redact",
+           "sqlite_path"]
