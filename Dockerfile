@@ -18,5 +18,5 @@ ENV OPTIM_HOST=0.0.0.0 OPTIM_PORT=8000 OPTIM_STORE=sqlite:///data/optim.db
 VOLUME /home/optim/data
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+  CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('OPTIM_PORT', '8000'), timeout=2).status != 200)"]
 ENTRYPOINT ["optim-service", "serve"]

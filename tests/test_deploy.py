@@ -4,9 +4,11 @@ locally with the exact command and environment the compose file gives a replica,
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -19,15 +21,29 @@ from conftest import ServerProcess
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
+def compose_config(env_file: str) -> subprocess.CompletedProcess:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.fail("docker-compose is not installed; .ci/run installs it (apt-get install docker-compose)")
-    result = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config"],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+        pytest.fail("docker-compose is not installed; make test installs it (scripts/system-deps)")
+    env = {"PATH": os.environ["PATH"]}  # nothing of this shell's OPTIM_* leaks in
+    return subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "--env-file", env_file, "config"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """The configuration with the keys of .env.example, as a user's .env gives them."""
+    result = compose_config(str(ROOT / ".env.example"))
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+def test_compose_refuses_to_publish_the_port_without_api_keys(compose, tmp_path):
+    (tmp_path / ".env").write_text("# no keys\n")
+    result = compose_config(str(tmp_path / ".env"))
+    assert result.returncode != 0 and "set OPTIM_API_KEYS in .env" in result.stderr
+    assert all(svc["environment"]["OPTIM_API_KEYS"] == "sk-replace-me-with-a-long-random-key"
+               for svc in replicas(compose).values())
 
 
 def replicas(compose: dict) -> dict[str, dict]:
@@ -43,6 +59,7 @@ def test_compose_runs_two_replicas_on_append_only_redis_behind_a_balancer(compos
     assert len(optims) >= 2
     stores = {svc["environment"]["OPTIM_STORE"] for svc in optims.values()}
     assert stores == {"redis://redis:6379/0"}
+    assert all(svc["environment"]["OPTIM_WORKERS"] == "1" for svc in optims.values())  # scale by replicas
     assert all(svc["depends_on"]["redis"]["condition"] == "service_healthy" for svc in optims.values())
     nginx = (ROOT / "deploy/nginx.conf").read_text()
     assert set(re.findall(r"server (optim-\d):8000", nginx)) == set(optims)
@@ -67,13 +84,18 @@ def test_replicas_start_with_the_compose_command_and_environment(compose, redis_
     try:
         for svc in replicas(compose).values():
             env = {k: str(v).replace("redis://redis:6379/0", redis_url) for k, v in svc["environment"].items()}
-            args = list(svc["command"])
-            args[args.index("--port") + 1] = "{port}"  # the one change: a free port instead of 8000
-            servers.append(ServerProcess(*args, env=env, replace_port=True))
-        sid = httpx.post(f"{servers[0].url}/v1/sessions",
+            env["OPTIM_PORT"] = "{port}"  # the one change: a free port instead of 8000
+            servers.append(ServerProcess(*svc["command"], "--port", "{port}", env=env, replace_port=True))
+            env["OPTIM_PORT"] = str(servers[-1].port)
+            healthcheck = svc["healthcheck"]["test"]
+            assert healthcheck[0] == "CMD"
+            probe = subprocess.run([sys.executable, *healthcheck[2:]], env={**os.environ, **env}, timeout=10)
+            assert probe.returncode == 0  # the healthcheck finds the port the setting gives
+        key = {"Authorization": f"Bearer {env['OPTIM_API_KEYS']}"}
+        sid = httpx.post(f"{servers[0].url}/v1/sessions", headers=key,
                          json={"optimizer": {"type": "adam"}, "params": [1.0]}).json()["id"]
         for i in range(4):
-            r = httpx.post(f"{servers[i % 2].url}/v1/sessions/{sid}/step", json={"gradients": [1.0]})
+            r = httpx.post(f"{servers[i % 2].url}/v1/sessions/{sid}/step", headers=key, json={"gradients": [1.0]})
             assert r.status_code == 200 and r.json()["step"] == i + 1
         ready = [httpx.get(f"{s.url}/readyz").json() for s in servers]
         assert ready == [{"status": "ready"}] * len(servers)

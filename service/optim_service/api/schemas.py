@@ -25,13 +25,20 @@ TENSORS_SCHEMA = {
 Tensors = Annotated[Any, Field(json_schema_extra=TENSORS_SCHEMA)]
 
 
+def _an_object(schema: dict) -> None:
+    """Documented as an object; its null default is not part of the document (an object schema
+    defaulting to null fails OpenAPI validation)."""
+    schema.pop("default", None)
+    schema["type"] = "object"
+
+
 class RestoredState(BaseModel):
     """The optimizer state of a checkpoint: the step count and torch-named buffers per tensor."""
 
     model_config = ConfigDict(extra="forbid")
 
     step: Annotated[int, Field(ge=0, strict=True)]
-    buffers: Annotated[Any, Field(json_schema_extra={"type": "object"})] = None
+    buffers: Annotated[Any, Field(json_schema_extra=_an_object)] = None
 
 
 class CreateSession(TrainingConfig):
