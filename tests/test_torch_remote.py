@@ -92,8 +92,9 @@ def test_state_dict_round_trip_resumes_exactly(server):
 def test_refuses_what_it_cannot_do_faithfully(server):
     model, x, y = model_and_data()
     opt = RemoteOptimizer(model.parameters(), server.url, optimizer="sgd", lr=0.1)
-    with pytest.raises(RuntimeError, match="no gradient"):
-        opt.step()
+    before = [p.clone() for p in model.parameters()]
+    opt.step()  # no parameter has a gradient: torch steps nothing, and so does the server
+    assert opt.session.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     train(model, opt, x, y, 1)
     scheduler.step()
@@ -101,3 +102,82 @@ def test_refuses_what_it_cannot_do_faithfully(server):
         train(model, opt, x, y, 1)
     with pytest.raises(ValueError, match="float32 or all float64"):
         RemoteOptimizer([torch.zeros(2, dtype=torch.float16, requires_grad=True)], server.url)
+    with pytest.raises(ValueError, match="param groups are fixed"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})
+
+
+def train_freezing(model, opt, x, y, steps: int, offset: int = 0):
+    """Training in which the last layer's bias has no gradient every third step (frozen, as torch
+    leaves a parameter whose .grad is None)."""
+    bias = model[2].bias
+    for t in range(offset, offset + steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if t % 3 == 1:
+            bias.grad = None
+        opt.step()
+
+
+@pytest.mark.parametrize("kind,local_cls,hp", CASES, ids=[c[0] for c in CASES])
+def test_frozen_parameters_are_skipped_as_torch_skips_them(server, kind, local_cls, hp):
+    local, x, y = model_and_data()
+    remote = copy.deepcopy(local)
+    train_freezing(local, local_cls(local.parameters(), **hp), x, y, 10)
+    with RemoteOptimizer(remote.named_parameters(), server.url, optimizer=kind, **hp) as opt:
+        train_freezing(remote, opt, x, y, 10)
+        assert opt.session.step_count == 10
+        for a, b in zip(local.parameters(), remote.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind,local_cls,hp", CASES, ids=[c[0] for c in CASES])
+def test_a_run_moves_between_local_torch_and_the_service_both_ways(server, kind, local_cls, hp):
+    """state_dict() is torch's: a local run continues remotely, a remote run continues locally, and
+    each gives the weights of the run that never moved (with a parameter that skipped steps)."""
+    straight, x, y = model_and_data()
+    moved = copy.deepcopy(straight)
+    straight_opt = local_cls(straight.parameters(), **hp)
+    train_freezing(straight, straight_opt, x, y, 7)
+    train_freezing(moved, local_cls(moved.parameters(), **hp), x, y, 7)
+
+    # local → remote
+    local_state = local_cls(moved.parameters(), **hp)
+    local_state.load_state_dict(copy.deepcopy(straight_opt.state_dict()))
+    remote = RemoteOptimizer(moved.named_parameters(), server.url, optimizer=kind, **hp)
+    remote.load_state_dict(local_state.state_dict())
+    train_freezing(straight, straight_opt, x, y, 5, offset=7)
+    train_freezing(moved, remote, x, y, 5, offset=7)
+    for a, b in zip(straight.parameters(), moved.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+
+    # remote → local
+    back = local_cls(moved.parameters(), **hp)
+    back.load_state_dict(remote.state_dict())
+    remote.close()
+    train_freezing(straight, straight_opt, x, y, 5, offset=12)
+    train_freezing(moved, back, x, y, 5, offset=12)
+    for a, b in zip(straight.parameters(), moved.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+
+
+def test_named_parameters_close_and_attach(server):
+    import httpx
+
+    model, x, y = model_and_data()
+    with RemoteOptimizer(model.named_parameters(), server.url, optimizer="adam", lr=0.01) as opt:
+        assert set(opt.session.layout.names) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        train(model, opt, x, y, 3)
+        sid = opt.session.id
+        # another process picks the session up: its parameters become the server's
+        other, _, _ = model_and_data()
+        attached = RemoteOptimizer.attach(sid, other.named_parameters(), server.url)
+        for a, b in zip(model.parameters(), other.parameters()):
+            assert torch.equal(a, b)
+        train(other, attached, x, y, 2)
+        assert attached.session.step_count == 5
+        attached.close()  # an attached session is not deleted
+        assert httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 200
+    assert httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 404  # leaving the block deleted it
+    with pytest.raises(ValueError, match="holds float64 tensors"):
+        RemoteOptimizer.attach(RemoteOptimizer(torch.nn.Linear(2, 1).double().named_parameters(),
+                                               server.url).session.id, model.named_parameters(), server.url)

@@ -130,16 +130,16 @@ class SessionService:
         config: TrainingConfig,
         layout: Layout,
         params: list[np.ndarray],
-        restored: tuple[int, list[dict[str, np.ndarray]]] | None = None,
+        restored: tuple[int, list[dict[str, np.ndarray]], tuple[int, ...] | None] | None = None,
     ) -> Session:
         try:
             hps = config.hyperparameters_for(list(layout.names))
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         states = [config.algorithm.init(p, hp) for p, hp in zip(params, hps)]
-        step = 0
+        step, tensor_steps = 0, None
         if restored is not None:
-            step, buffers = restored
+            step, buffers, tensor_steps = restored
             states = [_restore_state(config.algorithm, s, b, n) for s, b, n in zip(states, buffers, layout.names)]
         try:
             config.check_schedule(step)
@@ -152,7 +152,7 @@ class SessionService:
         if sum(layout.sizes) > self.settings.max_elements_per_session:
             raise InvalidRequest(f"params has {sum(layout.sizes)} elements; this service allows at most "
                                  f"{self.settings.max_elements_per_session} per session")
-        session = Session(new_session_id(), owner, config, layout, step, params, states)
+        session = Session(new_session_id(), owner, config, layout, step, params, states, tensor_steps=tensor_steps)
         record = session.to_record()
         try:
             await self.store.create(record, self.caps)
@@ -300,16 +300,20 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     non-finite gradient or result is refused (``nan_policy: "error"``) or skipped, with the stored
     state unchanged (``"skip"``). Returns the gradient norm when clipping."""
     step = session.step + 1
+    steps = None
+    if session.tensor_steps is not None or any(g is None for g in grads):  # some tensors skip steps
+        steps = [s + (g is not None) for s, g in zip(session.tensor_steps or [session.step] * len(grads), grads)]
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
-                                   session.states, step, fused, session.flat(), template.source())
+                                   session.states, step, fused, session.flat(), template.source(), steps)
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED
         dtype = session.layout.dtype
-        read_over = any(np.may_share_memory(grad, session.buffer) for grad in grads)  # binary_memory
+        read_over = any(grad is not None and np.may_share_memory(grad, session.buffer) for grad in grads)  # binary_memory
         if not read_over:
             for name, grad in zip(session.layout.names, grads):
-                require_finite(grad, _gradient(name), dtype)
+                if grad is not None:
+                    require_finite(grad, _gradient(name), dtype)
         name, index = next((n, i) for n, p, s in zip(session.layout.names, session.params, session.states)
                            for a in (p, *s) if a is not None and (i := first_non_finite(a)) is not None)
         if read_over:  # the gradients' memory holds the new parameters now: which one it was is gone
@@ -326,6 +330,7 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
             'or create the session with "nan_policy": "skip".'
         )
     session.step = step
+    session.tensor_steps = None if steps is None or all(t == step for t in steps) else tuple(steps)
     session.updated_at = time.time()
     return grad_norm
 

@@ -149,11 +149,12 @@ def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options
 def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
     _, arrays = _wire.as_arrays(gradients, session.layout)
     headers = {"Idempotency-Key": uuid.uuid4().hex}
-    if loss is None and sum(a.size for a in arrays) >= BINARY_MIN_ELEMENTS:
+    skips = any(a is None for a in arrays)  # a tensor without a gradient: only JSON says so (null)
+    if loss is None and not skips and sum(a.size for a in arrays) >= BINARY_MIN_ELEMENTS:
         headers |= {"Content-Type": BINARY, "Accept": BINARY}
         return _Call("POST", f"/v1/sessions/{session.id}/step", headers=headers,
                      content=[memoryview(a).cast("B") for a in arrays])
-    grads = [_wire.to_b64(a) for a in arrays]
+    grads = [None if a is None else _wire.to_b64(a) for a in arrays]
     body: dict[str, Any] = {"gradients": dict(zip(session.layout.names, grads)) if session.layout.named else grads[0]}
     if loss is not None:
         body["loss"] = float(loss)
@@ -192,7 +193,8 @@ class _SessionBase:
 
 class Session(_SessionBase):
     def step(self, gradients, loss: float | None = None):
-        """Apply one optimizer step; returns the new params (numpy, mirroring what was sent)."""
+        """Apply one optimizer step; returns the new params (numpy, mirroring what was sent). A named
+        tensor's gradient may be None: that tensor skips this step, as in torch."""
         return self._take(self._client._send(_step_call(self, gradients, loss)))
 
     def refresh(self):

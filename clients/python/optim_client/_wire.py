@@ -39,15 +39,16 @@ def infer_dtype(params) -> str:
     return "float64" if all(np.asarray(a).dtype == np.float64 for a in arrays) else "float32"
 
 
-def as_arrays(tensors, layout_or_dtype) -> tuple[tuple[str, ...], list[np.ndarray]]:
-    """Name order and contiguous little-endian arrays of the session dtype."""
+def as_arrays(tensors, layout_or_dtype) -> tuple[tuple[str, ...], list[np.ndarray | None]]:
+    """Name order and contiguous little-endian arrays of the session dtype (None stays None: a
+    named tensor with no gradient skips the step)."""
     dtype = DTYPES[layout_or_dtype if isinstance(layout_or_dtype, str) else layout_or_dtype.dtype]
     if isinstance(tensors, dict):
         names = tuple(tensors) if isinstance(layout_or_dtype, str) else layout_or_dtype.names
         missing = [n for n in names if n not in tensors]
         if missing or len(tensors) != len(names):
             raise ValueError(f"expected tensors {list(names)}, got {list(tensors)}")
-        return names, [np.ascontiguousarray(tensors[n], dtype=dtype) for n in names]
+        return names, [None if tensors[n] is None else np.ascontiguousarray(tensors[n], dtype=dtype) for n in names]
     return ("",), [np.ascontiguousarray(tensors, dtype=dtype)]
 
 

@@ -23,6 +23,13 @@ TENSORS_SCHEMA = {
     "oneOf": [{"type": "array"}, {"type": "object", "additionalProperties": TENSOR_SCHEMA}],
 }
 Tensors = Annotated[Any, Field(json_schema_extra=TENSORS_SCHEMA)]
+GRADIENTS_SCHEMA = {
+    "description": TENSORS_SCHEMA["description"] + "; a named tensor's gradient may be null: that tensor "
+    "skips this step, as torch skips a parameter whose .grad is None",
+    "oneOf": [{"type": "array"}, {"type": "object", "additionalProperties": {
+        "oneOf": [*TENSOR_SCHEMA["oneOf"], {"type": "null"}]}}],
+}
+Gradients = Annotated[Any, Field(json_schema_extra=GRADIENTS_SCHEMA)]
 
 
 def _an_object(schema: dict) -> None:
@@ -39,6 +46,8 @@ class RestoredState(BaseModel):
 
     step: Annotated[int, Field(ge=0, strict=True)]
     buffers: Annotated[Any, Field(json_schema_extra=_an_object)] = None
+    tensor_steps: dict[str, Annotated[int, Field(ge=0, strict=True)]] | None = Field(
+        None, description="each named tensor's own count of updates, where some skipped steps (null gradients)")
 
 
 class CreateSession(TrainingConfig):
@@ -56,7 +65,7 @@ class CreateSession(TrainingConfig):
 class StepRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    gradients: Tensors
+    gradients: Gradients
     loss: Annotated[Float, Field(allow_inf_nan=False)] | None = None
 
 

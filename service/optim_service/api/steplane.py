@@ -86,7 +86,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         loss, encodings = req.loss, wire.encodings_of(req.gradients)
 
         def decode(session: Session):
-            return wire.decode_like(req.gradients, session.layout, "gradient")
+            return wire.decode_like(req.gradients, session.layout, "gradient", skippable=True)
     else:
         def decode(session: Session):
             return wire.decode_binary(body, session.layout)

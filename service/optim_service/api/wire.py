@@ -110,8 +110,10 @@ def encodings_of(value: Any) -> dict[str, Encoding]:
     return {"": enc(value)}
 
 
-def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> list[np.ndarray]:
-    """Tensors that must match an existing session's layout exactly (gradients, restored buffers)."""
+def decode_like(value: Any, layout: Layout, what: str, finite: bool = False,
+                skippable: bool = False) -> list[np.ndarray | None]:
+    """Tensors that must match an existing session's layout exactly (gradients, restored buffers).
+    ``skippable``: a named tensor may be null, which skips it this step (torch's ``grad is None``)."""
     if layout.structure == "array":
         if not (isinstance(value, (list, np.ndarray)) or is_b64_tensor(value)):
             raise InvalidRequest(f"{what}: this session holds one unnamed tensor; send a JSON array")
@@ -132,6 +134,9 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> 
     arrays = []
     with np.errstate(over="ignore"):
         for (name, tensor), shape in zip(items, layout.shapes):
+            if tensor is None and skippable and name:
+                arrays.append(None)
+                continue
             label = f"{what} '{name}'" if name else what
             array = decode_tensor(tensor, label, layout.dtype)
             if array.shape != shape:
@@ -139,6 +144,9 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False) -> 
             if finite:
                 require_finite(array, label, layout.dtype)
             arrays.append(array)
+    if skippable and all(a is None for a in arrays):
+        raise InvalidRequest(f"{what}: every tensor's gradient is null, so there is nothing to step (torch's step "
+                             "does nothing then); send at least one tensor's gradient")
     return arrays
 
 

@@ -86,7 +86,8 @@ async def create_session(request: Request, caller: Caller) -> Response:
     layout, params = wire.decode_params(body.params, body.dtype)
     restored = None
     if body.state is not None:
-        restored = (body.state.step, _decode_buffers(body.state.buffers, layout))
+        restored = (body.state.step, _decode_buffers(body.state.buffers, layout),
+                    _tensor_steps(body.state.tensor_steps, body.state.step, layout))
     config, encodings = body.training_config(), wire.encodings_of(body.params)
     del body  # its text (a base64 string can be the size of the params) is not needed past here
     session = await caller.sessions.create(caller.owner, config, layout, params, restored)
@@ -98,6 +99,18 @@ async def create_session(request: Request, caller: Caller) -> Response:
     else:
         doc["params"] = wire.encode_like(session.params, layout, encodings)
     return JSONResponse(doc, status_code=201, headers=headers)
+
+
+def _tensor_steps(value: dict[str, int] | None, step: int, layout: Layout) -> tuple[int, ...] | None:
+    """A checkpoint's per-tensor step counts: one per named tensor, none past the session's step."""
+    if value is None:
+        return None
+    if layout.structure != "object" or set(value) != set(layout.names):
+        raise InvalidRequest(f"state.tensor_steps: expected an object with tensors {list(layout.names)}")
+    if over := [n for n in layout.names if value[n] > step]:
+        raise InvalidRequest(f"state.tensor_steps: {over} counted more updates than the session's step {step}")
+    steps = tuple(value[n] for n in layout.names)
+    return None if all(t == step for t in steps) else steps
 
 
 def _decode_buffers(value, layout: Layout) -> list[dict]:
@@ -160,7 +173,9 @@ async def get_state(session_id: str, caller: Caller) -> Response:
         "dtype": layout.dtype,
         "params": wire.encode_like(session.params, layout, "b64"),
         "state": {"step": session.step,
-                  "buffers": buffers[0] if layout.structure == "array" else dict(zip(layout.names, buffers))},
+                  "buffers": buffers[0] if layout.structure == "array" else dict(zip(layout.names, buffers)),
+                  **({"tensor_steps": dict(zip(layout.names, session.tensor_steps))}
+                     if session.tensor_steps is not None else {})},
     }
     return JSONResponse(doc, headers=_etag(session.step))
 
