@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from optim_service.api import wire
+from optim_service.api.codecs.octet_stream import decode_binary
 from optim_service.app import create_app
 from optim_service.settings import Settings
 
@@ -73,7 +73,7 @@ async def test_the_stored_session_is_the_memory_the_body_was_read_into(app, clie
     assert sessions.binary_memory("someone else", sid, 12) is None and sessions.binary_memory(None, "nope", 12) is None
     body = memoryview(memory)[:12]
     body[:] = np.array([0.5, -0.5, 1.0], "<f4").tobytes()
-    result = await sessions.step(None, sid, lambda s: wire.decode_binary(body, s.layout), memory=memory)
+    result = await sessions.step(None, sid, lambda s: decode_binary(body, s.layout), memory=memory)
     assert result.session.buffer is memory and result.session.step == 1
     stored = await sessions.store.get(sid)
     assert np.shares_memory(np.frombuffer(stored.data, np.uint8), memory)

@@ -100,8 +100,9 @@ def test_refuses_what_it_cannot_do_faithfully(server):
     scheduler.step()
     with pytest.raises(RuntimeError, match="schedule="):
         train(model, opt, x, y, 1)
-    with pytest.raises(ValueError, match="float32 or all float64"):
-        RemoteOptimizer([torch.zeros(2, dtype=torch.float16, requires_grad=True)], server.url)
+    with pytest.raises(ValueError, match="share one floating dtype"):
+        RemoteOptimizer([torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)],
+                        server.url)
     with pytest.raises(ValueError, match="param groups are fixed"):
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})
 

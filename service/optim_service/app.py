@@ -34,9 +34,9 @@ from .store import StoreUnavailable, open_store, redact
 
 logger = logging.getLogger("optim_service")
 CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Accept", "If-Match", "Idempotency-Key", "X-Request-ID",
-                        "Prefer")
+                        "Prefer", "Optim-Wire-Dtype")
 CORS_RESPONSE_HEADERS = ("ETag", "Location", "Server-Timing", "X-Request-ID", "Retry-After",
-                         "Idempotent-Replayed", "Optim-Step-Skipped", "Preference-Applied")
+                         "Idempotent-Replayed", "Optim-Step-Skipped", "Preference-Applied", "Optim-Wire-Dtype")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -132,9 +132,11 @@ def _connection_error(error: Exception) -> Exception:
 
 
 def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options) -> tuple[_Call, list[np.ndarray]]:
-    """The request, and the params as the session starts from them (the answer does not repeat them)."""
+    """The request, and the params as the session starts from them (the answer does not repeat them).
+    Half-precision params travel as they are, over float32 state (``dtype`` may say float64)."""
+    wire = _wire.infer_wire(params)
     dtype = dtype or _wire.infer_dtype(params)
-    names, arrays = _wire.as_arrays(params, dtype)
+    names, arrays = _wire.as_arrays(params, wire or dtype)
     tensors = [_wire.to_b64(a) for a in arrays]
     body = {
         "optimizer": {"type": optimizer, **hyperparameters},
@@ -152,8 +154,10 @@ def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
     skips = any(a is None for a in arrays)  # a tensor without a gradient: only JSON says so (null)
     if loss is None and not skips and sum(a.size for a in arrays) >= BINARY_MIN_ELEMENTS:
         headers |= {"Content-Type": BINARY, "Accept": BINARY}
+        if session.layout.wire:  # the body and the answer in it
+            headers["Optim-Wire-Dtype"] = session.layout.wire
         return _Call("POST", f"/v1/sessions/{session.id}/step", headers=headers,
-                     content=[memoryview(a).cast("B") for a in arrays])
+                     content=[a.reshape(-1).view(np.uint8).data for a in arrays])  # flat bytes, bfloat16 too
     grads = [None if a is None else _wire.to_b64(a) for a in arrays]
     body: dict[str, Any] = {"gradients": dict(zip(session.layout.names, grads)) if session.layout.named else grads[0]}
     if loss is not None:
@@ -161,14 +165,19 @@ def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
     return _Call("POST", f"/v1/sessions/{session.id}/step", json=body, headers=headers)
 
 
+def _refresh_call(session: "_SessionBase") -> _Call:
+    headers = {"Optim-Wire-Dtype": session.layout.wire} if session.layout.wire else {}
+    return _Call("GET", f"/v1/sessions/{session.id}/params?encoding=b64", headers=headers)
+
+
 class _SessionBase:
     """A session handle: id, layout, the step count and params last seen."""
 
-    def __init__(self, client, meta: dict, params: list[np.ndarray] | None = None):
+    def __init__(self, client, meta: dict, params: list[np.ndarray] | None = None, wire: str | None = None):
         self._client = client
         self.id: str = meta["id"]
         self.metadata = meta
-        self.layout = _wire.Layout.from_metadata(meta)
+        self.layout = _wire.Layout.from_metadata(meta, wire)
         self.step_count: int = meta["step"]
         self._params = params
 
@@ -199,7 +208,7 @@ class Session(_SessionBase):
 
     def refresh(self):
         """Fetch the current step and params from the server."""
-        return self._take(self._client._send(_Call("GET", f"/v1/sessions/{self.id}/params?encoding=b64")))
+        return self._take(self._client._send(_refresh_call(self)))
 
     def state(self) -> dict:
         """A checkpoint document; ``client.restore(doc)`` resumes it bit-exactly."""
@@ -214,7 +223,7 @@ class AsyncSession(_SessionBase):
         return self._take(await self._client._send(_step_call(self, gradients, loss)))
 
     async def refresh(self):
-        return self._take(await self._client._send(_Call("GET", f"/v1/sessions/{self.id}/params?encoding=b64")))
+        return self._take(await self._client._send(_refresh_call(self)))
 
     async def state(self) -> dict:
         return await self._client._send(_Call("GET", f"/v1/sessions/{self.id}/state"))
@@ -251,10 +260,11 @@ class OptimClient(_Base):
         """A new session; hyperparameters are torch's keyword names (``lr=1e-3, betas=(0.9, 0.99)``)."""
         call, arrays = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
                                     clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
-        return Session(self, self._send(call), arrays)
+        return Session(self, self._send(call), arrays, _wire.infer_wire(params))
 
-    def get_session(self, session_id: str) -> Session:
-        session = Session(self, self._send(_Call("GET", f"/v1/sessions/{session_id}")))
+    def get_session(self, session_id: str, *, wire_dtype: str | None = None) -> Session:
+        """An existing session; ``wire_dtype`` (float16, bfloat16) to exchange tensors in it."""
+        session = Session(self, self._send(_Call("GET", f"/v1/sessions/{session_id}")), wire=wire_dtype)
         session.refresh()
         return session
 
@@ -309,10 +319,10 @@ class AsyncOptimClient(_Base):
                              **hyperparameters) -> AsyncSession:
         call, arrays = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
                                     clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
-        return AsyncSession(self, await self._send(call), arrays)
+        return AsyncSession(self, await self._send(call), arrays, _wire.infer_wire(params))
 
-    async def get_session(self, session_id: str) -> AsyncSession:
-        session = AsyncSession(self, await self._send(_Call("GET", f"/v1/sessions/{session_id}")))
+    async def get_session(self, session_id: str, *, wire_dtype: str | None = None) -> AsyncSession:
+        session = AsyncSession(self, await self._send(_Call("GET", f"/v1/sessions/{session_id}")), wire=wire_dtype)
         await session.refresh()
         return session
 

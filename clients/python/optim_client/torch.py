@@ -17,6 +17,7 @@ silently do nothing).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -25,7 +26,8 @@ import torch
 from . import _wire
 from ._client import OptimClient
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+# the state the server keeps for each parameter dtype; half-precision parameters travel as they are
+_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float32", torch.bfloat16: "float32"}
 TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
                  "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
 _NOT_HYPERPARAMETERS = {"params", "param_names", "foreach", "capturable", "differentiable", "fused", "initial_lr"}
@@ -47,8 +49,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError("parameter names repeat; name each parameter once (model.named_parameters() does)")
         dtypes = {p.dtype for _, p in self._names}
         if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
-            raise ValueError("the service keeps float32 or float64 state: parameters must all be float32 or all "
-                             f"float64, got {sorted(map(str, dtypes))} (model.float() converts a model)")
+            raise ValueError("parameters must share one floating dtype (float32, float64, float16 or bfloat16), got "
+                             f"{sorted(map(str, dtypes))}")
         self._dtype = _DTYPES[dtypes.pop()]
         self._options = {"schedule": schedule, "clip_grad_norm": clip_grad_norm, "nan_policy": nan_policy}
         self._hyperparameters = hyperparameters
@@ -79,6 +81,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return opt
 
     def _adopt_session(self) -> None:
+        wire = _wire.infer_wire(self._local_params())
+        if wire:  # half-precision parameters: exchange them as they are
+            self.session.layout = dataclasses.replace(self.session.layout, wire=wire)
         layout = self.session.layout
         mine = {name: tuple(p.shape) for name, p in self._names}
         theirs = dict(zip(layout.names, layout.shapes))
@@ -105,7 +110,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if [group.get("lr") for group in self.param_groups] != self._lrs:
             raise RuntimeError("param_groups' lr changed, but the server owns the learning rate; "
                                "pass schedule={...} to RemoteOptimizer instead of a torch LR scheduler")
-        grads = {name: None if p.grad is None else p.grad.detach().cpu().numpy() for name, p in self._names}
+        grads = {name: None if p.grad is None else _numpy(p.grad) for name, p in self._names}
         if all(g is None for g in grads.values()):
             return loss  # torch steps nothing either
         self._write_back(self.session.step(grads, loss=_scalar(loss)))
@@ -136,7 +141,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             checkpoint = dict(state_dict["checkpoint"])
         else:
             checkpoint = self._checkpoint_from_torch(state_dict)
-        names, arrays = _wire.as_arrays(self._local_params(), self._dtype)
+        params = self._local_params()
+        names, arrays = _wire.as_arrays(params, _wire.infer_wire(params) or self._dtype)
         local = {name: _wire.to_b64(a) for name, a in zip(names, arrays)}
         if set(local) != set(checkpoint["params"]):
             raise ValueError("the checkpoint's parameters do not match this optimizer's")
@@ -164,12 +170,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
     # -- between the two formats ----------------------------------------------------------------
 
     def _local_params(self) -> dict[str, np.ndarray]:
-        return {name: p.detach().cpu().numpy() for name, p in self._names}
+        return {name: _numpy(p) for name, p in self._names}
 
     @torch.no_grad()
     def _write_back(self, answer: dict[str, np.ndarray]) -> None:
         for name, p in self._names:
-            p.copy_(torch.from_numpy(np.asarray(answer[name])).reshape(p.shape))
+            p.copy_(_tensor(np.asarray(answer[name])).reshape(p.shape))
 
     def _group_overrides(self) -> list[dict]:
         groups = []
@@ -226,7 +232,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"the state of parameter {name} holds {sorted(unknown)}, which a {self.kind} "
                                  f"session with these hyperparameters does not keep ({sorted(expected)})")
             steps[name] = int(entry["step"]) if "step" in entry else int(bool(entry))
-            buffers[name] = {k: _wire.to_b64(np.ascontiguousarray(entry[k].detach().cpu().numpy(), _wire.DTYPES[self._dtype])
+            buffers[name] = {k: _wire.to_b64(np.ascontiguousarray(_numpy(entry[k].float() if entry[k].dtype in
+                                                                              (torch.float16, torch.bfloat16) else entry[k]),
+                                                                       _wire.DTYPES[self._dtype])
                                              if k in entry else np.zeros(p.shape, _wire.DTYPES[self._dtype]))
                              for k in expected}
         step = max(steps.values(), default=0)
@@ -236,6 +244,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if any(t != step for t in steps.values()):
             checkpoint["state"]["tensor_steps"] = steps
         return checkpoint
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as numpy (bfloat16 as ml_dtypes', which numpy has no own of)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(_wire.np_dtype("bfloat16"))
+    return t.numpy()
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _name(group: dict, g: int, i: int) -> str:

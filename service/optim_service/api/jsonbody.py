@@ -29,7 +29,9 @@ class _Unsure(Exception):
 
 
 def is_b64_tensor(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"shape", "b64"} and isinstance(value["b64"], str)
+    """``{"shape", "b64"}``, with an optional wire ``"dtype"`` (``codecs.dtypes``)."""
+    return (isinstance(value, dict) and "b64" in value and "shape" in value and isinstance(value["b64"], str)
+            and (len(value) == 2 or (len(value) == 3 and "dtype" in value)))
 
 
 def loads_with_tensors(body: bytes, field: str) -> dict[str, Any] | None:

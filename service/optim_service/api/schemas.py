@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..optim.base import Float
 from ..optim.config import TrainingConfig
@@ -57,6 +57,16 @@ class CreateSession(TrainingConfig):
     dtype: Literal["float32", "float64"] = "float32"
     state: RestoredState | None = None
     schema_version: Literal[1] | None = None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _half_travels_on_the_wire(cls, value):
+        if isinstance(value, str) and value.lower() in ("float16", "bfloat16", "half"):
+            raise ValueError(
+                f"a session keeps float32 or float64 state (the master copy); {value} belongs on the wire: send "
+                'tensors as {"shape", "dtype": "bfloat16", "b64"}, or octet-stream with the header '
+                "Optim-Wire-Dtype: bfloat16, to a float32 session")
+        return value
 
     def training_config(self) -> TrainingConfig:
         return TrainingConfig.model_validate(self.model_dump(include=set(TrainingConfig.model_fields)))
@@ -185,14 +195,15 @@ STEP_PROBLEMS = {
     406: _problem("Accept names neither JSON nor octet-stream"),
     409: _problem("an Idempotency-Key's answer is gone, or the session kept changing"),
     412: _problem("If-Match names another step"),
-    415: _problem("Content-Type is neither JSON nor octet-stream"),
+    415: _problem("Content-Type is not JSON, octet-stream or safetensors"),
 }
 
 
 def answers(model: type[BaseModel], binary: bool = False, status: int = 200) -> dict:
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
     if binary:
-        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+        for media in ("application/octet-stream", "application/vnd.safetensors"):
+            content[media] = {"schema": {"type": "string", "format": "binary"}}
     return {status: {"description": "OK", "content": content}}
 
 

@@ -20,15 +20,15 @@ from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..record import Session
 from ..sessions import StepResult, body_digest
-from . import wire
+from .codecs import BINARY, CODECS, negotiate
+from .codecs.dtypes import WIRE_DTYPE_HEADER
 from .deps import Tenant, caller_of
-from .negotiation import (BINARY, JSON, idempotency_key, if_match, parse_json, read_body, require_content_type,
-                          wants_binary)
-from .schemas import StepRequest
+from .negotiation import idempotency_key, if_match, read_body, require_content_type
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
+WIRE_FORMATS = {"application/json": "json", "application/octet-stream": "binary",
+                "application/vnd.safetensors": "safetensors"}  # the metrics' label
 
 
 class StepLane:
@@ -70,29 +70,20 @@ class StepReply(Response):
 
 
 async def serve_step(session_id: str, headers: Mapping[str, str], receive, caller: Tenant, state: State) -> StepReply:
-    """Read a step (JSON or binary), apply it through the session service, and answer it."""
+    """Read a step in any codec's format, apply it through the session service, and answer it in
+    the format ``Accept`` asks."""
     started = time.perf_counter()
-    ctype = require_content_type(headers.get("content-type"), JSON, BINARY)
-    binary_out = wants_binary(headers.get("accept"))  # refuse an unanswerable Accept before anything
+    ctype = require_content_type(headers.get("content-type"), *CODECS)
+    answer = negotiate(headers.get("accept"), headers.get(WIRE_DTYPE_HEADER))  # refuse a bad Accept before anything
     key = idempotency_key(headers.get("idempotency-key"))
     expected = if_match(headers.get("if-match"))
     length, memory = headers.get("content-length"), None
-    if ctype == BINARY and length and length.isdigit():
+    if ctype == BINARY and length and length.isdigit() and WIRE_DTYPE_HEADER not in headers:
         memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
     body = await read_body(length, receive, into=memory)
-    loss, encodings = None, "list"
-    if ctype == JSON:
-        req = parse_json(body, StepRequest, "gradients", state.settings.max_json_depth)
-        loss, encodings = req.loss, wire.encodings_of(req.gradients)
-
-        def decode(session: Session):
-            return wire.decode_like(req.gradients, session.layout, "gradient", skippable=True)
-    else:
-        def decode(session: Session):
-            return wire.decode_binary(body, session.layout)
-
-    result = await caller.sessions.step(caller.owner, session_id, decode, loss=loss, if_match=expected,
-                                        idempotency=(key, body_digest(ctype, body)) if key else None,
+    request = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth)
+    result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
+                                        if_match=expected, idempotency=(key, body_digest(ctype, body)) if key else None,
                                         memory=memory)
     session = result.session
     out = [(b"etag", b'"%d"' % session.step), (b"server-timing", b"compute;dur=%.3f" % result.compute_ms)]
@@ -103,10 +94,10 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
     if result.skipped:
         extra["skipped"] = True
-    content, media_type = wire.params_answer(session, binary_out, encodings, extra)
-    out += [(b"content-type", media_type.encode()), (b"content-length", b"%d" % len(content))]
-    wire_format = "binary" if ctype == BINARY else "json"
-    return StepReply(out, content, lambda: _observe(state.metrics, result, wire_format, started))
+    content = answer.codec.write_params(session, answer.wire, request.encodings, extra)
+    out += [*answer.headers(), (b"content-type", answer.codec.media_type.encode()),
+            (b"content-length", b"%d" % len(content))]
+    return StepReply(out, content, lambda: _observe(state.metrics, result, WIRE_FORMATS[ctype], started))
 
 
 def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:

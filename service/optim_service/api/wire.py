@@ -1,4 +1,7 @@
-"""Tensors on the wire: nested JSON lists, ``{"shape", "b64"}`` objects, and raw octet-streams.
+"""Tensors in JSON bodies: nested lists, and ``{"shape", "b64"}`` objects (with an optional wire
+``"dtype"``: float16 or bfloat16 travel in half the bytes and are widened to the session's dtype).
+The codecs (``codecs/``) put them on and take them off the wire; create and checkpoint bodies use
+them too.
 
 Every decoder checks names, shapes, types and finiteness and raises ``InvalidRequest`` with a
 sentence that says which tensor is wrong and how; nothing here touches a session's stored state.
@@ -12,16 +15,15 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 
 from ..errors import InvalidRequest
 from ..finite import require_finite
-from ..optim.base import Run
-from ..record import DTYPES, Layout, Session
+from ..record import DTYPES, Layout
+from .codecs.dtypes import HALF, WIRE_DTYPES, narrow, widen, wire_dtype
 from .jsonbody import is_b64_tensor
-from .negotiation import BINARY, JSON
 
-Encoding = Literal["list", "b64"]
+Encoding = str  # "list", "b64", or "b64:<wire dtype>" (how a tensor came, so its answer mirrors it)
+QueryEncoding = Literal["list", "b64"]  # what GET .../params?encoding= may ask
 MAX_NAME_LENGTH = 256
 MAX_DIMENSIONS = 32  # numpy's limit
 MAX_EXTENT_PRODUCT = 2**60
@@ -40,17 +42,23 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
         # another extent is zero and the array would be empty
         if len(shape) > MAX_DIMENSIONS or math.prod(d for d in shape if d) > MAX_EXTENT_PRODUCT:
             raise InvalidRequest(f"{what}: shape {shape} is too large to be an array")
+        wire = value.get("dtype")
+        if wire is not None and not isinstance(wire, str):
+            raise InvalidRequest(f"{what}: 'dtype' must be a string such as \"bfloat16\"")
+        wire = wire_dtype(wire, what) or dtype
+        raw_dtype = WIRE_DTYPES[wire]
         try:
             raw = base64.b64decode(value["b64"], validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequest(f"{what}: 'b64' is not valid base64") from None
         count = math.prod(shape)  # exact: a declared shape far larger than the data cannot overflow
-        if len(raw) != count * np_dtype.itemsize:
+        if len(raw) != count * raw_dtype.itemsize:
             raise InvalidRequest(
-                f"{what}: shape {shape} needs {count * np_dtype.itemsize} bytes of {dtype}, "
+                f"{what}: shape {shape} needs {count * raw_dtype.itemsize} bytes of {wire}, "
                 f"the base64 holds {len(raw)}"
             )
-        array = np.frombuffer(raw, np_dtype).reshape(shape)  # read-only: updates never write gradients
+        # read-only when not widened: updates never write gradients
+        array = widen(np.frombuffer(raw, raw_dtype).reshape(shape), np_dtype)
     else:
         array = _from_lists(value, what).astype(np_dtype, copy=False)
     return array
@@ -104,7 +112,10 @@ def decode_params(value: Any, dtype: str) -> tuple[Layout, list[np.ndarray]]:
 def encodings_of(value: Any) -> dict[str, Encoding]:
     """How the client sent each tensor, so the answer mirrors it (unnamed tensor: key "")."""
     def enc(v) -> Encoding:
-        return "b64" if is_b64_tensor(v) else "list"
+        if not is_b64_tensor(v):
+            return "list"
+        wire = v.get("dtype")
+        return f"b64:{wire.lower()}" if isinstance(wire, str) and wire.lower() in HALF else "b64"
     if isinstance(value, dict) and not is_b64_tensor(value):
         return {name: enc(v) for name, v in value.items()}
     return {"": enc(value)}
@@ -150,19 +161,12 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False,
     return arrays
 
 
-def decode_binary(body: bytes, layout: Layout) -> Run:
-    """Every tensor's values concatenated in creation order, C order, little-endian session dtype."""
-    if len(body) != layout.nbytes:
-        raise InvalidRequest(
-            f"binary body: expected {layout.nbytes} bytes ({sum(layout.sizes)} {layout.dtype} values "
-            f"for shapes {layout.shapes_json()}), got {len(body)}"
-        )
-    return Run(np.frombuffer(body, layout.np_dtype), layout.shapes)  # views of the body itself: no copy
-
-
 def encode_tensor(array: np.ndarray, encoding: Encoding):
     if encoding == "b64":
         return {"shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode()}
+    if encoding.startswith("b64:"):
+        wire = encoding[4:]
+        return {"shape": list(array.shape), "dtype": wire, "b64": base64.b64encode(narrow(array, wire).tobytes()).decode()}
     if array.ndim == 0:
         return array.item()  # orjson writes arrays of any rank but not 0-d ones
     return array  # orjson writes numpy arrays natively, without a Python-list detour
@@ -174,12 +178,3 @@ def encode_like(arrays: list[np.ndarray], layout: Layout, encodings: dict[str, E
         encodings = dict.fromkeys(layout.names, encodings)
     encoded = [encode_tensor(a, encodings.get(n, "list")) for a, n in zip(arrays, layout.names)]
     return encoded[0] if layout.structure == "array" else dict(zip(layout.names, encoded))
-
-
-def params_answer(session: Session, binary: bool, encodings, extra: dict) -> tuple[bytes | memoryview, str]:
-    """A session's params as an answer body and its media type: the raw bytes (a view of the
-    session's memory), or ``{"step", "params", **extra}`` as JSON in the client's structure."""
-    if binary:
-        return session.params_bytes(), BINARY
-    doc = {"step": session.step, "params": encode_like(session.params, session.layout, encodings), **extra}
-    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), JSON

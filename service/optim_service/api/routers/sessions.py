@@ -9,11 +9,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from ...errors import InvalidRequest
+from ...errors import InvalidRequest, NotAcceptable
 from ...record import Layout, Session, layout_from_meta
 from .. import wire
 from ..deps import Caller
-from ..negotiation import BINARY, JSON, parse_json, prefers_minimal, read_body, require_content_type, wants_binary
+from ..codecs import JSON, SAFETENSORS, Answer, negotiate
+from ..codecs import checkpoint
+from ..codecs.dtypes import WIRE_DTYPE_HEADER
+from ..negotiation import BINARY, parse_json, prefers_minimal, read_body, require_content_type
 from ..steplane import serve_step
 from ..responses import JSONResponse
 from ..schemas import (
@@ -64,9 +67,10 @@ def _etag(step: int) -> dict[str, str]:
     return {"ETag": f'"{step}"'}
 
 
-def _params_response(session: Session, binary: bool, encodings, headers: dict) -> Response:
-    content, media_type = wire.params_answer(session, binary, encodings, {})
-    return Response(content, media_type=media_type, headers=headers)
+def _params_response(session: Session, answer: Answer, encodings, headers: dict) -> Response:
+    content = answer.codec.write_params(session, answer.wire, encodings, {})
+    headers.update((k.decode(), v.decode()) for k, v in answer.headers())
+    return Response(content, media_type=answer.codec.media_type, headers=headers)
 
 
 def json_body(model, example) -> dict:
@@ -79,10 +83,13 @@ def json_body(model, example) -> dict:
                         415: STEP_PROBLEMS[415]},
              summary="Create a session, or resume one from a checkpoint")
 async def create_session(request: Request, caller: Caller) -> Response:
-    require_content_type(request.headers.get("content-type"), JSON)
+    ctype = require_content_type(request.headers.get("content-type"), JSON, SAFETENSORS)
     minimal = prefers_minimal(request.headers.get("prefer"))
     body = await read_body(request.headers.get("content-length"), request.receive)
-    body = parse_json(body, CreateSession, "params", request.app.state.settings.max_json_depth)
+    if ctype == SAFETENSORS:  # a checkpoint GET .../state wrote in that format
+        body = checkpoint.read(body)
+    else:
+        body = parse_json(body, CreateSession, "params", request.app.state.settings.max_json_depth)
     layout, params = wire.decode_params(body.params, body.dtype)
     restored = None
     if body.state is not None:
@@ -134,7 +141,8 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
 
 @router.post("/{session_id}/step", openapi_extra={"requestBody": {"required": True, "content": {
     JSON: {"schema": {"$ref": "#/components/schemas/StepRequest"}, "example": EXAMPLE_STEP},
-    BINARY: {"schema": {"type": "string", "format": "binary"}}}}},
+    BINARY: {"schema": {"type": "string", "format": "binary"}},
+    SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}},
     responses={**answers(StepAnswer, binary=True), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
 async def step(session_id: str, request: Request, caller: Caller) -> Response:
@@ -154,16 +162,22 @@ async def get_session(session_id: str, caller: Caller) -> Response:
             summary="The current parameters (JSON, or binary by Accept)")
 async def get_params(
     session_id: str, request: Request, caller: Caller,
-    encoding: Annotated[wire.Encoding, Query(description="list (nested JSON) or b64")] = "list",
+    encoding: Annotated[wire.QueryEncoding, Query(description="list (nested JSON) or b64")] = "list",
 ) -> Response:
+    answer = negotiate(request.headers.get("accept"), request.headers.get(WIRE_DTYPE_HEADER))
     session = await caller.sessions.load(caller.owner, session_id)
-    return _params_response(session, wants_binary(request.headers.get("accept")), encoding, _etag(session.step))
+    return _params_response(session, answer, encoding, _etag(session.step))
 
 
 @router.get("/{session_id}/state", responses={**answers(CreateSession), **SESSION_PROBLEMS},
             summary="A checkpoint: POST it to /v1/sessions to resume bit-exactly")
-async def get_state(session_id: str, caller: Caller) -> Response:
+async def get_state(session_id: str, request: Request, caller: Caller) -> Response:
+    answer = negotiate(request.headers.get("accept"))
     session = await caller.sessions.load(caller.owner, session_id)
+    if answer.codec.media_type == SAFETENSORS:
+        return Response(checkpoint.write(session), media_type=SAFETENSORS, headers=_etag(session.step))
+    if answer.codec.media_type != JSON:
+        raise NotAcceptable(f"a checkpoint is {JSON} or {SAFETENSORS}, not {answer.codec.media_type}")
     layout = session.layout
     buffers = [{k: wire.encode_tensor(v, "b64") for k, v in session.buffers(i).items()}
                for i in range(len(session.params))]

@@ -1,0 +1,29 @@
+"""``application/json``: ``{"gradients", "loss"?}`` in; ``{"step", "params", ...}`` out, each tensor
+as it came (nested lists, or b64 in its wire dtype), or all as b64 in a wire dtype asked for."""
+
+from __future__ import annotations
+
+import orjson
+
+from .. import wire as tensors
+from ..negotiation import parse_json
+from ..schemas import StepRequest
+from .base import StepBody
+
+
+class JsonCodec:
+    media_type = "application/json"
+
+    def read_step(self, body, headers, max_json_depth: int) -> StepBody:
+        req = parse_json(body, StepRequest, "gradients", max_json_depth)
+
+        def decode(session):
+            return tensors.decode_like(req.gradients, session.layout, "gradient", skippable=True)
+
+        return StepBody(decode, req.loss, tensors.encodings_of(req.gradients))
+
+    def write_params(self, session, wire: str | None, encodings, extra: dict) -> bytes:
+        if wire is not None:
+            encodings = f"b64:{wire}"
+        doc = {"step": session.step, "params": tensors.encode_like(session.params, session.layout, encodings), **extra}
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
