@@ -81,7 +81,7 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---|---|")
     for kind, (cls, hp) in CASES.items():
         paths = torch_paths(cls, hp, args.size)
-        mode = min(paths, key=lambda m: median_ms(paths[m], 5))  # torch's fastest path here
+        mode = min(paths, key=lambda m, paths=paths: median_ms(paths[m], 5))  # torch's fastest path here
         # ours and torch's fastest, timed alternately so the machine's noise falls on both alike
         fused, best = paired_ms(ours(kind, hp, args.size, True), paths[mode], args.repeat)
         reference = median_ms(ours(kind, hp, args.size, False), max(3, args.repeat // 3))

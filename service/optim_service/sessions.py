@@ -207,7 +207,10 @@ class SessionService:
         held.users += 1
         try:
             try:  # a step behind a stalled one gives up within one store timeout, not one per step ahead
-                async with asyncio.timeout(self.settings.store_timeout_seconds):
+                if held.lock.locked():
+                    async with asyncio.timeout(self.settings.store_timeout_seconds):
+                        await held.lock.acquire()
+                else:  # free: taken at once, without a timer to arm and cancel
                     await held.lock.acquire()
             except TimeoutError:
                 raise SessionBusy(

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
-from ..errors import InvalidRequest, NotAcceptable, UnsupportedMediaType
+from ..errors import InvalidRequest, UnsupportedMediaType
 from .limits import check_json_depth
 from .jsonbody import loads_with_tensors
 
@@ -33,17 +33,6 @@ def require_content_type(content_type: str | None, *allowed: str) -> str:
             f"Content-Type must be {' or '.join(allowed)}, got {ctype or 'none'!r}"
         )
     return ctype
-
-
-def wants_binary(accept: str | None) -> bool:
-    """``Accept: application/octet-stream`` answers in binary; JSON otherwise (or 406)."""
-    accept = (accept or "").lower()
-    types = [part.split(";")[0].strip() for part in accept.split(",") if part.strip()]
-    if not types or any(t in (JSON, "*/*", "application/*", "application/problem+json") for t in types):
-        return BINARY in types[:1]
-    if BINARY in types:
-        return True
-    raise NotAcceptable(f"this route answers {JSON} or {BINARY}, not {accept!r}")
 
 
 async def read_body(content_length: str | None, receive,

@@ -82,7 +82,7 @@ def _adagrad(p, g, s, p0, s0, c):
 
 
 def _rmsprop(p, g, sq, p0, sq0, c):
-    # alpha, alpha_c = (0, 1) on the lecture form's first step (σ⁰ = |g⁰|), else (α, 1 - α)
+    # alpha, alpha_c = (0, 1) on the lessons' form's first step (σ⁰ = |g⁰|), else (α, 1 - α)
     lr, sign, wd, alpha, alpha_c, eps = c[0], c[1], c[2], c[3], c[4], c[5]
     bad = 0
     for i in prange(p.size):

@@ -1,6 +1,6 @@
 """RMSProp: divide by a root-mean-square of gradients with exponential weights α and 1−α.
 
-``square_avg_init="first_grad"`` is the lecture's original form, σ⁰ = |g⁰|: the first step sets the
+``square_avg_init="first_grad"`` is the gradient-descent lessons' form (docs/math.md), σ⁰ = |g⁰|: the first step sets the
 average to g² instead of mixing it with zero (torch's form, ``"zero"``, the default).
 """
 
@@ -95,6 +95,6 @@ def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: in
 
 rmsprop = Optimizer(
     "rmsprop", RMSpropHyperparameters, init, update, fused, RMSpropState,
-    "σ² ← α·σ² + (1−α)·g², θ ← θ − η·g/(σ + ε) (torch.optim.RMSprop; lecture form σ⁰=|g⁰|)",
+    "σ² ← α·σ² + (1−α)·g², θ ← θ − η·g/(σ + ε) (torch.optim.RMSprop; the lessons' form σ⁰=|g⁰|)",
     ("square_avg",),
 )

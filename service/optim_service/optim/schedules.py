@@ -38,7 +38,7 @@ class _Schedule(BaseModel):
 
 
 class InverseSqrt(_Schedule):
-    """The lecture's time decay ηᵗ = η / √(t+1)."""
+    """Time decay ηᵗ = η / √(t+1), as the gradient-descent lessons write it (docs/math.md)."""
 
     type: Literal["inverse_sqrt"]
 

@@ -1,4 +1,4 @@
-"""SGD with momentum: vᵗ = λvᵗ⁻¹ + gᵗ, θᵗ⁺¹ = θᵗ − ηvᵗ (torch's form of the lecture's momentum)."""
+"""SGD with momentum: vᵗ = λvᵗ⁻¹ + gᵗ, θᵗ⁺¹ = θᵗ − ηvᵗ (torch's form of the lessons' momentum, docs/math.md)."""
 
 from __future__ import annotations
 
