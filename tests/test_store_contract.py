@@ -10,7 +10,9 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from optim_service.store import CachedStore, CapReached, Caps, Claim, MemoryStore, SessionExists, SessionRecord, open_store
+from optim_service.store import (
+    CachedStore, CapReached, Caps, Claim, MemoryStore, RoundRecord, SessionExists, SessionRecord, open_store,
+)
 from optim_service.store.redis import RedisStore
 
 BACKENDS = ["memory", "sqlite", "redis", "sqlite+cache", "redis+cache"]
@@ -159,10 +161,11 @@ async def test_every_redis_key_has_a_ttl(redis_url):
     store = RedisStore(redis_url, 3600, prefix=prefix)
     await store.create(record())
     await store.compare_and_set(record(version=1), 0, Claim("k", "f" * 64, 1, 1, 600))
+    await store.put_round("s1", round_record(1), 0, Claim("k2", "f" * 64, 1, 1, 600))
     await store.list("alice", 10, None)
     client = aioredis.Redis.from_url(redis_url)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-    assert len(keys) >= 4
+    assert len(keys) >= 6 and any(k.endswith(b":round-data") for k in keys)
     for key in keys:
         assert await client.ttl(key) > 0, key
     await client.aclose()
@@ -285,3 +288,52 @@ async def test_only_the_memory_store_keeps_a_total_byte_budget():
     with pytest.raises(CapReached) as refused:
         await store.create(record("c", owner="carol", data=bytes(1000)), caps)
     assert refused.value.cap == "total_bytes" and refused.value.limit == 2500
+
+
+# --- rounds: a session's open round of contributions ------------------------------------------------
+
+def round_record(version: int, data: bytes = b"\x00" * 16) -> RoundRecord:
+    return RoundRecord(version, b'{"round": 0, "received": %d}' % version, data)
+
+
+async def test_a_round_is_written_from_its_expected_version_only(make_store):
+    store = make_store()
+    await store.create(record())
+    assert await store.get_round("s1") is None
+    assert not await store.put_round("s1", round_record(1), 1)  # none exists yet: expected 0
+    assert await store.put_round("s1", round_record(1, b"one"), 0)
+    assert not await store.put_round("s1", round_record(2, b"stale"), 0)
+    assert await store.put_round("s1", round_record(2, b"two"), 1)
+    assert await store.get_round("s1") == round_record(2, b"two")
+    assert not await store.put_round("ghost", round_record(1), 0)  # no round without its session
+    results = await asyncio.gather(*(store.put_round("s1", round_record(3, bytes([i])), 2) for i in range(10)))
+    assert sum(results) == 1  # concurrent contributions: one wins, the others reload
+    await store.close()
+
+
+async def test_closing_a_round_commits_the_session_and_removes_the_round_together(make_store):
+    store = make_store()
+    await store.create(record())
+    await store.put_round("s1", round_record(1), 0)
+    assert not await store.compare_and_set(record(version=1), 0, close_round=2)  # the round moved: nothing
+    assert await store.get("s1") == record() and await store.get_round("s1") == round_record(1)
+    claim = Claim("k1", "digest", 1, 1, 3600)
+    assert await store.compare_and_set(record(version=1, data=b"stepped"), 0, claim, close_round=1)
+    assert await store.get_round("s1") is None and (await store.get("s1")).data == b"stepped"
+    assert (await store.get_claim("s1", "k1")).version == 1
+    assert not await store.compare_and_set(record(version=2), 1, close_round=1)  # no round is open now
+    assert await store.compare_and_set(record(version=2), 1, close_round=0)  # "none open" holds
+    await store.close()
+
+
+async def test_a_claim_taken_refuses_a_round_write_and_writes_nothing(make_store):
+    store = make_store()
+    await store.create(record())
+    assert await store.put_round("s1", round_record(1), 0, Claim("k", "d", 0, 0, 3600))
+    assert not await store.put_round("s1", round_record(2, b"again"), 1, Claim("k", "d", 0, 0, 3600))
+    assert await store.get_round("s1") == round_record(1)
+    assert not await store.compare_and_set(record(version=1), 0, Claim("k", "d", 1, 1, 3600), close_round=1)
+    assert await store.get_round("s1") == round_record(1) and (await store.get("s1")).version == 0
+    await store.delete("s1")
+    assert await store.get_round("s1") is None
+    await store.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from .base import (
-    ANY, BoundedStore, CapReached, Caps, Claim, OutcomeUnknown, SessionExists, SessionRecord, SessionStore,
-    StoreUnavailable,
+    ANY, BoundedStore, CapReached, Caps, Claim, OutcomeUnknown, RoundRecord, SessionExists, SessionRecord,
+    SessionStore, StoreUnavailable,
 )
 from .cached import CachedStore
 from .memory import MemoryStore
@@ -81,5 +81,6 @@ def _open(url: str, session_ttl_seconds: int, timeout_seconds: float) -> Session
 
 
 __all__ = ["ANY", "BoundedStore", "CachedStore", "CapReached", "Caps", "Claim", "MemoryStore", "OutcomeUnknown",
+           "RoundRecord",
            "SessionExists", "SessionRecord", "SessionStore", "StoreUnavailable", "check_url", "open_store", "redact",
            "sqlite_path"]

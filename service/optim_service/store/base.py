@@ -9,10 +9,16 @@ A store keeps opaque session records and never knows which optimizer they hold:
   ``None``; given an owner, ``None`` also for another owner's record, found without reading its
   tensors, so that a foreign id costs what a missing one does.
 - ``version(id)`` returns just the live record's version, or ``None``: cheap, for cache checks.
-- ``compare_and_set(record, expected_version, claim=None)`` replaces the stored record only if its
-  version is still ``expected_version`` and, when ``claim`` is given, that idempotency key is not yet
-  claimed; record and claim are written in one atomic step. Returns ``False`` when either check
-  fails or the session is gone; the caller reloads and decides.
+- ``compare_and_set(record, expected_version, claim=None, close_round=None)`` replaces the stored
+  record only if its version is still ``expected_version`` and, when ``claim`` is given, that
+  idempotency key is not yet claimed; with ``close_round`` (a round's version, 0 for none) it also
+  requires the session's open round at that version and deletes it. Record, claim and round are
+  written in one atomic step. Returns ``False`` when any check fails or the session is gone; the
+  caller reloads and decides.
+- ``get_round(id)`` returns the session's open round (``RoundRecord``: the running sum of its
+  contributions and their bookkeeping) or ``None``; ``put_round(id, round, expected_version,
+  claim=None)`` writes it only if the stored round is still at ``expected_version`` (0: none yet)
+  and the session lives, with ``claim`` in the same atomic step. A session's round goes with it.
 - ``get_claim(id, key)`` returns a live (unexpired) claim or ``None``.
 - ``delete(id)`` returns whether a record was deleted; its claims are never returned again.
 - ``list(owner, limit, after)`` returns up to ``limit`` live records of ``owner`` with id > ``after``,
@@ -89,6 +95,16 @@ class SessionExists(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """A synchronous round in progress: ``meta`` (JSON: round number, workers, weights, times) and
+    ``data`` (the weighted sum of the contributions so far, laid out as the session's params)."""
+
+    version: int  # from 1; every contribution bumps it
+    meta: bytes
+    data: bytes | memoryview
+
+
 class StoreUnavailable(Exception):
     """The backend cannot be reached or is busy; the request changed nothing and may be retried."""
 
@@ -98,7 +114,7 @@ class OutcomeUnknown(StoreUnavailable):
     Idempotency-Key makes its retry safe."""
 
 
-WRITES = frozenset({"create", "compare_and_set", "delete"})
+WRITES = frozenset({"create", "compare_and_set", "delete", "put_round"})
 
 
 class BoundedStore:
@@ -158,7 +174,12 @@ class SessionStore(Protocol):
     async def get(self, session_id: str, owner: str | None | _Any = ANY) -> SessionRecord | None: ...
     async def version(self, session_id: str) -> int | None: ...
     async def compare_and_set(
-        self, record: SessionRecord, expected_version: int, claim: Claim | None = None
+        self, record: SessionRecord, expected_version: int, claim: Claim | None = None,
+        close_round: int | None = None,
+    ) -> bool: ...
+    async def get_round(self, session_id: str) -> RoundRecord | None: ...
+    async def put_round(
+        self, session_id: str, round: RoundRecord, expected_version: int, claim: Claim | None = None
     ) -> bool: ...
     async def get_claim(self, session_id: str, key: str) -> Claim | None: ...
     async def delete(self, session_id: str) -> bool: ...

@@ -9,7 +9,7 @@ retry but never a lost update. Copies are evicted least-recently-used beyond ``m
 from __future__ import annotations
 
 from ..lru import ByteBoundedLRU
-from .base import ANY, Caps, Claim, SessionRecord, SessionStore
+from .base import ANY, Caps, Claim, RoundRecord, SessionRecord, SessionStore
 
 
 class CachedStore:
@@ -42,8 +42,9 @@ class CachedStore:
         await self.inner.create(record, caps)
         self._put(record)
 
-    async def compare_and_set(self, record: SessionRecord, expected_version: int, claim: Claim | None = None) -> bool:
-        ok = await self.inner.compare_and_set(record, expected_version, claim)
+    async def compare_and_set(self, record: SessionRecord, expected_version: int, claim: Claim | None = None,
+                              close_round: int | None = None) -> bool:
+        ok = await self.inner.compare_and_set(record, expected_version, claim, close_round)
         if ok:
             self._put(record)
         else:
@@ -56,6 +57,13 @@ class CachedStore:
 
     async def version(self, session_id: str) -> int | None:
         return await self.inner.version(session_id)
+
+    async def get_round(self, session_id: str) -> RoundRecord | None:
+        return await self.inner.get_round(session_id)
+
+    async def put_round(self, session_id: str, round: RoundRecord, expected_version: int,
+                        claim: Claim | None = None) -> bool:
+        return await self.inner.put_round(session_id, round, expected_version, claim)
 
     async def get_claim(self, session_id: str, key: str) -> Claim | None:
         return await self.inner.get_claim(session_id, key)

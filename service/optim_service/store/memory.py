@@ -6,7 +6,7 @@ import bisect
 import time
 from collections import OrderedDict
 
-from .base import ANY, CapReached, Caps, Claim, SessionExists, SessionRecord, record_bytes
+from .base import ANY, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes
 
 
 class MemoryStore:
@@ -21,6 +21,7 @@ class MemoryStore:
         # per session, in expiry order (one TTL for all), so pruning pops from the front
         self._claims: dict[str, OrderedDict[str, tuple[Claim, float]]] = {}
         self._owned: dict[str | None, list[int]] = {}  # owner -> [sessions, bytes]
+        self._rounds: dict[str, RoundRecord] = {}
         self._bytes = 0
 
     def _expiry(self) -> float:
@@ -56,6 +57,7 @@ class MemoryStore:
         record, _ = self._records.pop(session_id)
         self._ids.pop(bisect.bisect_left(self._ids, session_id))
         self._claims.pop(session_id, None)
+        self._rounds.pop(session_id, None)
         tally = self._owned[record.owner]
         tally[0] -= 1
         tally[1] -= record_bytes(record)
@@ -95,16 +97,41 @@ class MemoryStore:
         record = self._live(session_id)
         return None if record is None else record.version
 
-    async def compare_and_set(self, record, expected_version, claim=None) -> bool:
+    async def compare_and_set(self, record, expected_version, claim=None, close_round=None) -> bool:
         current = self._live(record.id)
         if current is None or current.version != expected_version:
             return False
-        if claim is not None:
-            if self._live_claim(record.id, claim.key) is not None:
-                return False
-            claims = self._claims.setdefault(record.id, OrderedDict())
-            claims[claim.key] = (claim, time.monotonic() + claim.ttl_seconds)
+        if close_round is not None and self._round_version(record.id) != close_round:
+            return False
+        if not self._claim(record.id, claim):
+            return False
+        if close_round is not None:
+            self._rounds.pop(record.id, None)
         self._put(record, current)
+        return True
+
+    def _claim(self, session_id: str, claim: Claim | None) -> bool:
+        if claim is None:
+            return True
+        if self._live_claim(session_id, claim.key) is not None:
+            return False
+        claims = self._claims.setdefault(session_id, OrderedDict())
+        claims[claim.key] = (claim, time.monotonic() + claim.ttl_seconds)
+        return True
+
+    def _round_version(self, session_id: str) -> int:
+        found = self._rounds.get(session_id)
+        return 0 if found is None else found.version
+
+    async def get_round(self, session_id: str) -> RoundRecord | None:
+        return self._rounds.get(session_id) if self._live(session_id) is not None else None
+
+    async def put_round(self, session_id, round, expected_version, claim=None) -> bool:
+        if self._live(session_id) is None or self._round_version(session_id) != expected_version:
+            return False
+        if not self._claim(session_id, claim):
+            return False
+        self._rounds[session_id] = round
         return True
 
     async def get_claim(self, session_id: str, key: str) -> Claim | None:

@@ -28,7 +28,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import ANY, CapReached, Caps, Claim, SessionExists, SessionRecord, record_bytes, translate_errors
+from .base import (
+    ANY, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes, translate_errors,
+)
 
 # The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
 # place in O(1), so megabytes never pass through Lua's argument copies.
@@ -47,23 +49,50 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[3]) return 0 e
 redis.call('RENAME', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3])
 """ + KEEP_SESSION_TTL
-COMPARE_AND_SET = """
+# An idempotency claim (key, its session's index of claims, value, TTL, now): false when the key is
+# claimed already; the scripts check it before they write anything else.
+CLAIM = """
+local function claimed(key, index, value, ttl, now)
+  if value == '' then return false end
+  if redis.call('EXISTS', key) == 1 then return true end
+  redis.call('SET', key, value, 'EX', ttl)
+  redis.call('ZADD', index, now + ttl, key)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  redis.call('EXPIRE', index, ttl)
+  return false
+end
+local function round_version(key) return redis.call('HGET', key, 'version') or '0' end
+"""
+# ARGV[8]: '' leaves the round alone; else the open round's version (0: none) must match, and it closes
+COMPARE_AND_SET = CLAIM + """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version or version ~= ARGV[1] then redis.call('DEL', KEYS[3]) return 0 end
-if ARGV[5] ~= '' then
-  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('DEL', KEYS[3]) return 0 end
-  redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6])
-  redis.call('ZADD', KEYS[5], ARGV[7] + ARGV[6], KEYS[4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[7])
-  redis.call('EXPIRE', KEYS[5], ARGV[6])
-end
+if ARGV[8] ~= '' and round_version(KEYS[6]) ~= ARGV[8] then redis.call('DEL', KEYS[3]) return 0 end
+if claimed(KEYS[4], KEYS[5], ARGV[5], ARGV[6], ARGV[7]) then redis.call('DEL', KEYS[3]) return 0 end
+if ARGV[8] ~= '' then redis.call('DEL', KEYS[6], KEYS[7]) end
 redis.call('RENAME', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3])
 """ + KEEP_SESSION_TTL
+# KEYS: the session's record, its round, the round's sum, the staged sum, claim, claims.
+# ARGV: expected round version (0: none), new version, meta, session TTL, claim value, claim TTL, now.
+PUT_ROUND = CLAIM + """
+if redis.call('EXISTS', KEYS[1]) == 0 or round_version(KEYS[2]) ~= ARGV[1] then
+  redis.call('DEL', KEYS[4]) return 0
+end
+if claimed(KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7]) then redis.call('DEL', KEYS[4]) return 0 end
+redis.call('RENAME', KEYS[4], KEYS[3])
+redis.call('HSET', KEYS[2], 'version', ARGV[2], 'meta', ARGV[3])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[2], ARGV[4]) redis.call('EXPIRE', KEYS[3], ARGV[4])
+else
+  redis.call('PERSIST', KEYS[3])
+end
+return 1
+"""
 DELETE = """
 local claims = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, key in ipairs(claims) do redis.call('DEL', key) end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return redis.call('DEL', KEYS[1])
 """
 # KEYS: an index (sorted set: id -> expiry) and, for an owner, its sizes (hash: id -> bytes).
@@ -115,6 +144,7 @@ class RedisStore:
         self._cas = self._redis.register_script(COMPARE_AND_SET)
         self._delete = self._redis.register_script(DELETE)
         self._reserve = self._redis.register_script(RESERVE)
+        self._put_round = self._redis.register_script(PUT_ROUND)
 
     def _rec(self, sid: str) -> str:
         return f"{self._p}:{{s:{sid}}}:rec"
@@ -122,12 +152,21 @@ class RedisStore:
     def _data(self, sid: str) -> str:
         return f"{self._p}:{{s:{sid}}}:data"
 
+    def _round(self, sid: str) -> str:
+        return f"{self._p}:{{s:{sid}}}:round"
+
+    def _round_data(self, sid: str) -> str:
+        return f"{self._p}:{{s:{sid}}}:round-data"
+
     def _staging(self, sid: str) -> str:
         return f"{self._p}:{{s:{sid}}}:staging:{uuid.uuid4().hex}"
 
     async def _stage(self, record: SessionRecord) -> str:
-        key = self._staging(record.id)
-        await self._redis.set(key, record.data, ex=STAGING_TTL)
+        return await self._stage_bytes(record.id, record.data)
+
+    async def _stage_bytes(self, sid: str, data) -> str:
+        key = self._staging(sid)
+        await self._redis.set(key, data, ex=STAGING_TTL)
         return key
 
     def _claim(self, sid: str, key: str) -> str:
@@ -223,18 +262,36 @@ class RedisStore:
         version = await self._redis.hget(self._rec(session_id), "version")
         return None if version is None else int(version)
 
-    async def compare_and_set(self, record, expected_version, claim: Claim | None = None) -> bool:
-        claim_value = f"{claim.body_digest}:{claim.version}:{claim.step}" if claim else ""
-        key = claim.key if claim else ""
+    async def compare_and_set(self, record, expected_version, claim: Claim | None = None,
+                              close_round: int | None = None) -> bool:
         staged = await self._stage(record)
         ok = await self._cas(
-            keys=[self._rec(record.id), self._data(record.id), staged, self._claim(record.id, key),
-                  self._claims(record.id)],
-            args=[expected_version, record.version, record.meta, self._ttl,
-                  claim_value, claim.ttl_seconds if claim else 0, int(time.time())],
+            keys=[self._rec(record.id), self._data(record.id), staged, self._claim(record.id, claim.key if claim else ""),
+                  self._claims(record.id), self._round(record.id), self._round_data(record.id)],
+            args=[expected_version, record.version, record.meta, self._ttl, *_claim_args(claim),
+                  "" if close_round is None else close_round],
         )
         if ok:
             await self._touch_indexes(record)
+        return bool(ok)
+
+    async def get_round(self, session_id: str) -> RoundRecord | None:
+        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one consistent snapshot
+            pipe.exists(self._rec(session_id))
+            pipe.hmget(self._round(session_id), "version", "meta")
+            pipe.get(self._round_data(session_id))
+            alive, (version, meta), data = await pipe.execute()
+        if not alive or version is None or data is None:
+            return None
+        return RoundRecord(int(version), meta, data)
+
+    async def put_round(self, session_id: str, round: RoundRecord, expected_version: int,
+                        claim: Claim | None = None) -> bool:
+        staged = await self._stage_bytes(session_id, round.data)
+        ok = await self._put_round(
+            keys=[self._rec(session_id), self._round(session_id), self._round_data(session_id), staged,
+                  self._claim(session_id, claim.key if claim else ""), self._claims(session_id)],
+            args=[expected_version, round.version, round.meta, self._ttl, *_claim_args(claim)])
         return bool(ok)
 
     async def get_claim(self, session_id: str, key: str) -> Claim | None:
@@ -249,7 +306,8 @@ class RedisStore:
 
     async def delete(self, session_id: str) -> bool:
         owner = await self._redis.hget(self._rec(session_id), "owner")
-        deleted = await self._delete(keys=[self._rec(session_id), self._data(session_id), self._claims(session_id)])
+        deleted = await self._delete(keys=[self._rec(session_id), self._data(session_id), self._claims(session_id),
+                                           self._round(session_id), self._round_data(session_id)])
         if owner is not None:
             await self._release(session_id, owner.decode() or None)
         return bool(deleted)
@@ -291,3 +349,10 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _claim_args(claim: Claim | None) -> list:
+    """A claim as the scripts take it: its value, TTL and the time now ('' for none)."""
+    if claim is None:
+        return ["", 0, int(time.time())]
+    return [f"{claim.body_digest}:{claim.version}:{claim.step}", claim.ttl_seconds, int(time.time())]

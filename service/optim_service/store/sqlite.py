@@ -16,7 +16,9 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from .base import ANY, CapReached, Caps, Claim, SessionExists, SessionRecord, record_bytes, translate_errors
+from .base import (
+    ANY, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes, translate_errors,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -40,6 +42,12 @@ CREATE TABLE IF NOT EXISTS claims (
     PRIMARY KEY (session_id, key)
 );
 CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (expires_at);
+CREATE TABLE IF NOT EXISTS rounds (
+    session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    meta BLOB NOT NULL,
+    data BLOB NOT NULL
+);
 """
 NEVER = float("inf")
 
@@ -121,26 +129,43 @@ class SQLiteStore:
             return row[0] if row else None
         return await self._run(select, write=False)
 
-    async def compare_and_set(self, record, expected_version, claim: Claim | None = None) -> bool:
+    async def compare_and_set(self, record, expected_version, claim: Claim | None = None,
+                              close_round: int | None = None) -> bool:
         def cas(db):
             now = time.time()
             row = db.execute("SELECT version FROM sessions WHERE id = ? AND expires_at > ?",
                              (record.id, now)).fetchone()
             if row is None or row[0] != expected_version:
                 return False
-            if claim is not None:
-                db.execute("DELETE FROM claims WHERE session_id = ? AND key = ? AND expires_at <= ?",
-                           (record.id, claim.key, now))
-                try:
-                    db.execute("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?)",
-                               (record.id, claim.key, claim.body_digest, claim.version, claim.step,
-                                now + claim.ttl_seconds))
-                except sqlite3.IntegrityError:
-                    return False
+            if close_round is not None and _round_version(db, record.id) != close_round:
+                return False
+            if not _claim(db, record.id, claim, now):  # a refusal here has written nothing
+                return False
+            if close_round is not None:
+                db.execute("DELETE FROM rounds WHERE session_id = ?", (record.id,))
             db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ?, nbytes = ? WHERE id = ?",
                        (record.version, record.meta, record.data, self._expiry(), record_bytes(record), record.id))
             return True
         return await self._run(cas)
+
+    async def get_round(self, session_id: str) -> RoundRecord | None:
+        def select(db):
+            row = db.execute("SELECT r.version, r.meta, r.data FROM rounds r JOIN sessions s ON s.id = r.session_id "
+                             "WHERE r.session_id = ? AND s.expires_at > ?", (session_id, time.time())).fetchone()
+            return RoundRecord(*row) if row else None
+        return await self._run(select, write=False)
+
+    async def put_round(self, session_id: str, round: RoundRecord, expected_version: int,
+                        claim: Claim | None = None) -> bool:
+        def put(db):
+            now = time.time()
+            if db.execute("SELECT 1 FROM sessions WHERE id = ? AND expires_at > ?", (session_id, now)).fetchone() is None:
+                return False
+            if _round_version(db, session_id) != expected_version or not _claim(db, session_id, claim, now):
+                return False
+            db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?)", (session_id, round.version, round.meta, round.data))
+            return True
+        return await self._run(put)
 
     async def get_claim(self, session_id: str, key: str) -> Claim | None:
         def select(db):
@@ -188,6 +213,24 @@ class SQLiteStore:
     async def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _round_version(db, session_id: str) -> int:
+    row = db.execute("SELECT version FROM rounds WHERE session_id = ?", (session_id,)).fetchone()
+    return row[0] if row else 0
+
+
+def _claim(db, session_id: str, claim: Claim | None, now: float) -> bool:
+    """Write ``claim`` unless its key is claimed (and live) already."""
+    if claim is None:
+        return True
+    db.execute("DELETE FROM claims WHERE session_id = ? AND key = ? AND expires_at <= ?", (session_id, claim.key, now))
+    try:
+        db.execute("INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?)",
+                   (session_id, claim.key, claim.body_digest, claim.version, claim.step, now + claim.ttl_seconds))
+    except sqlite3.IntegrityError:
+        return False
+    return True
 
 
 def _check(db, caps: Caps, owner: str | None, nbytes: int, now: float) -> None:
