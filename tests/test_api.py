@@ -380,7 +380,8 @@ async def test_checkpoint_of_an_unnamed_tensor_round_trips(client):
 
 async def test_optimizer_catalogue(client):
     catalogue = {o["type"]: o for o in (await client.get("/v1/optimizers")).json()}
-    assert set(catalogue) == {"sgd", "adagrad", "rmsprop", "adam", "adamw"}
+    assert set(catalogue) == {"sgd", "adagrad", "rmsprop", "adam", "adamw", "yogi"}
+    assert catalogue["yogi"]["hyperparameters"]["initial_accumulator_value"]["default"] == 1e-6
     assert catalogue["adam"]["hyperparameters"]["betas"]["default"] == [0.9, 0.999]
     assert catalogue["adamw"]["hyperparameters"]["weight_decay"]["default"] == 0.01
     assert "decoupled_weight_decay" not in catalogue["adamw"]["hyperparameters"]

@@ -34,7 +34,8 @@ from .store import StoreUnavailable, open_store, redact
 
 logger = logging.getLogger("optim_service")
 CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Accept", "If-Match", "Idempotency-Key", "X-Request-ID",
-                        "Prefer", "Optim-Wire-Dtype")
+                        "Prefer", "Optim-Wire-Dtype", "Optim-Worker", "Optim-Weight", "Optim-Round",
+                        "Optim-Base-Step")
 CORS_RESPONSE_HEADERS = ("ETag", "Location", "Server-Timing", "X-Request-ID", "Retry-After",
                          "Idempotent-Replayed", "Optim-Step-Skipped", "Preference-Applied", "Optim-Wire-Dtype")
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                         settings.store_timeout_seconds), metrics.store_seconds)
         await _report_store(store, settings)
         app.state.sessions = SessionService(store, settings)
+        app.state.sessions.round_latency = metrics.round_seconds.observe
         app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst,
                                           settings.store_timeout_seconds)
                              if keys.enabled else Unlimited())

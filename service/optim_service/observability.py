@@ -86,6 +86,14 @@ class Metrics:
         self.sessions = Gauge("optim_sessions", "Live sessions in the store", registry=r)
         self.store_seconds = Histogram("optim_store_operation_duration_seconds", "Store calls",
                                        ["operation"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rounds = Counter("optim_rounds_committed", "Synchronous rounds committed", registry=r)
+        self.contributions = Counter("optim_contributions", "Contributions to rounds, by outcome (accepted into "
+                                     "an open round, committed a round, replayed)", ["outcome"], registry=r)
+        self.round_seconds = Histogram("optim_round_duration_seconds", "From a round's first contribution to its "
+                                       "commit", [], buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
+                                       registry=r).labels()
+        self.staleness = Histogram("optim_staleness_steps", "Staleness of asynchronous pushes (steps)", [],
+                                   buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r).labels()
 
     def step_series(self, optimizer: str, outcome: str, wire: str):
         """The labelled children a step updates (looking labels up costs more than updating them)."""

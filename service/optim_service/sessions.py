@@ -8,10 +8,12 @@ update is ever lost or applied twice. Nothing is written until the new state is 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import NamedTuple
 
 import anyio.to_thread
@@ -31,11 +33,14 @@ from .errors import (
 from .finite import first_non_finite, require_finite
 from .lru import ByteBoundedLRU
 from .optim.config import TrainingConfig, apply_step
+from .optim.base import Run, joined
 from .optim.schedules import ScheduleOverflow
+from .rounds import Contribution, Round, RoundStatus
 from .record import Layout, Session, from_record, read_meta
 from .settings import Settings
 from .store import CapReached, Caps, Claim, SessionRecord, SessionStore
 
+logger = logging.getLogger("optim_service")
 GradientDecoder = Callable[[Session], Sequence[np.ndarray]]  # a list, or a Run of one body
 
 
@@ -45,6 +50,10 @@ class StepResult(NamedTuple):
     compute_ms: float
     replayed: bool = False
     skipped: bool = False
+    pending: RoundStatus | None = None  # a contribution taken into a round still open (202)
+    lr_scale: float | None = None  # an asynchronous push's staleness scale
+    staleness: int | None = None
+    round: int | None = None  # the round this step committed
 
 
 def new_session_id() -> str:
@@ -108,6 +117,9 @@ class SessionService:
         # reference and its callback on every step, ~9 µs)
         self._locks: dict[str, _SessionLock] = {}
         self._warm = WarmSessions(settings.cache_bytes)
+        self._waiting: dict[str, asyncio.Event] = {}  # sessions a contributor waits on to commit
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # rounds with a deadline, to commit then
+        self._tasks: set[asyncio.Task] = set()
         self.caps = Caps(settings.max_sessions, settings.max_sessions_per_key, settings.max_bytes_per_key,
                          settings.memory_store_max_bytes or _half_the_memory())
 
@@ -121,6 +133,8 @@ class SessionService:
         again. Otherwise None, and the body is read on its own."""
         warm = self._warm.get(session_id) if self.store.private else None
         if warm is None or warm.owner != owner or warm.layout.nbytes != nbytes:
+            return None
+        if warm.config.aggregation.mode == "sync":  # a contribution's gradients outlive its request, in the round
             return None
         return np.empty_like(warm.buffer)
 
@@ -198,9 +212,17 @@ class SessionService:
         if_match: int | None = None,
         idempotency: tuple[str, str] | None = None,  # (key, body digest)
         memory: np.ndarray | None = None,  # from binary_memory, holding the body that ``decode`` reads
+        contribution: Contribution = Contribution(),
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
         dropped with the last step that needs it, so idle sessions hold none."""
+        async with self._locked(session_id):
+            return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory, contribution)
+
+    @asynccontextmanager
+    async def _locked(self, session_id: str):
+        """This process's turn on a session, after the steps ahead of it; the lock is dropped with
+        the last step that needs it, so idle sessions hold none."""
         held = self._locks.get(session_id)
         if held is None:
             held = self._locks[session_id] = _SessionLock()
@@ -218,7 +240,7 @@ class SessionService:
                     f"{self.settings.store_timeout_seconds:g} s; nothing was changed, retry shortly",
                     headers={"Retry-After": "1"}) from None
             try:
-                return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory)
+                yield
             finally:
                 held.lock.release()
         finally:
@@ -226,7 +248,7 @@ class SessionService:
             if not held.users:
                 del self._locks[session_id]
 
-    async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory) -> StepResult:
+    async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory, contribution) -> StepResult:
         for attempt in range(self.settings.cas_retries):
             record = await self._record(owner, session_id)
             if idempotency is not None:
@@ -236,45 +258,203 @@ class SessionService:
             if attempt and memory is not None:  # the first attempt wrote over the gradients
                 raise StepConflict("the session changed under this step; retry it")
             template = self._warm.template(record)
-            session = template.fork(copy=False, memory=memory)  # the update writes every element of it
-            if if_match is not None and session.step != if_match:
+            if if_match is not None and template.step != if_match:
                 raise VersionMismatch(
-                    f"If-Match expected step {if_match}, the session is at step {session.step}",
-                    step=session.step,
+                    f"If-Match expected step {if_match}, the session is at step {template.step}",
+                    step=template.step,
                 )
-            grads = decode(session)
-            started = time.perf_counter()
-            args = (session, grads, self.settings.fused_kernels, template)
-            try:
-                if sum(session.layout.sizes) < self.settings.thread_offload_elements:
-                    grad_norm = _advance(*args)
-                else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
-                    grad_norm = await anyio.to_thread.run_sync(_advance, *args)
-            except ScheduleOverflow as e:
-                raise InvalidRequest(
-                    f"{e}; nothing was changed. This session cannot step past step {session.step}: resume its "
-                    "GET .../state as a new session with a schedule that stays finite", step=session.step) from None
-            compute_ms = (time.perf_counter() - started) * 1e3
-            skipped = grad_norm is SKIPPED
-            if skipped:  # store only the count: the arrays may be half-updated
-                session = template.fork()
-                session.skipped_steps += 1
-                session.updated_at = time.time()
-                grad_norm = None
-            elif loss is not None:
-                session.loss = loss
-            session.version += 1
+            aggregation = template.config.aggregation
+            if aggregation.mode == "sync":
+                result = await self._contribute(record, template, decode, loss, idempotency, contribution)
+                if result is not None:
+                    return result
+                continue  # another process took the round on: reload
+            lr_scale = tau = None
+            if aggregation.mode == "async":
+                tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
+            session, grad_norm, compute_ms, skipped = await self._compute(
+                template, decode, memory, loss, lr_scale or 1.0)
             claim = None
             if idempotency is not None:
                 claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
                               self.settings.idempotency_ttl_seconds)
-            if await self.store.compare_and_set(session.to_record(), record.version, claim):
-                session.freeze()
-                self._warm.remember(session)  # its buffer is the stored record's data now
-                return StepResult(session, grad_norm, compute_ms, skipped=skipped)
+            if await self._commit(session, record.version, claim):
+                return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau)
         raise StepConflict(
             f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
         )
+
+    async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0):
+        """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
+        the gradient norm, the update's time and whether ``nan_policy: "skip"`` skipped it."""
+        session = template.fork(copy=False, memory=memory)  # the update writes every element of it
+        grads = decode(session)
+        started = time.perf_counter()
+        args = (session, grads, self.settings.fused_kernels, template, lr_scale)
+        try:
+            if sum(session.layout.sizes) < self.settings.thread_offload_elements:
+                grad_norm = _advance(*args)
+            else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
+                grad_norm = await anyio.to_thread.run_sync(_advance, *args)
+        except ScheduleOverflow as e:
+            raise InvalidRequest(
+                f"{e}; nothing was changed. This session cannot step past step {session.step}: resume its "
+                "GET .../state as a new session with a schedule that stays finite", step=session.step) from None
+        compute_ms = (time.perf_counter() - started) * 1e3
+        skipped = grad_norm is SKIPPED
+        if skipped:  # store only the count: the arrays may be half-updated
+            session = template.fork()
+            session.skipped_steps += 1
+            session.updated_at = time.time()
+            grad_norm = None
+        elif loss is not None:
+            session.loss = loss
+        session.version += 1
+        return session, grad_norm, compute_ms, skipped
+
+    async def _commit(self, session: Session, expected_version: int, claim: Claim | None,
+                      close_round: int | None = None) -> bool:
+        if not await self.store.compare_and_set(session.to_record(), expected_version, claim, close_round):
+            return False
+        session.freeze()
+        self._warm.remember(session)  # its buffer is the stored record's data now
+        self._committed(session.id)
+        return True
+
+    # -- synchronous rounds -----------------------------------------------------------------------
+
+    async def _contribute(self, record, template: Session, decode, loss, idempotency, contribution) -> StepResult | None:
+        """Add a contribution to the session's open round, and step on the round's mean when it is
+        complete. None when another process changed the round or the session meanwhile."""
+        config = template.config.aggregation
+        number = template.step  # round r commits as step r + 1
+        if not contribution.worker:
+            raise InvalidRequest('this session steps in synchronous rounds: a contribution names its "worker" '
+                                 "(or the header Optim-Worker), so that no worker counts twice in a round")
+        if contribution.round is not None and contribution.round != number:
+            raise StepConflict(f"round {contribution.round} is not open; round {number} is (the session is at step "
+                               f"{number}): contribute to it with the params of step {number}", step=number)
+        stored = await self.store.get_round(template.id)
+        now = time.time()
+        current = Round.load(stored, template.layout.np_dtype) if stored is not None else Round.open(number, config, now)
+        if current.number != number:  # a round left behind by a step that did not close it: never written so
+            raise StepConflict(f"the session's round {current.number} does not match its step {number}; retry")
+        if contribution.worker in current.workers:
+            raise StepConflict(f"worker '{contribution.worker}' has contributed to round {number} already; the round "
+                               f"has {len(current.workers)} of {config.contributions}", step=number)
+        grads = decode(template)
+        if any(g is None for g in grads):
+            raise InvalidRequest("a contribution to a round has a gradient for every tensor (null skips only a step)")
+        flat = joined(grads) if not isinstance(grads, Run) else grads.whole
+        require_finite(flat, "contribution", template.layout.dtype)  # one NaN would poison the whole round
+        weight = contribution.weight if config.weighting == "weighted" else 1.0
+        grown = current.add(contribution.worker, weight, flat, loss)
+        if not grown.due(config, now):
+            claim = None
+            if idempotency is not None:  # a negative step: acknowledged into round r, not yet applied
+                claim = Claim(idempotency[0], idempotency[1], record.version, -(number + 1),
+                              self.settings.idempotency_ttl_seconds)
+            if not await self.store.put_round(template.id, grown.record(), current.version, claim):
+                return None
+            self._arm_deadline(template.owner, template.id, grown, config)
+            return StepResult(template, None, 0.0, pending=grown.status(config))
+        result = await self._close(record, template, grown, idempotency)
+        return result
+
+    async def _close(self, record, template: Session, done: Round, idempotency) -> StepResult | None:
+        """Step on ``done``'s mean and close it, in one compare-and-set."""
+        mean = Run(done.mean(), template.layout.shapes)
+        session, grad_norm, compute_ms, skipped = await self._compute(template, lambda s: mean, None, done.mean_loss())
+        claim = None
+        if idempotency is not None:
+            claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
+                          self.settings.idempotency_ttl_seconds)
+        if not await self._commit(session, record.version, claim, close_round=done.version):
+            return None
+        self.round_latency(time.time() - done.opened_at)
+        return StepResult(session, grad_norm, compute_ms, skipped=skipped, round=done.number)
+
+    round_latency = staticmethod(lambda seconds: None)  # the app sets a histogram's observe
+
+    async def round_status(self, owner: str | None, session_id: str) -> RoundStatus:
+        """The open round of a session in synchronous rounds, committed first if it is due."""
+        await self.commit_due(owner, session_id)
+        record = await self._record(owner, session_id)
+        template = self._warm.template(record)
+        config = template.config.aggregation
+        if config.mode != "sync":
+            raise StepConflict(f"this session aggregates as {config.mode!r}: it has no rounds")
+        stored = await self.store.get_round(session_id)
+        current = (Round.load(stored, template.layout.np_dtype) if stored is not None
+                   else Round.open(template.step, config))
+        return current.status(config)
+
+    async def commit_due(self, owner: str | None, session_id: str) -> StepResult | None:
+        """Commit the open round if its time is up and it has its minimum; None otherwise."""
+        async with self._locked(session_id):
+            for _ in range(self.settings.cas_retries):
+                record = await self._record(owner, session_id)
+                template = self._warm.template(record)
+                config = template.config.aggregation
+                if config.mode != "sync":
+                    return None
+                stored = await self.store.get_round(session_id)
+                if stored is None:
+                    return None
+                current = Round.load(stored, template.layout.np_dtype)
+                if current.number != template.step or not current.due(config, time.time()):
+                    return None
+                result = await self._close(record, template, current, None)
+                if result is not None:
+                    return result
+        return None
+
+    async def wait_round(self, owner: str | None, session_id: str, number: int, seconds: float) -> StepResult | None:
+        """Wait up to ``seconds`` for round ``number`` to commit (here, in another process, or by its
+        timeout); the session after it, or None if it is still open."""
+        deadline = time.monotonic() + seconds
+        while True:
+            result = await self.commit_due(owner, session_id)
+            if result is None:
+                record = await self._record(owner, session_id)
+                session = self._warm.template(record)
+                if session.step > number:
+                    return StepResult(session, None, 0.0, round=number)
+            else:
+                return result
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            event = self._waiting.setdefault(session_id, asyncio.Event())
+            try:  # woken by a commit in this process; polls for one in another
+                await asyncio.wait_for(event.wait(), min(left, 0.05))
+            except TimeoutError:
+                pass
+
+    def _committed(self, session_id: str) -> None:
+        event = self._waiting.pop(session_id, None)
+        if event is not None:
+            event.set()
+
+    def _arm_deadline(self, owner, session_id: str, current: Round, config) -> None:
+        """Commit a round at its deadline from this process too, not only at the next request."""
+        if current.deadline is None or session_id in self._timers:
+            return
+        delay = max(current.deadline - time.time(), 0.0) + 0.001
+
+        def fire():
+            self._timers.pop(session_id, None)
+            task = asyncio.get_running_loop().create_task(self._commit_quietly(owner, session_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._timers[session_id] = asyncio.get_running_loop().call_later(delay, fire)
+
+    async def _commit_quietly(self, owner, session_id: str) -> None:
+        try:
+            await self.commit_due(owner, session_id)
+        except Exception:  # the next contribution, GET .../round or a waiting contributor retries it
+            logger.warning("committing a timed-out round of %s failed", session_id, exc_info=True)
 
     async def _replay(self, record: SessionRecord, key: str, digest: str) -> StepResult | None:
         claim = await self.store.get_claim(record.id, key)
@@ -286,6 +466,21 @@ class SessionService:
                 "use a new key for a new step"
             )
         session = from_record(record)
+        if claim.step < 0:  # a contribution acknowledged into round r
+            number = -claim.step - 1
+            if session.step == number:
+                template = self._warm.template(record)
+                stored = await self.store.get_round(record.id)
+                config = template.config.aggregation
+                current = (Round.load(stored, template.layout.np_dtype) if stored is not None
+                           else Round.open(number, config))
+                return StepResult(template, None, 0.0, replayed=True, pending=current.status(config))
+            if session.step == number + 1:  # its round committed, and nothing since
+                return StepResult(session, None, 0.0, replayed=True, round=number)
+            raise StepConflict(
+                f"Idempotency-Key '{key}' was a contribution to round {number}, which committed as step {number + 1}; "
+                f"the session has since moved to step {session.step}, so that answer is gone. GET the params instead.",
+                step=number + 1)
         if claim.version != record.version:
             raise StepConflict(
                 f"Idempotency-Key '{key}' was applied as step {claim.step}; the session has since "
@@ -298,7 +493,22 @@ class SessionService:
 SKIPPED = object()  # what _advance returns when nan_policy "skip" refuses the step
 
 
-def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: Session):
+def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
+    """An asynchronous push's staleness τ and its learning-rate scale s(τ); 409 past the bound."""
+    if base_step is None:
+        return 0, 1.0
+    if base_step > step:
+        raise InvalidRequest(f"base_step {base_step} is ahead of the session, which is at step {step}")
+    tau = step - base_step
+    if tau > config.max_staleness:
+        raise StepConflict(
+            f"this gradient was computed on step {base_step}, {tau} steps behind the session (step {step}); this "
+            f"session takes pushes at most {config.max_staleness} steps stale: fetch the params and compute it again",
+            step=step)
+    return tau, config.staleness_scale(tau)
+
+
+def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: Session, lr_scale: float = 1.0):
     """Apply one step to ``session``, a fork of ``template`` that the update writes whole; a
     non-finite gradient or result is refused (``nan_policy: "error"``) or skipped, with the stored
     state unchanged (``"skip"``). Returns the gradient norm when clipping."""
@@ -307,7 +517,7 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     if session.tensor_steps is not None or any(g is None for g in grads):  # some tensors skip steps
         steps = [s + (g is not None) for s, g in zip(session.tensor_steps or [session.step] * len(grads), grads)]
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
-                                   session.states, step, fused, session.flat(), template.source(), steps)
+                                   session.states, step, fused, session.flat(), template.source(), steps, lr_scale)
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED

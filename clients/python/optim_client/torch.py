@@ -195,7 +195,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 hp.pop("square_avg_init")  # torch's only form
             local = {"params": [torch.empty(0)], **hp}
             groups.append(local)
-        template = TORCH_CLASSES[self.kind](groups).state_dict()["param_groups"]
+        if self.kind in TORCH_CLASSES:
+            template = TORCH_CLASSES[self.kind](groups).state_dict()["param_groups"]
+        else:  # beyond torch.optim (yogi): torch's layout, this optimizer's hyperparameters
+            template = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         index = 0
         for out, group in zip(template, self.param_groups):
             out["params"] = list(range(index, index + len(group["params"])))

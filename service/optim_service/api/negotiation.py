@@ -101,6 +101,48 @@ def prefers_minimal(prefer: str | None) -> bool:
     return any(p.split(";")[0].strip() == "return=minimal" for p in prefer.split(","))
 
 
+MAX_WAIT_SECONDS = 300.0
+_INT = re.compile(r"^\d{1,18}$")
+_WORKER = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def prefers_wait(prefer: str | None) -> float | None:
+    """RFC 7240 ``Prefer: wait=N``: how long a contributor will wait for its round (at most 300 s)."""
+    for part in (prefer or "").lower().split(","):
+        key, _, value = part.split(";")[0].strip().partition("=")
+        if key == "wait":
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise InvalidRequest(f"Prefer: wait= takes seconds, got {value!r}") from None
+            if not 0 <= seconds < float("inf"):
+                raise InvalidRequest(f"Prefer: wait= takes seconds from 0, got {value!r}")
+            return min(seconds, MAX_WAIT_SECONDS)
+    return None
+
+
+def contribution_headers(headers) -> dict:
+    """A push's worker, weight, round and base step from Optim-* headers (for bodies without fields)."""
+    said = {}
+    if (worker := headers.get("optim-worker")) is not None:
+        if not _WORKER.match(worker):
+            raise InvalidRequest("Optim-Worker must be 1 to 128 visible ASCII characters")
+        said["worker"] = worker
+    if (weight := headers.get("optim-weight")) is not None:
+        try:
+            said["weight"] = float(weight)
+        except ValueError:
+            said["weight"] = float("nan")
+        if not 0 < said["weight"] < float("inf"):
+            raise InvalidRequest(f"Optim-Weight must be a finite number above 0, got {weight!r}")
+    for header, name in (("optim-round", "round"), ("optim-base-step", "base_step")):
+        if (value := headers.get(header)) is not None:
+            if not _INT.match(value.strip()):
+                raise InvalidRequest(f"{header.title()} must be a whole number from 0, got {value!r}")
+            said[name] = int(value)
+    return said
+
+
 def if_match(value: str | None) -> int | None:
     if value is None or value.strip() == "*":
         return None

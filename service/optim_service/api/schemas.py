@@ -77,6 +77,12 @@ class StepRequest(BaseModel):
 
     gradients: Gradients
     loss: Annotated[Float, Field(allow_inf_nan=False)] | None = None
+    worker: Annotated[str, Field(min_length=1, max_length=128, description="who contributes (sync rounds)")] | None = None
+    weight: Annotated[Float, Field(gt=0, allow_inf_nan=False, description="a contribution's weight, e.g. its "
+                                   "number of examples (sync rounds, weighting: weighted)")] | None = None
+    round: Annotated[int, Field(ge=0, strict=True, description="the round this was computed for")] | None = None
+    base_step: Annotated[int, Field(ge=0, strict=True, description="the step whose params this gradient was "
+                                    "computed on (async)")] | None = None
 
 
 EXAMPLE_CREATE = {
@@ -96,6 +102,7 @@ INFO_EXAMPLE = {
                   "amsgrad": False, "maximize": False, "decoupled_weight_decay": False},
     "dtype": "float32", "shapes": {"w": [2, 2], "b": [2]}, "num_parameters": 6,
     "schedule": {"type": "inverse_sqrt"}, "clip_grad_norm": None, "param_groups": [], "nan_policy": "error",
+    "aggregation": {"mode": "each"},
     "loss": 0.42, "skipped_steps": 0,
     "created_at": "2026-11-24T17:57:32.772250Z", "updated_at": "2026-11-24T18:02:11.104519Z",
 }
@@ -131,6 +138,7 @@ class SessionInfo(BaseModel):
     clip_grad_norm: dict[str, Any] | None
     param_groups: list[dict[str, Any]]
     nan_policy: Literal["error", "skip"]
+    aggregation: dict[str, Any]
     loss: float | None
     skipped_steps: int
     created_at: str
@@ -150,6 +158,9 @@ class StepAnswer(BaseModel):
     params: Tensors
     grad_norm: float | None = None
     skipped: bool | None = None
+    round: int | None = Field(None, description="the synchronous round this step committed")
+    lr_scale: float | None = Field(None, description="an asynchronous push's staleness scale of the lr")
+    staleness: int | None = Field(None, description="an asynchronous push's staleness, in steps")
 
 
 class ParamsAnswer(BaseModel):
@@ -207,4 +218,15 @@ def answers(model: type[BaseModel], binary: bool = False, status: int = 200) -> 
     return {status: {"description": "OK", "content": content}}
 
 
-DOCUMENTED = (Problem, SessionInfo, CreatedSession, StepAnswer, ParamsAnswer, SessionPage, OptimizerInfo)
+class RoundInfo(BaseModel):
+    """A synchronous round: its number (it commits as step round + 1), contributions so far and needed."""
+
+    round: int
+    received: int
+    needed: int
+    workers: list[str]
+    opened_at: float | None = Field(description="when its first contribution came (Unix seconds)")
+    deadline: float | None = Field(description="when it commits with min_contributions (Unix seconds)")
+
+
+DOCUMENTED = (Problem, SessionInfo, CreatedSession, StepAnswer, ParamsAnswer, SessionPage, OptimizerInfo, RoundInfo)

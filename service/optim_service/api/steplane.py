@@ -20,11 +20,14 @@ from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import Response
 
+import orjson
+
+from ..rounds import Contribution
 from ..sessions import StepResult, body_digest
 from .codecs import BINARY, CODECS, negotiate
 from .codecs.dtypes import WIRE_DTYPE_HEADER
 from .deps import Tenant, caller_of
-from .negotiation import idempotency_key, if_match, read_body, require_content_type
+from .negotiation import contribution_headers, idempotency_key, if_match, prefers_wait, read_body, require_content_type
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
 WIRE_FORMATS = {"application/json": "json", "application/octet-stream": "binary",
@@ -59,12 +62,13 @@ class StepReply(Response):
     them again, is not called), sent as two messages, then the step's metrics recorded (after the
     send: the client is not kept waiting for them). The APIRoute returns it as any Response."""
 
-    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes | memoryview, observe: Callable[[], None]):
-        self.status_code, self.raw_headers, self.body, self.background = 200, headers, body, None
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes | memoryview, observe: Callable[[], None],
+                 status: int = 200):
+        self.status_code, self.raw_headers, self.body, self.background = status, headers, body, None
         self._observe = observe
 
     async def __call__(self, scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body})
         self._observe()
 
@@ -80,20 +84,35 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     length, memory = headers.get("content-length"), None
     if ctype == BINARY and length and length.isdigit() and WIRE_DTYPE_HEADER not in headers:
         memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
+    wait = prefers_wait(headers.get("prefer")) if "prefer" in headers else None
+    said = contribution_headers(headers) if "optim-worker" in headers or "optim-base-step" in headers or (
+        "optim-weight" in headers or "optim-round" in headers) else {}
     body = await read_body(length, receive, into=memory)
     request = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth)
+    said.update(request.contribution)  # the body's own fields win over headers
+    idempotency = (key, body_digest(ctype + "".join(f";{k}={v}" for k, v in sorted(said.items())), body)) if key else None
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
-                                        if_match=expected, idempotency=(key, body_digest(ctype, body)) if key else None,
-                                        memory=memory)
+                                        if_match=expected, idempotency=idempotency, memory=memory,
+                                        contribution=Contribution(**said) if said else Contribution())
+    if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
+        result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
     session = result.session
     out = [(b"etag", b'"%d"' % session.step), (b"server-timing", b"compute;dur=%.3f" % result.compute_ms)]
     if result.replayed:
         out.append((b"idempotent-replayed", b"true"))
+    if result.pending is not None:  # taken into a round still open: 202 and where the round stands
+        content = orjson.dumps(result.pending.document())
+        out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+        return StepReply(out, content, lambda: _observe(state.metrics, result, WIRE_FORMATS[ctype], started), 202)
     if result.skipped:
         out.append((b"optim-step-skipped", b"true"))
     extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
     if result.skipped:
         extra["skipped"] = True
+    if result.lr_scale is not None:
+        extra |= {"lr_scale": result.lr_scale, "staleness": result.staleness}
+    if result.round is not None:
+        extra["round"] = result.round
     content = answer.codec.write_params(session, answer.wire, request.encodings, extra)
     out += [*answer.headers(), (b"content-type", answer.codec.media_type.encode()),
             (b"content-length", b"%d" % len(content))]
@@ -101,6 +120,15 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
 
 
 def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:
+    if result.staleness is not None:
+        metrics.staleness.observe(result.staleness)
+    if result.pending is not None or result.round is not None:
+        outcome = "replayed" if result.replayed else "committed" if result.round is not None else "accepted"
+        metrics.contributions.labels(outcome).inc()
+        if result.pending is not None:
+            return
+        if outcome == "committed":
+            metrics.rounds.inc()
     outcome = "replayed" if result.replayed else "skipped" if result.skipped else "applied"
     steps, compute, latency = metrics.step_series(result.session.config.optimizer.type, outcome, wire_format)
     steps.inc()

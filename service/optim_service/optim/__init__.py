@@ -5,7 +5,8 @@ from .adam import adam, adamw
 from .base import Hyperparameters, Optimizer
 from .rmsprop import rmsprop
 from .sgd import sgd
+from .yogi import yogi
 
-OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (sgd, adagrad, rmsprop, adam, adamw)}
+OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (sgd, adagrad, rmsprop, adam, adamw, yogi)}
 
 __all__ = ["OPTIMIZERS", "Hyperparameters", "Optimizer"]

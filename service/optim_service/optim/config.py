@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import OPTIMIZERS
 from .base import Hyperparameters, adopt, joined, reference
+from .aggregation import Aggregation, Each
 from .clipping import ClipGradNorm, clip_coefficient
 from .schedules import Schedule
 
@@ -47,6 +48,9 @@ class TrainingConfig(BaseModel):
     schedule: Schedule | None = None
     clip_grad_norm: ClipGradNorm | None = None
     param_groups: list[ParamGroup] = []
+    aggregation: Aggregation = Field(Each(), description='how several workers\' gradients combine: '
+                                     '"each" steps on every one, "sync" on the mean of a round, "async" '
+                                     'scales a stale one (docs/training-together.md)')
     nan_policy: Literal["error", "skip"] = Field(
         "error", description='non-finite gradients or results: "error" refuses the step (422); '
         '"skip" leaves the state unchanged and answers {"skipped": true}, as AMP loss scaling does')
@@ -113,6 +117,7 @@ def apply_step(
     flat: tuple[np.ndarray, tuple] | None = None,
     source: tuple[list[np.ndarray], list[tuple], tuple | None] | None = None,
     steps: list[int] | None = None,
+    lr_scale: float = 1.0,
 ) -> tuple[float | None, bool]:
     """Run optimizer step number ``step`` (from 1) in place, with the fused kernels or the numpy
     reference. Returns the gradient norm (when clipping) and whether every gradient, parameter and
@@ -129,7 +134,8 @@ def apply_step(
     A gradient of None skips its tensor, as torch skips a parameter whose ``.grad`` is None: its
     values are kept (copied from ``source``), and ``steps`` then gives each tensor its own step
     number (its count of updates, as torch's per-parameter ``state["step"]``); the schedule follows
-    ``step``, the optimizer's."""
+    ``step``, the optimizer's. ``lr_scale`` multiplies the (scheduled) learning rate of this step: an
+    asynchronous push's staleness scale."""
     # clipping's overflow shows in the norm (the updates count theirs): no warning; entering errstate
     # for nothing cost a small step more than its update
     with np.errstate(over="ignore", invalid="ignore") if config.clip_grad_norm else nullcontext():
@@ -155,9 +161,10 @@ def apply_step(
             if grad is None:  # skipped this step: the tensor keeps its values
                 adopt(param, state, read)
                 continue
-            if config.schedule is not None:
+            if config.schedule is not None or lr_scale != 1.0:
                 if id(hp) not in scheduled:
-                    scheduled[id(hp)] = hp.model_copy(update={"lr": config.schedule.lr_at(hp.lr, step - 1)})
+                    lr = config.schedule.lr_at(hp.lr, step - 1) if config.schedule is not None else hp.lr
+                    scheduled[id(hp)] = hp.model_copy(update={"lr": lr * lr_scale})
                 hp = scheduled[id(hp)]
             t = steps[i] if partial else step
             if fused:

@@ -9,6 +9,7 @@ class StepBody(NamedTuple):
     decode: Callable  # Session -> the gradients, one per tensor (None: skipped), checked against its layout
     loss: float | None
     encodings: dict[str, str]  # how each tensor came, so a JSON answer mirrors it
+    contribution: dict = {}  # worker, weight, round, base_step where the body says them (JSON)
 
 
 class Codec(Protocol):

@@ -20,7 +20,8 @@ class JsonCodec:
         def decode(session):
             return tensors.decode_like(req.gradients, session.layout, "gradient", skippable=True)
 
-        return StepBody(decode, req.loss, tensors.encodings_of(req.gradients))
+        said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
+        return StepBody(decode, req.loss, tensors.encodings_of(req.gradients), said)
 
     def write_params(self, session, wire: str | None, encodings, extra: dict) -> bytes:
         if wire is not None:

@@ -28,6 +28,7 @@ from ..schemas import (
     CreatedSession,
     CreateSession,
     ParamsAnswer,
+    RoundInfo,
     SessionInfo,
     SessionPage,
     StepAnswer,
@@ -58,6 +59,7 @@ def describe(session_id: str, meta: dict) -> dict:
         "loss": meta["loss"],
         "skipped_steps": meta["skipped_steps"],
         "nan_policy": config["nan_policy"],
+        "aggregation": config.get("aggregation", {"mode": "each"}),
         "created_at": _iso(meta["created_at"]),
         "updated_at": _iso(meta["updated_at"]),
     }
@@ -143,7 +145,7 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
     JSON: {"schema": {"$ref": "#/components/schemas/StepRequest"}, "example": EXAMPLE_STEP},
     BINARY: {"schema": {"type": "string", "format": "binary"}},
     SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}},
-    responses={**answers(StepAnswer, binary=True), **STEP_PROBLEMS},
+    responses={**answers(StepAnswer, binary=True), **answers(RoundInfo, status=202), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
 async def step(session_id: str, request: Request, caller: Caller) -> Response:
     # app.py's StepLane serves this before the router is reached; the route documents it
@@ -155,6 +157,13 @@ async def step(session_id: str, request: Request, caller: Caller) -> Response:
 async def get_session(session_id: str, caller: Caller) -> Response:
     record, meta = await caller.sessions.meta(caller.owner, session_id)
     return JSONResponse(describe(record.id, meta), headers=_etag(meta["step"]))
+
+
+@router.get("/{session_id}/round", responses={**answers(RoundInfo), **SESSION_PROBLEMS},
+            summary="The open round of a session in synchronous rounds")
+async def get_round(session_id: str, caller: Caller) -> Response:
+    status = await caller.sessions.round_status(caller.owner, session_id)
+    return JSONResponse(status.document(), headers=_etag(status.round))
 
 
 @router.get("/{session_id}/params", responses={**answers(ParamsAnswer, binary=True), **SESSION_PROBLEMS,
