@@ -35,3 +35,5 @@ bench: $(VENV)/.test-deps
 	cd bench && ../$(BIN)/python memory.py
 	cd bench && ../$(BIN)/python stores.py
 	cd bench && ../$(BIN)/python instructions.py
+	cd bench && ../$(BIN)/python rounds.py
+	cd bench && ../$(BIN)/python parity.py

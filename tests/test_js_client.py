@@ -35,7 +35,7 @@ def test_node_test_suite_passes():
                             cwd=JS, capture_output=True, text=True, timeout=300,
                             env={"PATH": "/usr/bin:/bin", "OPTIM_SERVICE_BIN": str(SERVICE_BIN)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "# fail 0" in result.stdout and "# pass 4" in result.stdout
+    assert "# fail 0" in result.stdout and "# pass 6" in result.stdout
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -40,6 +40,10 @@ export interface CreateSessionOptions {
   clipGradNorm?: { max_norm: number; norm_type?: number | "inf" | "-inf" };
   paramGroups?: Array<{ params: string[]; [hyperparameter: string]: unknown }>;
   nanPolicy?: "error" | "skip";
+  /** How several workers' gradients combine: {mode: "sync", contributions: 4} or {mode: "async", max_staleness: 2}. */
+  aggregation?: { mode: "each" } | { mode: "sync"; contributions: number; weighting?: "mean" | "weighted";
+    min_contributions?: number; round_timeout_seconds?: number } | { mode: "async"; max_staleness: number;
+    staleness_scale?: { type: "constant" | "inverse" | "polynomial" | "hinge"; a?: number; b?: number } };
 }
 
 export class OptimClient {
@@ -57,9 +61,16 @@ export class Session {
   readonly dtype: DType;
   readonly metadata: SessionMetadata;
   stepCount: number;
+  /** "each", "sync" or "async". */
+  aggregation: string;
+  /** Where the round stood after a contribution that did not complete it. */
+  lastRound: RoundStatus | null;
   /** The parameters after the last step: one typed array, or an object of them by name. */
   params: TypedTensor | Record<string, TypedTensor> | undefined;
-  step(gradients: Tensors): Promise<TypedTensor | Record<string, TypedTensor>>;
+  step(gradients: Tensors, options?: { baseStep?: number }): Promise<TypedTensor | Record<string, TypedTensor>>;
+  contribute(gradients: Tensors, options: { worker: string; weight?: number; round?: number; wait?: number }):
+    Promise<TypedTensor | Record<string, TypedTensor> | null>;
+  round(): Promise<RoundStatus>;
   refresh(): Promise<TypedTensor | Record<string, TypedTensor>>;
   state(): Promise<object>;
   delete(): Promise<void>;
@@ -80,3 +91,12 @@ export class UnprocessableEntityError extends APIStatusError {}
 export class RateLimitError extends APIStatusError {}
 export class InternalServerError extends APIStatusError {}
 export class APIConnectionError extends OptimError {}
+
+export interface RoundStatus {
+  round: number;
+  received: number;
+  needed: number;
+  workers: string[];
+  opened_at: number | null;
+  deadline: number | null;
+}

@@ -127,7 +127,8 @@ export class OptimClient {
    * Create a session. `params`: a typed array (or {data, shape}), or an object of them by name.
    * `optimizer`: {type: "adam", lr: 0.001, ...torch's keyword names}.
    */
-  async createSession({ params, optimizer = { type: "adam" }, dtype, schedule, clipGradNorm, paramGroups, nanPolicy }) {
+  async createSession({ params, optimizer = { type: "adam" }, dtype, schedule, clipGradNorm, paramGroups, nanPolicy,
+                        aggregation }) {
     const named = !ArrayBuffer.isView(params) && !ArrayBuffer.isView(params?.data);
     const entries = named ? Object.entries(params) : [["", params]];
     const tensors = entries.map(([name, value]) => [name, asTensor(value, name)]);
@@ -140,6 +141,7 @@ export class OptimClient {
     if (clipGradNorm) json.clip_grad_norm = clipGradNorm;
     if (paramGroups) json.param_groups = paramGroups;
     if (nanPolicy) json.nan_policy = nanPolicy;
+    if (aggregation) json.aggregation = aggregation;
     const headers = { Prefer: "return=minimal" };
     const meta = await (await this._request("POST", "/v1/sessions", { json, headers, retrySafe: false })).json();
     const session = new Session(this, meta);
@@ -180,6 +182,8 @@ export class Session {
     this.names = this.named ? Object.keys(meta.shapes) : [""];
     this.shapes = this.named ? Object.values(meta.shapes) : [meta.shapes];
     this.params = meta.params === undefined ? undefined : this._fromJson(meta.params);
+    this.aggregation = meta.aggregation?.mode ?? "each";
+    this.lastRound = null;
   }
 
   _fromJson(params) {
@@ -200,7 +204,46 @@ export class Session {
   }
 
   /** Apply one step: gradients mirror the params (typed arrays, flat, C order); returns the new params. */
-  async step(gradients) {
+  /** One optimizer step; on an asynchronous session it states the step of the params last received. */
+  async step(gradients, { baseStep } = {}) {
+    const headers = {};
+    if (this.aggregation === "async") headers["Optim-Base-Step"] = String(baseStep ?? this.stepCount);
+    const response = await this._push(gradients, headers);
+    return this._take(response);
+  }
+
+  /**
+   * Add gradients to the open round of a session in synchronous rounds. Resolves to the new params if
+   * the round committed (this completed it, or it did within `wait` seconds), else null, with the
+   * round's standing in `lastRound`.
+   */
+  async contribute(gradients, { worker, weight, round, wait } = {}) {
+    if (!worker) throw new TypeError("a contribution names its worker");
+    const headers = { "Optim-Worker": worker };
+    if (weight !== undefined) headers["Optim-Weight"] = String(weight);
+    if (round !== undefined) headers["Optim-Round"] = String(round);
+    if (wait !== undefined) headers.Prefer = `wait=${wait}`;
+    const response = await this._push(gradients, headers);
+    if (response.status === 202) {
+      this.lastRound = await response.json();
+      return null;
+    }
+    this.lastRound = null;
+    return this._take(response);
+  }
+
+  /** The open round: {round, received, needed, workers, opened_at, deadline}. */
+  async round() {
+    return (await this._client._request("GET", `/v1/sessions/${this.id}/round`)).json();
+  }
+
+  async _take(response) {
+    this.stepCount = Number(response.headers.get("etag").replace(/[W/"]/g, ""));
+    this.params = this._fromBinary(await response.arrayBuffer());
+    return this.params;
+  }
+
+  async _push(gradients, extraHeaders) {
     const Typed = DTYPES[this.dtype];
     const parts = this.names.map((name, i) => {
       const g = this.named ? gradients[name] : gradients;
@@ -214,13 +257,10 @@ export class Session {
     const body = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
     let offset = 0;
     for (const p of parts) { body.set(p, offset); offset += p.length; }
-    const response = await this._client._request("POST", `/v1/sessions/${this.id}/step`, {
+    return this._client._request("POST", `/v1/sessions/${this.id}/step`, {
       body,
-      headers: { "Content-Type": BINARY, Accept: BINARY, "Idempotency-Key": randomKey() },
+      headers: { "Content-Type": BINARY, Accept: BINARY, "Idempotency-Key": randomKey(), ...extraHeaders },
     });
-    this.stepCount = Number(response.headers.get("etag").replace(/[W/"]/g, ""));
-    this.params = this._fromBinary(await response.arrayBuffer());
-    return this.params;
   }
 
   async refresh() {

@@ -71,3 +71,35 @@ test("a checkpoint restores bit-exactly", async () => {
   const catalogue = await client.optimizers();
   assert.ok(catalogue.some((o) => o.type === "adamw"));
 });
+
+test("workers contribute to synchronous rounds; a waiting contributor gets the round's params", async () => {
+  const client = new OptimClient(server.url);
+  const session = await client.createSession({
+    params: new Float64Array([0, 0]), optimizer: { type: "sgd", lr: 1 },
+    aggregation: { mode: "sync", contributions: 2, weighting: "weighted" },
+  });
+  assert.equal(session.aggregation, "sync");
+  const waiting = session.contribute(new Float64Array([1, 2]), { worker: "a", weight: 1, round: 0, wait: 10 });
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const other = await client.getSession(session.id);
+  const done = await other.contribute(new Float64Array([4, 5]), { worker: "b", weight: 2 });
+  assert.deepEqual(Array.from(done), [-3, -4]); // (1·[1,2] + 2·[4,5]) / 3
+  assert.deepEqual(Array.from(await waiting), [-3, -4]);
+  const open = await session.contribute(new Float64Array([1, 1]), { worker: "a" });
+  assert.equal(open, null);
+  assert.deepEqual([session.lastRound.round, session.lastRound.received], [1, 1]);
+  assert.deepEqual((await session.round()).workers, ["a"]);
+  await assert.rejects(session.contribute(new Float64Array([1, 1]), { worker: "a" }), (e) => e.status === 409);
+});
+
+test("asynchronous pushes state the step they were computed on", async () => {
+  const client = new OptimClient(server.url);
+  const a = await client.createSession({
+    params: new Float64Array([0]), optimizer: { type: "sgd", lr: 1 },
+    aggregation: { mode: "async", max_staleness: 1, staleness_scale: { type: "inverse" } },
+  });
+  const b = await client.getSession(a.id);
+  await a.step(new Float64Array([1])); // step 0 → 1
+  assert.deepEqual(Array.from(await b.step(new Float64Array([1]))), [-1.5]); // computed on step 0: τ = 1, lr / 2
+  await assert.rejects(b.step(new Float64Array([1]), { baseStep: 0 }), (e) => e.status === 409); // τ = 2 > 1
+});

@@ -148,12 +148,19 @@ def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options
     return call, [a.copy() for a in arrays]
 
 
-def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
+def _step_call(session: "_SessionBase", gradients, loss: float | None, fields: dict | None = None,
+               wait: float | None = None) -> _Call:
+    """A step, or with ``fields`` (worker, weight, round, base_step) a push to a round or an
+    asynchronous session: in the body's JSON, or as Optim-* headers beside raw bytes."""
     _, arrays = _wire.as_arrays(gradients, session.layout)
     headers = {"Idempotency-Key": uuid.uuid4().hex}
+    fields = {k: v for k, v in (fields or {}).items() if v is not None}
+    if wait is not None:
+        headers["Prefer"] = f"wait={wait:g}"
     skips = any(a is None for a in arrays)  # a tensor without a gradient: only JSON says so (null)
     if loss is None and not skips and sum(a.size for a in arrays) >= BINARY_MIN_ELEMENTS:
         headers |= {"Content-Type": BINARY, "Accept": BINARY}
+        headers |= {"Optim-" + k.replace("_", "-").title(): str(v) for k, v in fields.items()}
         if session.layout.wire:  # the body and the answer in it
             headers["Optim-Wire-Dtype"] = session.layout.wire
         return _Call("POST", f"/v1/sessions/{session.id}/step", headers=headers,
@@ -162,6 +169,7 @@ def _step_call(session: "_SessionBase", gradients, loss: float | None) -> _Call:
     body: dict[str, Any] = {"gradients": dict(zip(session.layout.names, grads)) if session.layout.named else grads[0]}
     if loss is not None:
         body["loss"] = float(loss)
+    body.update(fields)
     return _Call("POST", f"/v1/sessions/{session.id}/step", json=body, headers=headers)
 
 
@@ -180,11 +188,32 @@ class _SessionBase:
         self.layout = _wire.Layout.from_metadata(meta, wire)
         self.step_count: int = meta["step"]
         self._params = params
+        self.last_round: dict | None = None  # where the round stood after a contribution it did not complete
 
     @property
     def params(self):
         """The parameters after the last step (a dict if the session was made from one)."""
         return _wire.mirror(self._params, self.layout) if self._params is not None else None
+
+    @property
+    def aggregation(self) -> str:
+        return self.metadata.get("aggregation", {}).get("mode", "each")
+
+    def _push_fields(self, base_step: int | None) -> dict:
+        """An asynchronous session's pushes say the step their gradients were computed on: by default
+        that of the params this handle last received."""
+        if self.aggregation != "async":
+            return {}
+        return {"base_step": self.step_count if base_step is None else base_step}
+
+    def _round_answer(self, answer) -> Any:
+        """A contribution's answer: the new params when its round committed, else None (and the
+        round's standing in ``last_round``)."""
+        if isinstance(answer, dict) and "params" not in answer:
+            self.last_round = answer
+            return None
+        self.last_round = None
+        return self._take(answer)
 
     def _take(self, answer) -> Any:
         if isinstance(answer, httpx.Response):  # binary
@@ -201,10 +230,23 @@ class _SessionBase:
 
 
 class Session(_SessionBase):
-    def step(self, gradients, loss: float | None = None):
+    def step(self, gradients, loss: float | None = None, *, base_step: int | None = None):
         """Apply one optimizer step; returns the new params (numpy, mirroring what was sent). A named
-        tensor's gradient may be None: that tensor skips this step, as in torch."""
-        return self._take(self._client._send(_step_call(self, gradients, loss)))
+        tensor's gradient may be None: that tensor skips this step, as in torch. On an asynchronous
+        session the push states ``base_step`` (default: the step of the params last received)."""
+        return self._take(self._client._send(_step_call(self, gradients, loss, self._push_fields(base_step))))
+
+    def contribute(self, gradients, worker: str, *, weight: float | None = None, round: int | None = None,
+                   loss: float | None = None, wait: float | None = None):
+        """Add gradients to the open round of a session in synchronous rounds. Returns the new params
+        if the round committed (this contribution completed it, or it did within ``wait`` seconds),
+        else None, with the round's standing in ``last_round``."""
+        fields = {"worker": worker, "weight": weight, "round": round}
+        return self._round_answer(self._client._send(_step_call(self, gradients, loss, fields, wait)))
+
+    def round(self) -> dict:
+        """The open round: ``{"round", "received", "needed", "workers", "opened_at", "deadline"}``."""
+        return self._client._send(_Call("GET", f"/v1/sessions/{self.id}/round"))
 
     def refresh(self):
         """Fetch the current step and params from the server."""
@@ -219,8 +261,16 @@ class Session(_SessionBase):
 
 
 class AsyncSession(_SessionBase):
-    async def step(self, gradients, loss: float | None = None):
-        return self._take(await self._client._send(_step_call(self, gradients, loss)))
+    async def step(self, gradients, loss: float | None = None, *, base_step: int | None = None):
+        return self._take(await self._client._send(_step_call(self, gradients, loss, self._push_fields(base_step))))
+
+    async def contribute(self, gradients, worker: str, *, weight: float | None = None, round: int | None = None,
+                         loss: float | None = None, wait: float | None = None):
+        fields = {"worker": worker, "weight": weight, "round": round}
+        return self._round_answer(await self._client._send(_step_call(self, gradients, loss, fields, wait)))
+
+    async def round(self) -> dict:
+        return await self._client._send(_Call("GET", f"/v1/sessions/{self.id}/round"))
 
     async def refresh(self):
         return self._take(await self._client._send(_refresh_call(self)))
@@ -256,10 +306,13 @@ class OptimClient(_Base):
         raise AssertionError("unreachable")
 
     def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
-                       clip_grad_norm=None, param_groups=None, nan_policy=None, **hyperparameters) -> Session:
-        """A new session; hyperparameters are torch's keyword names (``lr=1e-3, betas=(0.9, 0.99)``)."""
+                       clip_grad_norm=None, param_groups=None, nan_policy=None, aggregation=None,
+                       **hyperparameters) -> Session:
+        """A new session; hyperparameters are torch's keyword names (``lr=1e-3, betas=(0.9, 0.99)``);
+        ``aggregation={"mode": "sync", "contributions": 4}`` for several workers' rounds."""
         call, arrays = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
-                                    clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
+                                    clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy,
+                                    aggregation=aggregation)
         return Session(self, self._send(call), arrays, _wire.infer_wire(params))
 
     def get_session(self, session_id: str, *, wire_dtype: str | None = None) -> Session:
@@ -315,10 +368,11 @@ class AsyncOptimClient(_Base):
         raise AssertionError("unreachable")
 
     async def create_session(self, params, optimizer: str = "adam", *, dtype: str | None = None, schedule=None,
-                             clip_grad_norm=None, param_groups=None, nan_policy=None,
+                             clip_grad_norm=None, param_groups=None, nan_policy=None, aggregation=None,
                              **hyperparameters) -> AsyncSession:
         call, arrays = _create_call(params, optimizer, dtype, hyperparameters, schedule=schedule,
-                                    clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy)
+                                    clip_grad_norm=clip_grad_norm, param_groups=param_groups, nan_policy=nan_policy,
+                                    aggregation=aggregation)
         return AsyncSession(self, await self._send(call), arrays, _wire.infer_wire(params))
 
     async def get_session(self, session_id: str, *, wire_dtype: str | None = None) -> AsyncSession:

@@ -18,6 +18,7 @@ silently do nothing).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -30,14 +31,17 @@ from ._client import OptimClient
 _DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float32", torch.bfloat16: "float32"}
 TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
                  "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+ROUND_WAIT = 20.0  # seconds a worker's request waits for its round before it polls
 _NOT_HYPERPARAMETERS = {"params", "param_names", "foreach", "capturable", "differentiable", "fused", "initial_lr"}
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
     def __init__(self, params, base_url: str = "http://127.0.0.1:8000", optimizer: str = "adam",
                  api_key: str | None = None, *, schedule: dict | None = None, clip_grad_norm: dict | None = None,
-                 nan_policy: str = "error", client: OptimClient | None = None, **hyperparameters: Any):
+                 nan_policy: str = "error", client: OptimClient | None = None, aggregation: dict | None = None,
+                 worker: str | None = None, **hyperparameters: Any):
         attached = hyperparameters.pop("_attach", None)  # RemoteOptimizer.attach's session
+        self.worker = worker  # on a session in synchronous rounds: this process's name in them
         self.session = None
         super().__init__(params, dict(hyperparameters))
         self.kind = optimizer
@@ -62,11 +66,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         else:
             self.session = self._client.create_session(
                 self._local_params(), optimizer, dtype=self._dtype, schedule=schedule, clip_grad_norm=clip_grad_norm,
-                param_groups=self._group_overrides() or None, nan_policy=nan_policy, **hyperparameters)
+                param_groups=self._group_overrides() or None, nan_policy=nan_policy, aggregation=aggregation,
+                **hyperparameters)
 
     @classmethod
     def attach(cls, session_id: str, params, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
-               client: OptimClient | None = None) -> "RemoteOptimizer":
+               client: OptimClient | None = None, worker: str | None = None) -> "RemoteOptimizer":
         """Continue an existing session with these parameters (named or not, as when it was created):
         the server's parameters are copied into them, and closing does not delete the session."""
         owns_client = client is None
@@ -76,7 +81,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         hp = {k: v for k, v in meta["optimizer"].items() if k != "type"}
         opt = cls(params, base_url, meta["optimizer"]["type"], api_key, schedule=meta["schedule"],
                   clip_grad_norm=meta["clip_grad_norm"], nan_policy=meta["nan_policy"], client=client,
-                  _attach=session, **hp)
+                  worker=worker, _attach=session, **hp)
         opt._owns_client = owns_client
         return opt
 
@@ -113,7 +118,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         grads = {name: None if p.grad is None else _numpy(p.grad) for name, p in self._names}
         if all(g is None for g in grads.values()):
             return loss  # torch steps nothing either
-        self._write_back(self.session.step(grads, loss=_scalar(loss)))
+        if self.worker is None:
+            self._write_back(self.session.step(grads, loss=_scalar(loss)))
+            return loss
+        # a worker of a round: contribute, then wait until the round commits and take its params
+        number = self.session.step_count
+        params = self.session.contribute(grads, self.worker, round=number, loss=_scalar(loss), wait=ROUND_WAIT)
+        while params is None:
+            if self.session.round()["round"] > number:
+                params = self.session.refresh()
+            else:
+                time.sleep(0.02)
+        self._write_back(params)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
