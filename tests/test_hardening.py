@@ -103,14 +103,14 @@ async def test_an_impossible_checkpoint_is_refused_naming_its_buffer(keyed, opti
 
 
 async def test_a_key_byte_budget_refuses_saying_what_is_left(keyed):
-    client = await keyed(max_bytes_per_key=120_000)
+    client = await keyed(max_bytes_per_key=140_000, history_steps=10)  # a session's history counts: 8,800 bytes
     body = {"optimizer": {"type": "adam"}, "dtype": "float32", "params": b64(np.zeros(8_000))}  # ~96 kB of state
     assert (await client.post("/v1/sessions", json=body, headers={"Prefer": "return=minimal"})).status_code == 201
     refused = await client.post("/v1/sessions", json=body)
     problem = refused.json()
     assert refused.status_code == 429 and problem["title"] == "Storage quota exceeded"
-    assert problem["limit_bytes"] == 120_000 and problem["needed_bytes"] > 96_000
-    assert f"{120_000 - problem['used_bytes']} bytes are left" in problem["detail"]
+    assert problem["limit_bytes"] == 140_000 and problem["needed_bytes"] > 96_000 + 8_800
+    assert f"{140_000 - problem['used_bytes']} bytes are left" in problem["detail"]
     other = await client.post("/v1/sessions", json=body, headers=MALLORY)  # the budget is per key
     assert other.status_code == 201
 

@@ -337,3 +337,20 @@ async def test_a_claim_taken_refuses_a_round_write_and_writes_nothing(make_store
     await store.delete("s1")
     assert await store.get_round("s1") is None
     await store.close()
+
+
+# --- history: appended by the step's own compare-and-set --------------------------------------------
+
+async def test_history_is_appended_with_the_step_and_bounded_with_older_entries_downsampled(make_store):
+    store = make_store()
+    await store.create(record())
+    for v in range(1, 51):
+        assert await store.compare_and_set(record(version=v), v - 1, history=(b"%d" % v, 10))
+    assert not await store.compare_and_set(record(version=99), 0, history=(b"lost", 10))  # a lost race adds nothing
+    kept = [int(e) for e in await store.get_history("s1")]
+    assert kept[-10:] == list(range(41, 51))  # the last 10, whole
+    assert kept[:-10] == [10, 20, 30, 40]  # of the 40 dropped, every 10th
+    assert kept == sorted(kept)
+    await store.delete("s1")
+    assert await store.get_history("s1") == []
+    await store.close()

@@ -8,18 +8,21 @@ update is ever lost or applied twice. Nothing is written until the new state is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from typing import NamedTuple
 
 import anyio.to_thread
 import blake3
 import numpy as np
 
+from . import history
 from .errors import (
     IdempotencyKeyReused,
     InvalidRequest,
@@ -36,7 +39,8 @@ from .optim.config import TrainingConfig, apply_step
 from .optim.base import Run, joined
 from .optim.schedules import ScheduleOverflow
 from .rounds import Contribution, Round, RoundStatus
-from .record import Layout, Session, from_record, read_meta
+from .record import Layout, Session, from_record, parse_config, read_meta
+from .record import _hyperparameters as hyperparameters_of
 from .settings import Settings
 from .store import CapReached, Caps, Claim, SessionRecord, SessionStore
 
@@ -168,8 +172,9 @@ class SessionService:
                                  f"{self.settings.max_elements_per_session} per session")
         session = Session(new_session_id(), owner, config, layout, step, params, states, tensor_steps=tensor_steps)
         record = session.to_record()
+        caps = dataclasses.replace(self.caps, reserve=history.reserve(self.settings.history_steps, len(layout.names)))
         try:
-            await self.store.create(record, self.caps)
+            await self.store.create(record, caps)
         except CapReached as e:
             raise _refusal(e) from None
         self._warm.remember(from_record(record, private=False))
@@ -192,6 +197,18 @@ class SessionService:
                 self._warm.forget(session_id)  # expired or deleted elsewhere: free its decoded copy now
             raise SessionNotFound(f"no session '{session_id}' (it may have been deleted or never existed)")
         return record
+
+    async def history(self, owner: str | None, session_id: str) -> list[dict]:
+        """Every kept history entry of a session, oldest first."""
+        await self._record(owner, session_id)  # its owner's, or 404
+        return history.parse(await self.store.get_history(session_id))
+
+    def next_lrs(self, record: SessionRecord) -> list[float] | None:
+        """The learning rate each param group takes on the session's next step (None past overflow)."""
+        try:
+            return _lrs(self._warm.template(record))
+        except ScheduleOverflow:
+            return None
 
     async def list(self, owner: str | None, limit: int, after: str | None) -> list[tuple[SessionRecord, dict]]:
         return [(r, read_meta(r)) for r in await self.store.list(owner, limit, after)]
@@ -272,23 +289,26 @@ class SessionService:
             lr_scale = tau = None
             if aggregation.mode == "async":
                 tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
-            session, grad_norm, compute_ms, skipped = await self._compute(
-                template, decode, memory, loss, lr_scale or 1.0)
+            session, grad_norm, compute_ms, skipped, line = await self._compute(
+                template, decode, memory, loss, lr_scale or 1.0, contribution.worker)
             claim = None
             if idempotency is not None:
                 claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
                               self.settings.idempotency_ttl_seconds)
-            if await self._commit(session, record.version, claim):
+            if await self._commit(session, record.version, claim, history=line):
                 return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau)
         raise StepConflict(
             f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
         )
 
-    async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0):
+    async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
-        the gradient norm, the update's time and whether ``nan_policy: "skip"`` skipped it."""
+        the gradient norm, the update's time, whether ``nan_policy: "skip"`` skipped it, and its
+        history line (None with history off)."""
         session = template.fork(copy=False, memory=memory)  # the update writes every element of it
         grads = decode(session)
+        keep = self.settings.history_steps
+        norm = history.grad_norm(grads) if keep else None  # before the update: its memory may be the body's
         started = time.perf_counter()
         args = (session, grads, self.settings.fused_kernels, template, lr_scale)
         try:
@@ -310,11 +330,19 @@ class SessionService:
         elif loss is not None:
             session.loss = loss
         session.version += 1
-        return session, grad_norm, compute_ms, skipped
+        line = None
+        if keep:
+            config, layout = template.config, template.layout
+            clip = config.clip_grad_norm
+            line = (history.entry(
+                template.step + 1, _all_params(template), _all_params(session), layout.names, layout.sizes,
+                loss=loss, lrs=_lrs(template, lr_scale), norm=norm, worker=worker, skipped=skipped,
+                clipped=bool(clip and clip.max_norm / (norm + 1e-6) < 1.0)), keep)
+        return session, grad_norm, compute_ms, skipped, line
 
     async def _commit(self, session: Session, expected_version: int, claim: Claim | None,
-                      close_round: int | None = None) -> bool:
-        if not await self.store.compare_and_set(session.to_record(), expected_version, claim, close_round):
+                      close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
+        if not await self.store.compare_and_set(session.to_record(), expected_version, claim, close_round, history):
             return False
         session.freeze()
         self._warm.remember(session)  # its buffer is the stored record's data now
@@ -364,12 +392,13 @@ class SessionService:
     async def _close(self, record, template: Session, done: Round, idempotency) -> StepResult | None:
         """Step on ``done``'s mean and close it, in one compare-and-set."""
         mean = Run(done.mean(), template.layout.shapes)
-        session, grad_norm, compute_ms, skipped = await self._compute(template, lambda s: mean, None, done.mean_loss())
+        session, grad_norm, compute_ms, skipped, line = await self._compute(
+            template, lambda s: mean, None, done.mean_loss())
         claim = None
         if idempotency is not None:
             claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
                           self.settings.idempotency_ttl_seconds)
-        if not await self._commit(session, record.version, claim, close_round=done.version):
+        if not await self._commit(session, record.version, claim, close_round=done.version, history=line):
             return None
         self.round_latency(time.time() - done.opened_at)
         return StepResult(session, grad_norm, compute_ms, skipped=skipped, round=done.number)
@@ -491,6 +520,29 @@ class SessionService:
 
 
 SKIPPED = object()  # what _advance returns when nan_policy "skip" refuses the step
+
+
+def _lrs(session: Session, lr_scale: float = 1.0) -> list[float]:
+    """The learning rate each param group takes on the session's next step: the optimizer's own
+    group first, then the groups in the order their tensors come."""
+    config, t = session.config, session.step
+    groups = _groups(session.config_json, session.layout.names)
+    if config.schedule is None:
+        return [hp.lr * lr_scale for hp in groups]
+    return [config.schedule.lr_at(hp.lr, t) * lr_scale for hp in groups]
+
+
+@lru_cache(maxsize=4096)
+def _groups(config_json: bytes, names: tuple[str, ...]) -> tuple:
+    config, hps = parse_config(config_json), hyperparameters_of(config_json, names)
+    return tuple({id(hp): hp for hp in (config.optimizer, *hps)}.values())
+
+
+def _all_params(session: Session) -> np.ndarray:
+    """Every parameter as one 1-D run: a view of the session's memory, where they lie in one."""
+    if session.buffer is not None:
+        return np.frombuffer(session.buffer, session.layout.np_dtype, count=sum(session.layout.sizes))
+    return np.concatenate([p.reshape(-1) for p in session.params])
 
 
 def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
                                          "session's lock; 503 after")
     readyz_timeout_seconds: float = Field(1.0, gt=0, description="/readyz answers 503 when the store takes longer")
 
+    history_steps: int = Field(10_000, ge=0, description="steps of history kept per session (older ones "
+                               "downsampled to every 10th, as many again); 0 off")
+    diagnosis_window: int = Field(50, ge=5, description="steps the diagnosis reads")
+    diagnosis_min_steps: int = Field(10, ge=2, description="steps before a verdict other than not_enough_data")
+    diagnosis_divergence_factor: float = Field(4.0, gt=1, description="smoothed loss over its best: diverging")
+    diagnosis_oscillation_fraction: float = Field(0.6, gt=0, le=1, description="share of opposed updates: oscillating")
+    diagnosis_slow_decrease: float = Field(1e-3, ge=0, description="relative loss decrease per window under which, "
+                                           "with tiny updates, training is too_slow")
+    diagnosis_slow_ratio: float = Field(1e-4, ge=0, description="median update-to-parameter ratio under which updates "
+                                        "are tiny")
+    diagnosis_patience: int = Field(20, ge=1, description="steps without improvement: plateau")
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a step's Idempotency-Key is remembered")
     cas_retries: int = Field(32, ge=1, description="reload-and-recompute attempts when another process wins a step")
     fused_kernels: bool = Field(True, description="numba kernels; false runs the numpy reference")

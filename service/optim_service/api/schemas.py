@@ -141,6 +141,7 @@ class SessionInfo(BaseModel):
     aggregation: dict[str, Any]
     loss: float | None
     skipped_steps: int
+    next_lr: list[float] | None = Field(None, description="the lr each param group takes on the next step")
     created_at: str
     updated_at: str
 
@@ -218,6 +219,31 @@ def answers(model: type[BaseModel], binary: bool = False, status: int = 200) -> 
     return {status: {"description": "OK", "content": content}}
 
 
+class HistoryEntry(BaseModel):
+    """One step: what the loss curve and the diagnosis read."""
+
+    step: int
+    time: float
+    loss: float | None
+    lr: list[float] = Field(description="the learning rate each param group used (the optimizer's own first)")
+    grad_norm: float | None = Field(description="the gradients' L2 norm before clipping")
+    clipped: bool
+    skipped: bool
+    worker: str | None
+    ratio: dict[str, float | None] | None = Field(None, description="per tensor, RMS(update) / RMS(param)")
+    u: list[float] | None = Field(None, description="a 16-number sketch of the update's direction")
+
+
+class HistoryAnswer(BaseModel):
+    history: list[HistoryEntry]
+
+
+class DiagnosisAnswer(BaseModel):
+    verdict: Literal["diverging", "oscillating", "too_slow", "plateau", "healthy", "not_enough_data"]
+    evidence: dict[str, Any] = Field(description="the numbers the rule read")
+    suggestion: str
+
+
 class RoundInfo(BaseModel):
     """A synchronous round: its number (it commits as step round + 1), contributions so far and needed."""
 
@@ -229,4 +255,5 @@ class RoundInfo(BaseModel):
     deadline: float | None = Field(description="when it commits with min_contributions (Unix seconds)")
 
 
-DOCUMENTED = (Problem, SessionInfo, CreatedSession, StepAnswer, ParamsAnswer, SessionPage, OptimizerInfo, RoundInfo)
+DOCUMENTED = (Problem, SessionInfo, CreatedSession, StepAnswer, ParamsAnswer, SessionPage, OptimizerInfo, RoundInfo,
+              HistoryEntry, HistoryAnswer, DiagnosisAnswer)

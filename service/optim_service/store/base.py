@@ -15,6 +15,10 @@ A store keeps opaque session records and never knows which optimizer they hold:
   requires the session's open round at that version and deletes it. Record, claim and round are
   written in one atomic step. Returns ``False`` when any check fails or the session is gone; the
   caller reloads and decides.
+- ``compare_and_set(..., history=(entry, limit))`` also appends ``entry`` (bytes: one step's JSON
+  line) to the session's history in the same atomic write, keeping the last ``limit`` entries and,
+  of those it drops, every 10th (up to ``limit`` more): older steps downsampled.
+  ``get_history(id)`` returns the kept entries, oldest first (a session's history goes with it).
 - ``get_round(id)`` returns the session's open round (``RoundRecord``: the running sum of its
   contributions and their bookkeeping) or ``None``; ``put_round(id, round, expected_version,
   claim=None)`` writes it only if the stored round is still at ``expected_version`` (0: none yet)
@@ -75,12 +79,14 @@ def record_bytes(record: SessionRecord) -> int:
 @dataclass(frozen=True, slots=True)
 class Caps:
     """The limits a create must stay within. Owner ``None`` (API keys off) has no per-owner caps;
-    ``total_bytes`` binds only a store whose memory is this process's (the memory store)."""
+    ``total_bytes`` binds only a store whose memory is this process's (the memory store);
+    ``reserve`` is what each session may grow by besides its record (its bounded history)."""
 
     sessions: int
     sessions_per_owner: int
     bytes_per_owner: int
     total_bytes: int | None = None
+    reserve: int = 0
 
 
 class CapReached(Exception):
@@ -114,6 +120,7 @@ class OutcomeUnknown(StoreUnavailable):
     Idempotency-Key makes its retry safe."""
 
 
+HISTORY_DOWNSAMPLE = 10  # of the entries a history drops, it keeps every 10th
 WRITES = frozenset({"create", "compare_and_set", "delete", "put_round"})
 
 
@@ -175,8 +182,9 @@ class SessionStore(Protocol):
     async def version(self, session_id: str) -> int | None: ...
     async def compare_and_set(
         self, record: SessionRecord, expected_version: int, claim: Claim | None = None,
-        close_round: int | None = None,
+        close_round: int | None = None, history: tuple[bytes, int] | None = None,
     ) -> bool: ...
+    async def get_history(self, session_id: str) -> list[bytes]: ...
     async def get_round(self, session_id: str) -> RoundRecord | None: ...
     async def put_round(
         self, session_id: str, round: RoundRecord, expected_version: int, claim: Claim | None = None

@@ -43,8 +43,8 @@ class CachedStore:
         self._put(record)
 
     async def compare_and_set(self, record: SessionRecord, expected_version: int, claim: Claim | None = None,
-                              close_round: int | None = None) -> bool:
-        ok = await self.inner.compare_and_set(record, expected_version, claim, close_round)
+                              close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
+        ok = await self.inner.compare_and_set(record, expected_version, claim, close_round, history)
         if ok:
             self._put(record)
         else:
@@ -57,6 +57,9 @@ class CachedStore:
 
     async def version(self, session_id: str) -> int | None:
         return await self.inner.version(session_id)
+
+    async def get_history(self, session_id: str) -> list[bytes]:
+        return await self.inner.get_history(session_id)
 
     async def get_round(self, session_id: str) -> RoundRecord | None:
         return await self.inner.get_round(session_id)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
-from .base import ANY, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes
+from .base import (
+    ANY, HISTORY_DOWNSAMPLE, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes,
+)
 
 
 class MemoryStore:
@@ -22,6 +24,8 @@ class MemoryStore:
         self._claims: dict[str, OrderedDict[str, tuple[Claim, float]]] = {}
         self._owned: dict[str | None, list[int]] = {}  # owner -> [sessions, bytes]
         self._rounds: dict[str, RoundRecord] = {}
+        self._history: dict[str, tuple[deque, deque, list[int]]] = {}  # recent, archive, [dropped]
+        self._reserved: dict[str, int] = {}  # what a session may grow by (its history), counted at create
         self._bytes = 0
 
     def _expiry(self) -> float:
@@ -44,9 +48,11 @@ class MemoryStore:
                 break
             self._drop(sid)
 
-    def _put(self, record: SessionRecord, old: SessionRecord | None) -> None:
+    def _put(self, record: SessionRecord, old: SessionRecord | None, reserve: int = 0) -> None:
         tally = self._owned.setdefault(record.owner, [0, 0])
-        delta = record_bytes(record) - (record_bytes(old) if old is not None else 0)
+        delta = record_bytes(record) - (record_bytes(old) if old is not None else 0) + reserve
+        if reserve:
+            self._reserved[record.id] = reserve
         tally[0] += old is None
         tally[1] += delta
         self._bytes += delta
@@ -58,15 +64,17 @@ class MemoryStore:
         self._ids.pop(bisect.bisect_left(self._ids, session_id))
         self._claims.pop(session_id, None)
         self._rounds.pop(session_id, None)
+        self._history.pop(session_id, None)
         tally = self._owned[record.owner]
+        freed = record_bytes(record) + self._reserved.pop(session_id, 0)
         tally[0] -= 1
-        tally[1] -= record_bytes(record)
-        self._bytes -= record_bytes(record)
+        tally[1] -= freed
+        self._bytes -= freed
         if not tally[0]:
             del self._owned[record.owner]
 
     def _check(self, caps: Caps, record: SessionRecord) -> None:
-        needed = record_bytes(record)
+        needed = record_bytes(record) + caps.reserve
         if len(self._records) >= caps.sessions:
             raise CapReached("sessions", caps.sessions, len(self._records))
         if record.owner is not None:
@@ -84,7 +92,7 @@ class MemoryStore:
             raise SessionExists(record.id)
         if caps is not None:
             self._check(caps, record)
-        self._put(record, None)
+        self._put(record, None, caps.reserve if caps is not None else 0)
         bisect.insort(self._ids, record.id)
 
     async def get(self, session_id: str, owner=ANY) -> SessionRecord | None:
@@ -97,7 +105,7 @@ class MemoryStore:
         record = self._live(session_id)
         return None if record is None else record.version
 
-    async def compare_and_set(self, record, expected_version, claim=None, close_round=None) -> bool:
+    async def compare_and_set(self, record, expected_version, claim=None, close_round=None, history=None) -> bool:
         current = self._live(record.id)
         if current is None or current.version != expected_version:
             return False
@@ -107,8 +115,27 @@ class MemoryStore:
             return False
         if close_round is not None:
             self._rounds.pop(record.id, None)
+        if history is not None:
+            self._append(record.id, *history)
         self._put(record, current)
         return True
+
+    def _append(self, session_id: str, entry: bytes, limit: int) -> None:
+        recent, archive, dropped = self._history.setdefault(session_id, (deque(), deque(), [0]))
+        recent.append(entry)
+        while len(recent) > limit:
+            old = recent.popleft()
+            dropped[0] += 1
+            if dropped[0] % HISTORY_DOWNSAMPLE == 0:
+                archive.append(old)
+                while len(archive) > limit:
+                    archive.popleft()
+
+    async def get_history(self, session_id: str) -> list[bytes]:
+        if self._live(session_id) is None or session_id not in self._history:
+            return []
+        recent, archive, _ = self._history[session_id]
+        return [*archive, *recent]
 
     def _claim(self, session_id: str, claim: Claim | None) -> bool:
         if claim is None:

@@ -29,7 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (
-    ANY, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes, translate_errors,
+    ANY, HISTORY_DOWNSAMPLE, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes,
+    translate_errors,
 )
 
 # The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
@@ -70,6 +71,20 @@ if not version or version ~= ARGV[1] then redis.call('DEL', KEYS[3]) return 0 en
 if ARGV[8] ~= '' and round_version(KEYS[6]) ~= ARGV[8] then redis.call('DEL', KEYS[3]) return 0 end
 if claimed(KEYS[4], KEYS[5], ARGV[5], ARGV[6], ARGV[7]) then redis.call('DEL', KEYS[3]) return 0 end
 if ARGV[8] ~= '' then redis.call('DEL', KEYS[6], KEYS[7]) end
+if ARGV[9] ~= '' then
+  local limit = tonumber(ARGV[10])
+  redis.call('RPUSH', KEYS[8], ARGV[9])
+  while redis.call('LLEN', KEYS[8]) > limit do
+    local old = redis.call('LPOP', KEYS[8])
+    if redis.call('INCR', KEYS[10]) % """ + str(HISTORY_DOWNSAMPLE) + """ == 0 then
+      redis.call('RPUSH', KEYS[9], old)
+      redis.call('LTRIM', KEYS[9], -limit, -1)
+    end
+  end
+  if tonumber(ARGV[4]) > 0 then
+    for i = 8, 10 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+  end
+end
 redis.call('RENAME', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3])
 """ + KEEP_SESSION_TTL
@@ -92,7 +107,7 @@ return 1
 DELETE = """
 local claims = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, key in ipairs(claims) do redis.call('DEL', key) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 return redis.call('DEL', KEYS[1])
 """
 # KEYS: an index (sorted set: id -> expiry) and, for an owner, its sizes (hash: id -> bytes).
@@ -213,7 +228,8 @@ class RedisStore:
             await pipe.execute()
 
     async def create(self, record: SessionRecord, caps: Caps | None = None) -> None:
-        owner, nbytes, now = record.owner, record_bytes(record), time.time()
+        owner, now = record.owner, time.time()
+        nbytes = record_bytes(record) + (caps.reserve if caps is not None else 0)
         index_ttl = 2 * self._ttl if self._ttl else 0
         per_owner = caps is not None and owner is not None
         verdict = await self._reserve(
@@ -263,17 +279,31 @@ class RedisStore:
         return None if version is None else int(version)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None,
-                              close_round: int | None = None) -> bool:
+                              close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
         staged = await self._stage(record)
+        sid = record.id
         ok = await self._cas(
-            keys=[self._rec(record.id), self._data(record.id), staged, self._claim(record.id, claim.key if claim else ""),
-                  self._claims(record.id), self._round(record.id), self._round_data(record.id)],
+            keys=[self._rec(sid), self._data(sid), staged, self._claim(sid, claim.key if claim else ""),
+                  self._claims(sid), self._round(sid), self._round_data(sid), *self._history_keys(sid)],
             args=[expected_version, record.version, record.meta, self._ttl, *_claim_args(claim),
-                  "" if close_round is None else close_round],
+                  "" if close_round is None else close_round, *(history or ("", 0))],
         )
         if ok:
             await self._touch_indexes(record)
         return bool(ok)
+
+    def _history_keys(self, sid: str) -> list[str]:
+        return [f"{self._p}:{{s:{sid}}}:history", f"{self._p}:{{s:{sid}}}:history-archive",
+                f"{self._p}:{{s:{sid}}}:history-dropped"]
+
+    async def get_history(self, session_id: str) -> list[bytes]:
+        recent, archive, _ = self._history_keys(session_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(self._rec(session_id))
+            pipe.lrange(archive, 0, -1)
+            pipe.lrange(recent, 0, -1)
+            alive, old, new = await pipe.execute()
+        return [*old, *new] if alive else []
 
     async def get_round(self, session_id: str) -> RoundRecord | None:
         async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one consistent snapshot
@@ -307,7 +337,8 @@ class RedisStore:
     async def delete(self, session_id: str) -> bool:
         owner = await self._redis.hget(self._rec(session_id), "owner")
         deleted = await self._delete(keys=[self._rec(session_id), self._data(session_id), self._claims(session_id),
-                                           self._round(session_id), self._round_data(session_id)])
+                                           self._round(session_id), self._round_data(session_id),
+                                           *self._history_keys(session_id)])
         if owner is not None:
             await self._release(session_id, owner.decode() or None)
         return bool(deleted)

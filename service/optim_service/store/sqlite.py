@@ -17,7 +17,8 @@ from pathlib import Path
 import anyio.to_thread
 
 from .base import (
-    ANY, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes, translate_errors,
+    ANY, HISTORY_DOWNSAMPLE, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes,
+    translate_errors,
 )
 
 SCHEMA = """
@@ -42,6 +43,17 @@ CREATE TABLE IF NOT EXISTS claims (
     PRIMARY KEY (session_id, key)
 );
 CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (expires_at);
+CREATE TABLE IF NOT EXISTS history (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,  -- the record version that wrote it
+    archived INTEGER NOT NULL DEFAULT 0,
+    entry BLOB NOT NULL,
+    PRIMARY KEY (session_id, seq)
+);
+CREATE TABLE IF NOT EXISTS history_dropped (
+    session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+    dropped INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rounds (
     session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
     version INTEGER NOT NULL,
@@ -96,7 +108,7 @@ class SQLiteStore:
         return time.time() + self._ttl if self._ttl else NEVER
 
     async def create(self, record: SessionRecord, caps: Caps | None = None) -> None:
-        nbytes = record_bytes(record)
+        nbytes = record_bytes(record) + (caps.reserve if caps is not None else 0)
 
         def insert(db):  # one BEGIN IMMEDIATE: no other writer between the counts and the insert
             now = time.time()
@@ -130,7 +142,7 @@ class SQLiteStore:
         return await self._run(select, write=False)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None,
-                              close_round: int | None = None) -> bool:
+                              close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
         def cas(db):
             now = time.time()
             row = db.execute("SELECT version FROM sessions WHERE id = ? AND expires_at > ?",
@@ -143,10 +155,20 @@ class SQLiteStore:
                 return False
             if close_round is not None:
                 db.execute("DELETE FROM rounds WHERE session_id = ?", (record.id,))
-            db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ?, nbytes = ? WHERE id = ?",
-                       (record.version, record.meta, record.data, self._expiry(), record_bytes(record), record.id))
+            if history is not None:
+                _append(db, record.id, record.version, *history)
+            db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ? WHERE id = ?",
+                       (record.version, record.meta, record.data, self._expiry(), record.id))
             return True
         return await self._run(cas)
+
+    async def get_history(self, session_id: str) -> list[bytes]:
+        def select(db):
+            rows = db.execute("SELECT h.entry FROM history h JOIN sessions s ON s.id = h.session_id "
+                              "WHERE h.session_id = ? AND s.expires_at > ? ORDER BY h.seq",
+                              (session_id, time.time())).fetchall()
+            return [row[0] for row in rows]
+        return await self._run(select, write=False)
 
     async def get_round(self, session_id: str) -> RoundRecord | None:
         def select(db):
@@ -213,6 +235,24 @@ class SQLiteStore:
     async def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _append(db, session_id: str, seq: int, entry: bytes, limit: int) -> None:
+    """Append a history entry; past ``limit`` recent ones, drop the oldest, keeping every 10th."""
+    db.execute("INSERT OR REPLACE INTO history (session_id, seq, archived, entry) VALUES (?, ?, 0, ?)",
+               (session_id, seq, entry))
+    (recent,) = db.execute("SELECT COUNT(*) FROM history WHERE session_id = ? AND archived = 0", (session_id,)).fetchone()
+    for (old,) in db.execute("SELECT seq FROM history WHERE session_id = ? AND archived = 0 ORDER BY seq LIMIT ?",
+                             (session_id, max(recent - limit, 0))).fetchall():
+        db.execute("INSERT INTO history_dropped VALUES (?, 1) ON CONFLICT (session_id) DO UPDATE SET dropped = dropped + 1",
+                   (session_id,))
+        (dropped,) = db.execute("SELECT dropped FROM history_dropped WHERE session_id = ?", (session_id,)).fetchone()
+        if dropped % HISTORY_DOWNSAMPLE == 0:
+            db.execute("UPDATE history SET archived = 1 WHERE session_id = ? AND seq = ?", (session_id, old))
+        else:
+            db.execute("DELETE FROM history WHERE session_id = ? AND seq = ?", (session_id, old))
+    db.execute("DELETE FROM history WHERE session_id = ? AND archived = 1 AND seq NOT IN (SELECT seq FROM history "
+               "WHERE session_id = ? AND archived = 1 ORDER BY seq DESC LIMIT ?)", (session_id, session_id, limit))
 
 
 def _round_version(db, session_id: str) -> int:

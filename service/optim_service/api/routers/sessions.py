@@ -10,6 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from ...errors import InvalidRequest, NotAcceptable
+from ... import history
+from ...diagnosis import Thresholds, diagnose
 from ...record import Layout, Session, layout_from_meta
 from .. import wire
 from ..deps import Caller
@@ -27,6 +29,8 @@ from ..schemas import (
     STEP_PROBLEMS,
     CreatedSession,
     CreateSession,
+    DiagnosisAnswer,
+    HistoryAnswer,
     ParamsAnswer,
     RoundInfo,
     SessionInfo,
@@ -153,10 +157,49 @@ async def step(session_id: str, request: Request, caller: Caller) -> Response:
 
 
 @router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},
-            summary="Session metadata: step, optimizer, hyperparameters, shapes")
+            summary="Session metadata: step, optimizer, hyperparameters, shapes, the next step's lr")
 async def get_session(session_id: str, caller: Caller) -> Response:
     record, meta = await caller.sessions.meta(caller.owner, session_id)
-    return JSONResponse(describe(record.id, meta), headers=_etag(meta["step"]))
+    return JSONResponse({**describe(record.id, meta), "next_lr": caller.sessions.next_lrs(record)},
+                        headers=_etag(meta["step"]))
+
+
+@router.get("/{session_id}/history", responses={**answers(HistoryAnswer), **SESSION_PROBLEMS,
+                                                406: STEP_PROBLEMS[406]},
+            summary="One line per step: loss, lr per group, gradient norm, update ratios (JSON, or CSV by Accept)")
+async def get_history(
+    session_id: str, request: Request, caller: Caller,
+    since: Annotated[int | None, Query(ge=0, description="the first step to include")] = None,
+    every: Annotated[int | None, Query(ge=1, le=1_000_000, description="only steps that are multiples of it")] = None,
+) -> Response:
+    csv_wanted = _wants_csv(request.headers.get("accept"))
+    steps = history.select(await caller.sessions.history(caller.owner, session_id), since, every)
+    if csv_wanted:
+        return Response(history.to_csv(steps), media_type="text/csv; charset=utf-8")
+    return JSONResponse({"history": steps})
+
+
+@router.get("/{session_id}/diagnosis", responses={**answers(DiagnosisAnswer), **SESSION_PROBLEMS},
+            summary="A verdict on training from the history: diverging, oscillating, too_slow, plateau, healthy")
+async def get_diagnosis(session_id: str, request: Request, caller: Caller) -> Response:
+    s = request.app.state.settings
+    thresholds = Thresholds(s.diagnosis_window, s.diagnosis_min_steps, s.diagnosis_divergence_factor,
+                            s.diagnosis_oscillation_fraction, s.diagnosis_slow_decrease, s.diagnosis_slow_ratio,
+                            s.diagnosis_patience)
+    return JSONResponse(diagnose(await caller.sessions.history(caller.owner, session_id), thresholds))
+
+
+def _wants_csv(accept: str | None) -> bool:
+    """``Accept``'s first type of the two history is written in: text/csv, or JSON (406 for neither)."""
+    for part in (accept or "").split(","):
+        kind = part.split(";")[0].strip().lower()
+        if kind == "text/csv":
+            return True
+        if kind in (JSON, "*/*", "application/*", "text/*", "application/problem+json"):
+            return False
+    if accept and accept.strip():
+        raise NotAcceptable(f"history is {JSON} or text/csv, not {accept!r}")
+    return False
 
 
 @router.get("/{session_id}/round", responses={**answers(RoundInfo), **SESSION_PROBLEMS},

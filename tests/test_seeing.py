@@ -1,0 +1,112 @@
+"""Seeing training, on every store: the history each step writes (bounded, JSON and CSV, the lr each
+step used), and a diagnosis that names the truths of quadratics where they are known — lr > 2/L
+diverges, 1/L < lr < 2/L zig-zags (while the loss still falls), lr ≪ 1/L crawls — and of a small
+real model."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+
+
+async def quadratic(client, lr: float, steps: int, curvature: float = 1.0, momentum: float = 0.0) -> str:
+    """Plain gradient descent on f(θ) = ½·L·|θ|², sending the loss with each step."""
+    theta = np.array([1.0, -0.5, 0.25])
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd", "lr": lr, "momentum": momentum},
+                                                   "dtype": "float64", "params": theta.tolist()})).json()["id"]
+    for _ in range(steps):
+        loss = 0.5 * curvature * float(theta @ theta)
+        answer = await client.post(f"/v1/sessions/{sid}/step",
+                                   json={"gradients": (curvature * theta).tolist(), "loss": loss})
+        assert answer.status_code == 200, answer.text
+        theta = np.array(answer.json()["params"])
+    return sid
+
+
+async def verdict(client, sid: str) -> dict:
+    answer = await client.get(f"/v1/sessions/{sid}/diagnosis")
+    assert answer.status_code == 200
+    return answer.json()
+
+
+@pytest.mark.parametrize("lr,steps,expected", [
+    (2.5, 30, "diverging"),  # > 2/L
+    (1.8, 30, "oscillating"),  # between 1/L and 2/L: θ flips sign every step, the loss still falls
+    (1e-6, 60, "too_slow"),  # far below 1/L
+    (0.3, 30, "healthy"),
+    (0.3, 5, "not_enough_data"),
+])
+async def test_the_diagnosis_names_a_quadratics_truth(client, lr, steps, expected):
+    sid = await quadratic(client, lr, steps)
+    found = await verdict(client, sid)
+    assert found["verdict"] == expected, found
+    assert found["suggestion"] and isinstance(found["evidence"], dict)
+
+
+async def test_a_plateau_is_no_improvement_for_patience_steps(client):
+    rng = np.random.default_rng(0)
+    theta = np.zeros(4)
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd", "lr": 0.1}, "dtype": "float64",
+                                                   "params": (theta + 1).tolist()})).json()["id"]
+    for t in range(40):  # at the noise floor: the gradient is noise, the loss wanders around 1
+        loss = 1.0 + (0.2 if t == 0 else 0.0) + 1e-6 * rng.standard_normal()  # under the 1e-4 threshold
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": rng.standard_normal(4).tolist(), "loss": loss})
+    found = await verdict(client, sid)
+    assert found["verdict"] == "plateau" and found["evidence"]["steps_without_improvement"] >= 20
+
+
+async def test_a_small_real_model(client):
+    """Linear regression on features of different scales: a good lr is healthy, a tiny one crawls."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 3)) * np.array([1.0, 3.0, 0.5])
+    y = x @ np.array([2.0, -1.0, 0.5]) + 0.1
+
+    async def train(lr: float) -> str:
+        w = np.zeros(4)
+        sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "adam", "lr": lr}, "dtype": "float64",
+                                                       "params": w.tolist()})).json()["id"]
+        for _ in range(40):
+            residual = x @ w[:3] + w[3] - y
+            grad = np.append(x.T @ residual, residual.sum()) / len(y)
+            w = np.array((await client.post(f"/v1/sessions/{sid}/step", json={
+                "gradients": grad.tolist(), "loss": float(np.mean(residual**2) / 2)})).json()["params"])
+        return sid
+
+    assert (await verdict(client, await train(0.1)))["verdict"] == "healthy"
+    assert (await verdict(client, await train(1e-7)))["verdict"] == "too_slow"
+
+
+async def test_history_records_each_step_and_reads_as_csv(client):
+    sid = (await client.post("/v1/sessions", json={
+        "optimizer": {"type": "sgd", "lr": 0.1}, "dtype": "float64", "params": {"w": [1.0, 2.0], "b": [0.5]},
+        "schedule": {"type": "inverse_sqrt"}, "clip_grad_norm": {"max_norm": 1.0},
+        "param_groups": [{"params": ["b"], "lr": 0.5}]})).json()["id"]
+    for t in range(12):
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"w": [0.1, 0.2], "b": [3.0 if t % 2 else 0.1]},
+                                                            "loss": 1.0 / (t + 1)})
+    steps = (await client.get(f"/v1/sessions/{sid}/history")).json()["history"]
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    third = steps[2]
+    assert third["lr"] == pytest.approx([0.1 / np.sqrt(3), 0.5 / np.sqrt(3)], rel=1e-12)  # what step 3 used
+    assert steps[1]["grad_norm"] == pytest.approx(np.sqrt(0.01 + 0.04 + 9.0), rel=1e-12) and steps[1]["clipped"]
+    assert third["grad_norm"] == pytest.approx(np.sqrt(0.01 + 0.04 + 0.01), rel=1e-12) and not third["clipped"]
+    assert set(third["ratio"]) == {"w", "b"} and len(third["u"]) == 16
+    meta = (await client.get(f"/v1/sessions/{sid}")).json()
+    assert meta["next_lr"] == pytest.approx([0.1 / np.sqrt(13), 0.5 / np.sqrt(13)], rel=1e-12)  # the next step's
+    table = list(csv.DictReader(io.StringIO((await client.get(
+        f"/v1/sessions/{sid}/history", params={"since": 4, "every": 2}, headers={"Accept": "text/csv"})).text)))
+    assert [int(r["step"]) for r in table] == [4, 6, 8, 10, 12]
+    assert float(table[0]["loss"]) == 0.25 and table[0]["clipped"] == "True" and "ratio:b" in table[0]  # t = 3: b 3.0
+    assert (await client.get(f"/v1/sessions/{sid}/history", headers={"Accept": "image/png"})).status_code == 406
+
+
+async def test_history_is_bounded(app, client):
+    app.state.settings.history_steps = 20  # the setting, read by each step
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0]})).json()["id"]
+    for _ in range(60):
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.1]})
+    steps = [s["step"] for s in (await client.get(f"/v1/sessions/{sid}/history")).json()["history"]]
+    assert steps == [10, 20, 30, 40, *range(41, 61)]  # the last 20 whole, every 10th before
