@@ -110,3 +110,44 @@ async def test_history_is_bounded(app, client):
         await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.1]})
     steps = [s["step"] for s in (await client.get(f"/v1/sessions/{sid}/history")).json()["history"]]
     assert steps == [10, 20, 30, 40, *range(41, 61)]  # the last 20 whole, every 10th before
+
+
+async def test_fork_is_bit_identical_and_takes_overrides(client):
+    rng = np.random.default_rng(2)
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "adam", "lr": 0.01}, "dtype": "float32",
+                                                   "params": {"w": rng.standard_normal(50).tolist()}})).json()["id"]
+    for _ in range(3):
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"w": rng.standard_normal(50).tolist()}})
+    original = (await client.get(f"/v1/sessions/{sid}/state")).json()
+    forks = []
+    for lr in (0.001, 0.01, 0.1):
+        answer = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"lr": lr}})
+        assert answer.status_code == 201 and answer.json()["step"] == 3 and answer.json()["optimizer"]["lr"] == lr
+        forks.append(answer.json()["id"])
+        state = (await client.get(f"/v1/sessions/{forks[-1]}/state")).json()
+        assert state["params"] == original["params"] and state["state"] == original["state"]  # the same bytes
+    grads = {"w": rng.standard_normal(50).tolist()}
+    same = await client.post(f"/v1/sessions/{forks[1]}/step", json={"gradients": grads})
+    mine = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": grads})
+    assert same.json() == mine.json()  # the same lr from the same point: the same step
+    refused = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"amsgrad": True}})
+    assert refused.status_code == 422 and "max_exp_avg_sq" in refused.json()["detail"]
+    assert (await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"type": "sgd"}})).status_code == 422
+    assert (await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"lr": -1}})).status_code == 422
+
+
+async def test_a_dry_run_answers_the_step_and_changes_nothing(client):
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "adam", "lr": 0.1}, "dtype": "float64",
+                                                   "params": [1.0, 2.0]})).json()["id"]
+    await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5, 0.5], "loss": 1.0})
+    before = (await client.get(f"/v1/sessions/{sid}/state")).json()
+    steps_before = (await client.get(f"/v1/sessions/{sid}/history")).json()["history"]
+    key = {"Idempotency-Key": "dry-then-real"}
+    dry = await client.post(f"/v1/sessions/{sid}/step?dry_run=true", json={"gradients": [0.3, -0.2]}, headers=key)
+    assert dry.status_code == 200 and dry.headers["optim-dry-run"] == "true" and dry.json()["step"] == 2
+    assert (await client.get(f"/v1/sessions/{sid}/state")).json() == before
+    assert (await client.get(f"/v1/sessions/{sid}/history")).json()["history"] == steps_before
+    real = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.3, -0.2]}, headers=key)
+    assert real.status_code == 200 and "idempotent-replayed" not in real.headers  # no claim was taken
+    assert real.json()["params"] == dry.json()["params"]
+    assert (await client.post(f"/v1/sessions/{sid}/step?dry_run=maybe", json={"gradients": [1.0, 1.0]})).status_code == 422

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import anyio.to_thread
 import blake3
 import numpy as np
+from pydantic import ValidationError
 
 from . import history
 from .errors import (
@@ -58,6 +59,7 @@ class StepResult(NamedTuple):
     lr_scale: float | None = None  # an asynchronous push's staleness scale
     staleness: int | None = None
     round: int | None = None  # the round this step committed
+    dry_run: bool = False  # computed and answered, written nowhere
 
 
 def new_session_id() -> str:
@@ -230,11 +232,58 @@ class SessionService:
         idempotency: tuple[str, str] | None = None,  # (key, body digest)
         memory: np.ndarray | None = None,  # from binary_memory, holding the body that ``decode`` reads
         contribution: Contribution = Contribution(),
+        dry_run: bool = False,
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
         dropped with the last step that needs it, so idle sessions hold none."""
+        if dry_run:  # the would-be step, written nowhere: no lock, claim, history or round
+            return await self._dry_run(owner, session_id, decode, loss, if_match, memory)
         async with self._locked(session_id):
             return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory, contribution)
+
+    async def _dry_run(self, owner, session_id, decode, loss, if_match, memory) -> StepResult:
+        template = self._warm.template(await self._record(owner, session_id))
+        if if_match is not None and template.step != if_match:
+            raise VersionMismatch(f"If-Match expected step {if_match}, the session is at step {template.step}",
+                                  step=template.step)
+        session, grad_norm, compute_ms, skipped, _ = await self._compute(template, decode, memory, loss)
+        return StepResult(session, grad_norm, compute_ms, skipped=skipped, dry_run=True)
+
+    async def fork(self, owner: str | None, session_id: str, optimizer: dict | None = None) -> Session:
+        """A new session at the same step with bit-identical state, its optimizer's hyperparameters
+        overridden by ``optimizer`` (three learning rates from one point, say)."""
+        template = self._warm.template(await self._record(owner, session_id))
+        config = template.config
+        if optimizer:
+            if optimizer.get("type", config.optimizer.type) != config.optimizer.type:
+                raise InvalidRequest("a fork keeps its optimizer's type; create a session from GET .../state instead")
+            try:
+                config = TrainingConfig.model_validate({**config.model_dump(mode="json"),
+                                                        "optimizer": {**config.optimizer.model_dump(mode="json"),
+                                                                      **optimizer}})
+            except ValidationError as e:
+                raise InvalidRequest("optimizer: " + "; ".join(
+                    f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+            kept = {k for k, v in template.states[0]._asdict().items() if v is not None} if template.states else set()
+            probe = np.zeros(1, template.layout.np_dtype)
+            wants = {k for k, v in config.algorithm.init(probe, config.optimizer)._asdict().items() if v is not None}
+            if template.states and kept != wants:
+                raise InvalidRequest(f"a fork keeps the optimizer's state: these settings need buffers {sorted(wants)}, "
+                                     f"the session holds {sorted(kept)} (momentum 0 and above, amsgrad and centered "
+                                     "change which it keeps)")
+        clone = template.fork()  # a private copy of the bytes: bit-identical state
+        for cached in ("config_json", "hyperparameters"):
+            clone.__dict__.pop(cached, None)
+        now = time.time()
+        clone.id, clone.config, clone.version, clone.created_at, clone.updated_at = new_session_id(), config, 0, now, now
+        record = clone.to_record()
+        caps = dataclasses.replace(self.caps, reserve=history.reserve(self.settings.history_steps,
+                                                                      len(clone.layout.names)))
+        try:
+            await self.store.create(record, caps)
+        except CapReached as e:
+            raise _refusal(e) from None
+        return clone
 
     @asynccontextmanager
     async def _locked(self, session_id: str):

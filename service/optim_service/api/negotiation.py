@@ -121,6 +121,19 @@ def prefers_wait(prefer: str | None) -> float | None:
     return None
 
 
+def dry_run_asked(query: bytes) -> bool:
+    """``?dry_run=true`` (or 1): answer the would-be step, change nothing."""
+    for part in query.decode("latin-1").split("&"):
+        key, _, value = part.partition("=")
+        if key == "dry_run":
+            if value.lower() in ("true", "1", ""):
+                return True
+            if value.lower() in ("false", "0"):
+                return False
+            raise InvalidRequest(f"dry_run takes true or false, got {value!r}")
+    return False
+
+
 def contribution_headers(headers) -> dict:
     """A push's worker, weight, round and base step from Optim-* headers (for bodies without fields)."""
     said = {}

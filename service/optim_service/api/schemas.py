@@ -238,6 +238,12 @@ class HistoryAnswer(BaseModel):
     history: list[HistoryEntry]
 
 
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    optimizer: dict[str, Any] | None = Field(None, description="hyperparameters to override, e.g. {\"lr\": 0.01}")
+
+
 class DiagnosisAnswer(BaseModel):
     verdict: Literal["diverging", "oscillating", "too_slow", "plateau", "healthy", "not_enough_data"]
     evidence: dict[str, Any] = Field(description="the numbers the rule read")

@@ -27,7 +27,8 @@ from ..sessions import StepResult, body_digest
 from .codecs import BINARY, CODECS, negotiate
 from .codecs.dtypes import WIRE_DTYPE_HEADER
 from .deps import Tenant, caller_of
-from .negotiation import contribution_headers, idempotency_key, if_match, prefers_wait, read_body, require_content_type
+from .negotiation import (contribution_headers, dry_run_asked, idempotency_key, if_match, prefers_wait, read_body,
+                          require_content_type)
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
 WIRE_FORMATS = {"application/json": "json", "application/octet-stream": "binary",
@@ -48,7 +49,7 @@ class StepLane:
         state = scope["app"].state
         try:
             caller = await caller_of(state, headers.get("authorization"))
-            reply = await serve_step(match[1], headers, receive, caller, state)
+            reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"])
         except Exception as exc:
             handler = _handler_for(scope["app"].exception_handlers, exc)
             if handler is None:
@@ -73,13 +74,15 @@ class StepReply(Response):
         self._observe()
 
 
-async def serve_step(session_id: str, headers: Mapping[str, str], receive, caller: Tenant, state: State) -> StepReply:
+async def serve_step(session_id: str, headers: Mapping[str, str], receive, caller: Tenant, state: State,
+                     query: bytes = b"") -> StepReply:
     """Read a step in any codec's format, apply it through the session service, and answer it in
     the format ``Accept`` asks."""
     started = time.perf_counter()
     ctype = require_content_type(headers.get("content-type"), *CODECS)
     answer = negotiate(headers.get("accept"), headers.get(WIRE_DTYPE_HEADER))  # refuse a bad Accept before anything
-    key = idempotency_key(headers.get("idempotency-key"))
+    dry_run = bool(query) and dry_run_asked(query)
+    key = None if dry_run else idempotency_key(headers.get("idempotency-key"))
     expected = if_match(headers.get("if-match"))
     length, memory = headers.get("content-length"), None
     if ctype == BINARY and length and length.isdigit() and WIRE_DTYPE_HEADER not in headers:
@@ -93,13 +96,16 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     idempotency = (key, body_digest(ctype + "".join(f";{k}={v}" for k, v in sorted(said.items())), body)) if key else None
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
                                         if_match=expected, idempotency=idempotency, memory=memory,
-                                        contribution=Contribution(**said) if said else Contribution())
+                                        contribution=Contribution(**said) if said else Contribution(),
+                                        dry_run=dry_run)
     if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
         result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
     session = result.session
     out = [(b"etag", b'"%d"' % session.step), (b"server-timing", b"compute;dur=%.3f" % result.compute_ms)]
     if result.replayed:
         out.append((b"idempotent-replayed", b"true"))
+    if result.dry_run:
+        out.append((b"optim-dry-run", b"true"))
     if result.pending is not None:  # taken into a round still open: 202 and where the round stands
         content = orjson.dumps(result.pending.document())
         out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
@@ -120,6 +126,8 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
 
 
 def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:
+    if result.dry_run:
+        return
     if result.staleness is not None:
         metrics.staleness.observe(result.staleness)
     if result.pending is not None or result.round is not None:

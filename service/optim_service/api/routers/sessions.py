@@ -30,6 +30,7 @@ from ..schemas import (
     CreatedSession,
     CreateSession,
     DiagnosisAnswer,
+    ForkRequest,
     HistoryAnswer,
     ParamsAnswer,
     RoundInfo,
@@ -151,9 +152,24 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
     SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}},
     responses={**answers(StepAnswer, binary=True), **answers(RoundInfo, status=202), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
-async def step(session_id: str, request: Request, caller: Caller) -> Response:
+async def step(
+    session_id: str, request: Request, caller: Caller,
+    dry_run: Annotated[bool, Query(description="answer the would-be step and change nothing")] = False,
+) -> Response:
     # app.py's StepLane serves this before the router is reached; the route documents it
-    return await serve_step(session_id, request.headers, request.receive, caller, request.app.state)
+    return await serve_step(session_id, request.headers, request.receive, caller, request.app.state,
+                            request.scope["query_string"])
+
+
+@router.post("/{session_id}/fork", status_code=201, responses={**answers(SessionInfo, status=201), **SESSION_PROBLEMS},
+             summary="A new session at the same step with bit-identical state, hyperparameters overridden")
+async def fork_session(session_id: str, request: Request, caller: Caller) -> Response:
+    raw = await read_body(request.headers.get("content-length"), request.receive)
+    body = parse_json(raw, ForkRequest, "none", request.app.state.settings.max_json_depth) if raw else ForkRequest()
+    session = await caller.sessions.fork(caller.owner, session_id, body.optimizer)
+    meta = orjson.loads(orjson.dumps(session.meta()))
+    return JSONResponse(describe(session.id, meta), status_code=201,
+                        headers={"Location": f"/v1/sessions/{session.id}", **_etag(session.step)})
 
 
 @router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},
