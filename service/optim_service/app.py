@@ -103,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(metrics_router.router)
     if settings.expose_docs:
         _serve_docs(app)
+    if settings.expose_dashboard:
+        _serve_dashboard(app)
     _document_bodies(app)
     return app
 
@@ -158,6 +160,19 @@ def _serve_docs(app: FastAPI) -> None:
             openapi_url="/openapi.json", title="optim-service — API",
             swagger_js_url="/docs-static/swagger-ui-bundle.js", swagger_css_url="/docs-static/swagger-ui.css",
             swagger_favicon_url="/docs-static/favicon.png")
+
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _serve_dashboard(app: FastAPI) -> None:
+    """/dashboard: a page of static assets (uPlot vendored, no CDN) that reads the API with the
+    caller's key, so it shows exactly what that key may see."""
+    app.mount("/dashboard-static", StaticFiles(directory=STATIC), name="dashboard-static")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse((STATIC / "dashboard.html").read_text())
 
 
 def _document_bodies(app: FastAPI) -> None:

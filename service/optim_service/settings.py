@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     expose_docs: bool = Field(True, description="serve /docs and /openapi.json")
     cors_origins: str | None = Field(None, description="comma-separated origins browsers may call from")
     expose_metrics: bool = Field(True, description="serve /metrics (Prometheus text format)")
+    expose_dashboard: bool = Field(True, description="serve /dashboard (its data comes from the API, with the "
+                                   "caller's key)")
     rate_limit_per_second: float = Field(1000.0, ge=0, description="requests per API key; 0 off (only with keys)")
     rate_limit_burst: int = Field(2000, ge=1)
     max_sessions_per_key: int = Field(1000, ge=1)
