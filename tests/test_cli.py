@@ -122,3 +122,37 @@ def test_sqlite_urls_mean_what_they_say_and_the_start_names_the_store(tmp_path):
         assert "redis://:***@127.0.0.1:1/0 does not answer" in logs and "hunter2" not in logs
     finally:
         server.stop()
+
+
+def test_sessions_list_shows_the_verdict_and_watch_follows_steps():
+    server = ServerProcess("--store", "memory")
+    try:
+        theta = [1.0, -1.0]
+        sid = httpx.post(f"{server.url}/v1/sessions", json={"optimizer": {"type": "sgd", "lr": 2.5},
+                                                            "dtype": "float64", "params": theta}).json()["id"]
+
+        def step():
+            nonlocal theta
+            answer = httpx.post(f"{server.url}/v1/sessions/{sid}/step",
+                                json={"gradients": theta, "loss": sum(x * x for x in theta) / 2})
+            theta = answer.json()["params"]
+
+        for _ in range(12):
+            step()
+        env = {"OPTIM_URL": server.url, "PATH": "/usr/bin:/bin"}
+        listed = subprocess.run([str(SERVICE_BIN), "sessions", "list"], capture_output=True, text=True, env=env,
+                                timeout=60)
+        assert "verdict" in listed.stdout.splitlines()[0] and "diverging" in listed.stdout
+        watch = subprocess.Popen([str(SERVICE_BIN), "sessions", "watch", sid, "--interval", "0.2"], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            lines = [watch.stdout.readline() for _ in range(14)]  # the header, 12 steps, the verdict
+            step()
+            lines.append(watch.stdout.readline())
+        finally:
+            watch.terminate()
+            watch.wait(10)
+        assert lines[0].split()[0] == "step" and [ln.split()[0] for ln in lines[1:13]] == [str(i) for i in range(1, 13)]
+        assert "verdict: diverging" in lines[13] and lines[14].split()[0] == "13"
+    finally:
+        server.stop()

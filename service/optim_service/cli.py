@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("session_id")
     delete = actions.add_parser("delete", help="delete sessions")
     delete.add_argument("session_ids", nargs="+")
-    for action in (listing, show, delete):
+    watch = actions.add_parser("watch", help="follow a session's steps as they land (Ctrl-C to stop)")
+    watch.add_argument("session_id")
+    watch.add_argument("--interval", type=float, default=1.0, help="seconds between looks (default 1)")
+    for action in (listing, show, delete, watch):
         _client_flags(action)
         action.set_defaults(run=_sessions)
 
@@ -119,6 +122,8 @@ def _sessions(args) -> int:
         try:
             if args.action == "list":
                 _list(http, args.limit)
+            elif args.action == "watch":
+                _watch(http, args.session_id, args.interval)
             elif args.action == "show":
                 print(json.dumps(_ok(http.get(f"/v1/sessions/{args.session_id}")), indent=2))
             else:
@@ -139,14 +144,46 @@ def _list(http, limit: int | None) -> None:
         page_size = 1000 if limit is None else min(1000, limit - shown)
         page = _ok(http.get("/v1/sessions", params={"limit": page_size, **({"after": after} if after else {})}))
         if after is None:  # the header once the server has answered
-            print(f"{'id':<24} {'optimizer':<9} {'step':>8} {'dtype':<8} {'parameters':>12} {'loss':>12}  updated")
+            print(f"{'id':<24} {'optimizer':<9} {'step':>8} {'dtype':<8} {'parameters':>12} {'loss':>12} "
+                  f"{'verdict':<15}  updated")
         for s in page["sessions"]:
             loss = "" if s["loss"] is None else f"{s['loss']:.6g}"
+            verdict = _ok(http.get(f"/v1/sessions/{s['id']}/diagnosis"))["verdict"]
             print(f"{s['id']:<24} {s['optimizer']['type']:<9} {s['step']:>8} {s['dtype']:<8} "
-                  f"{s['num_parameters']:>12} {loss:>12}  {s['updated_at']}")
+                  f"{s['num_parameters']:>12} {loss:>12} {verdict:<15}  {s['updated_at']}")
         shown += len(page["sessions"])
         if not (after := page["next"]):
             return
+
+
+def _watch(http, session_id: str, interval: float) -> None:
+    """A line per step as it lands: step, loss, lr, gradient norm, median update ratio; the verdict
+    when it changes."""
+    import statistics
+    import time
+
+    print(f"{'step':>8} {'loss':>12} {'lr':>10} {'grad norm':>10} {'ratio':>10}  verdict")
+    since, verdict = 0, None
+    while True:
+        steps = _ok(http.get(f"/v1/sessions/{session_id}/history", params={"since": since}))["history"]
+        for h in steps:
+            ratios = [r for r in (h.get("ratio") or {}).values() if r is not None]
+            cells = [_num(h["loss"]), _num(h["lr"][0] if h["lr"] else None), _num(h["grad_norm"]),
+                     _num(statistics.median(ratios) if ratios else None)]
+            print(f"{h['step']:>8} {cells[0]:>12} {cells[1]:>10} {cells[2]:>10} {cells[3]:>10}"
+                  + ("  skipped" if h["skipped"] else ""))
+            since = h["step"] + 1
+        if steps:
+            found = _ok(http.get(f"/v1/sessions/{session_id}/diagnosis"))
+            if found["verdict"] != verdict:
+                verdict = found["verdict"]
+                print(f"{'':>8} verdict: {verdict} — {found['suggestion']}")
+        sys.stdout.flush()
+        time.sleep(interval)
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.4g}"
 
 
 class _Refused(Exception):

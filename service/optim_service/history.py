@@ -54,9 +54,11 @@ def _sampling(sizes: tuple[int, ...]) -> tuple[int, np.ndarray, tuple[bool, ...]
 def grad_norm(grads) -> float:
     """The L2 norm over every gradient (torch's clip_grad_norm_ total), before clipping."""
     whole = getattr(grads, "whole", None)
+    if whole is None and len(grads) == 1:
+        whole = grads[0].reshape(-1)
     if whole is not None:
-        return float(np.linalg.norm(whole))
-    return float(math.sqrt(sum(float(np.dot(g.reshape(-1), g.reshape(-1))) for g in grads if g is not None)))
+        return math.sqrt(float(whole @ whole))
+    return math.sqrt(sum(float(g.reshape(-1) @ g.reshape(-1)) for g in grads if g is not None))
 
 
 def entry(step: int, old: np.ndarray, new: np.ndarray, names, sizes, *, loss, lrs, norm, clipped, worker,

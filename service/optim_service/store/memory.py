@@ -121,7 +121,10 @@ class MemoryStore:
         return True
 
     def _append(self, session_id: str, entry: bytes, limit: int) -> None:
-        recent, archive, dropped = self._history.setdefault(session_id, (deque(), deque(), [0]))
+        kept = self._history.get(session_id)
+        if kept is None:
+            kept = self._history[session_id] = (deque(), deque(), [0])
+        recent, archive, dropped = kept
         recent.append(entry)
         while len(recent) > limit:
             old = recent.popleft()
