@@ -61,7 +61,52 @@ def smoothed(losses: list[float], beta: float = 0.98) -> list[float]:
     return out
 
 
-def diagnose(steps: list[dict], t: Thresholds = Thresholds()) -> dict:
+def diagnose(steps: list[dict], t: Thresholds = Thresholds(), range_test: bool = False) -> dict:
+    """The verdict on the last window of ``steps``; for a session under an ``lr_range_test``
+    schedule, also the learning rate its whole curve suggests."""
+    found = _diagnose(steps, t)
+    if range_test:
+        suggested = suggest_lr(steps, t)
+        if suggested is not None:
+            found["evidence"]["suggested_lr"] = suggested
+            found["suggestion"] = (f"the range test suggests lr ≈ {suggested['valley']:.3g} (the valley rule), "
+                                   f"{suggested['steepest']:.3g} where the loss fell fastest; create or fork a "
+                                   "session with it")
+    return found
+
+
+def suggest_lr(steps: list[dict], t: Thresholds = Thresholds()) -> dict | None:
+    """From a range test's (lr, loss) curve, up to where it diverged (smoothed loss over 4× its best):
+    the lr of the steepest descent of the smoothed loss against log lr (fastai's and Lightning's
+    "steep"), and fastai's "valley" (half way into the longest descending stretch)."""
+    points = [(s["lr"][0], s["loss"]) for s in steps if s.get("loss") is not None and s.get("lr")]
+    if len(points) < t.min_steps:
+        return None
+    lrs = np.array([p[0] for p in points])
+    curve = np.array(smoothed([p[1] for p in points]))
+    best = np.minimum.accumulate(curve)
+    stop = next((i for i in range(len(curve)) if best[i] > 0 and curve[i] > t.divergence_factor * best[i]), len(curve))
+    lrs, curve = lrs[:stop], curve[:stop]
+    if len(curve) < 3:
+        return None
+    slopes = np.gradient(curve, np.log(lrs))
+    steepest = float(lrs[int(np.argmin(slopes))])
+    n = len(curve)
+    run = [1] * n  # the longest decreasing subsequence ending at each point (fastai's valley)
+    end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if curve[i] < curve[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[end] < run[i]:
+            end = i
+    start = end - run[end]  # as fastai counts it
+    third = (end - start) / 3
+    valley = float(lrs[start + int(third) + int(third / 2)])
+    return {"steepest": steepest, "valley": valley}
+
+
+def _diagnose(steps: list[dict], t: Thresholds) -> dict:
     window = steps[-t.window:]
     if len(window) < t.min_steps:
         return _verdict("not_enough_data", {"steps": len(window), "needed": t.min_steps})

@@ -102,6 +102,24 @@ class TrainingConfig(BaseModel):
                 hp = self.optimizer if i == len(self.param_groups) else self._group_hyperparameters(i)
                 self.schedule.lr_at(hp.lr, step)
 
+    @model_validator(mode="after")
+    def _cycled_momentum_has_a_buffer(self):
+        """OneCycleLR cycles momentum (or Adam's beta1): an optimizer without either, or an SGD or
+        RMSprop created without momentum (so with no momentum buffer to carry), cannot take it."""
+        schedule = self.schedule
+        if schedule is None or schedule.type != "onecycle" or not schedule.cycle_momentum:
+            return self
+        fields = type(self.optimizer).model_fields
+        if "betas" in fields:
+            return self
+        if "momentum" not in fields:
+            raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
+        if self.optimizer.momentum == 0:
+            raise ValueError("onecycle cycles momentum, and an optimizer created with momentum 0 keeps no momentum "
+                             "buffer: give it a momentum above 0 (the schedule sets it from then on), or "
+                             "cycle_momentum: false")
+        return self
+
 
 FLAT_MAX_AVERAGE = 1 << 14  # elements per tensor, on average, up to which a step is one update
 
@@ -163,8 +181,9 @@ def apply_step(
                 continue
             if config.schedule is not None or lr_scale != 1.0:
                 if id(hp) not in scheduled:
-                    lr = config.schedule.lr_at(hp.lr, step - 1) if config.schedule is not None else hp.lr
-                    scheduled[id(hp)] = hp.model_copy(update={"lr": lr * lr_scale})
+                    update = (config.schedule.overrides(hp, step - 1, lr_scale) if config.schedule is not None
+                              else {"lr": hp.lr * lr_scale})
+                    scheduled[id(hp)] = hp.model_copy(update=update)
                 hp = scheduled[id(hp)]
             t = steps[i] if partial else step
             if fused:

@@ -202,7 +202,9 @@ async def get_diagnosis(session_id: str, request: Request, caller: Caller) -> Re
     thresholds = Thresholds(s.diagnosis_window, s.diagnosis_min_steps, s.diagnosis_divergence_factor,
                             s.diagnosis_oscillation_fraction, s.diagnosis_slow_decrease, s.diagnosis_slow_ratio,
                             s.diagnosis_patience)
-    return JSONResponse(diagnose(await caller.sessions.history(caller.owner, session_id), thresholds))
+    _, meta = await caller.sessions.meta(caller.owner, session_id)
+    range_test = (meta["config"].get("schedule") or {}).get("type") == "lr_range_test"
+    return JSONResponse(diagnose(await caller.sessions.history(caller.owner, session_id), thresholds, range_test))
 
 
 def _wants_csv(accept: str | None) -> bool:
