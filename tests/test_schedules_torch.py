@@ -111,3 +111,48 @@ async def test_the_lr_range_test_and_the_lr_it_suggests(client):
     suggested = found["evidence"]["suggested_lr"]
     assert 1e-3 < suggested["steepest"] < 2 and 1e-3 < suggested["valley"] < 2, found
     assert "suggest" in found["suggestion"] or str(round(suggested["valley"], 3))[:3] in found["suggestion"]
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"mode": "min", "factor": 0.5, "patience": 3, "threshold": 0.01, "threshold_mode": "abs", "cooldown": 2,
+     "min_lr": [0.004, 0.02]},
+    {"mode": "max", "factor": 0.3, "patience": 5, "cooldown": 1, "min_lr": 0.001, "eps": 1e-3},
+])
+async def test_reduce_on_plateau_follows_the_loss_as_torch(client, options):
+    """Two param groups, 150 steps: the loss falls, then stalls; a step now and then sends no loss
+    (a torch loop that skips scheduler.step then). Every step's lr and the weights equal torch's;
+    the state survives a checkpoint."""
+    rng = np.random.default_rng(5)
+    start = {"w": rng.standard_normal(3), "b": rng.standard_normal(2)}
+    body = {"optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.5}, "dtype": "float64",
+            "params": {k: v.tolist() for k, v in start.items()}, "param_groups": [{"params": ["b"], "lr": 0.3}],
+            "schedule": {"type": "reduce_on_plateau", **options}}
+    sid = (await client.post("/v1/sessions", json=body)).json()["id"]
+    w, b = (torch.tensor(v, requires_grad=True) for v in start.values())
+    opt = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr": 0.3}], lr=0.1, momentum=0.5)
+    torch_options = {k: v for k, v in options.items()}
+    scheduler = ls.ReduceLROnPlateau(opt, **torch_options)
+    for t in range(150):
+        loss = (2.0 / (t + 1) if t < 40 else 0.05 + 0.001 * rng.standard_normal()) * (1 if options.get("mode") != "max" else -1)
+        sent = None if t % 17 == 5 else loss
+        g = {"w": rng.standard_normal(3), "b": rng.standard_normal(2)}
+        w.grad, b.grad = torch.tensor(g["w"]), torch.tensor(g["b"])
+        opt.step()
+        if sent is not None:
+            scheduler.step(sent)
+        payload = {"gradients": {k: v.tolist() for k, v in g.items()}}
+        if sent is not None:
+            payload["loss"] = sent
+        answer = await client.post(f"/v1/sessions/{sid}/step", json=payload)
+        assert answer.status_code == 200, answer.text
+        if t == 75:  # resume from a checkpoint halfway
+            state = (await client.get(f"/v1/sessions/{sid}/state")).json()
+            assert "schedule_state" in state["state"]
+            sid = (await client.post("/v1/sessions", json=state)).json()["id"]
+    np.testing.assert_allclose(answer.json()["params"]["w"], w.detach().numpy(), rtol=1e-7)
+    np.testing.assert_allclose(answer.json()["params"]["b"], b.detach().numpy(), rtol=1e-7)
+    meta = (await client.get(f"/v1/sessions/{sid}")).json()
+    assert meta["next_lr"] == pytest.approx([g["lr"] for g in opt.param_groups], rel=1e-12)
+    lrs = [h["lr"] for h in (await client.get(f"/v1/sessions/{sid}/history")).json()["history"]]
+    assert lrs and all(len(x) == 2 for x in lrs)

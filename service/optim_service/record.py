@@ -205,6 +205,8 @@ class Session:
     # each tensor's count of updates, where a step skipped some (a gradient of null); None while
     # every tensor has taken every step
     tensor_steps: tuple[int, ...] | None = None
+    # a schedule that reads the loss (reduce_on_plateau): its state, replaced (never changed) by a step
+    schedule_state: dict | None = None
     version: int = 0  # every write bumps it; the store's compare-and-set fences on it
     buffer: np.ndarray | None = None  # uint8: the memory every array views, when loaded from a record
     slots: Slots | None = None  # where in ``buffer`` each array lives
@@ -278,6 +280,7 @@ class Session:
             "loss": self.loss,
             "skipped_steps": self.skipped_steps,
             **({"tensor_steps": list(self.tensor_steps)} if self.tensor_steps is not None else {}),
+            **({"schedule_state": self.schedule_state} if self.schedule_state is not None else {}),
             "config": orjson.Fragment(self.config_json),
             "dtype": self.layout.dtype,
             "structure": self.layout.structure,
@@ -346,6 +349,7 @@ def from_record(record: SessionRecord, private: bool = True) -> Session:
         created_at=meta["created_at"], updated_at=meta["updated_at"], loss=meta["loss"],
         skipped_steps=meta["skipped_steps"], version=record.version, buffer=buf, slots=slots, arrays=arrays,
         tensor_steps=tuple(meta["tensor_steps"]) if "tensor_steps" in meta else None,
+        schedule_state=meta.get("schedule_state"),
     )
     session.config_json = config_json  # what the record holds, so the next record repeats it exactly
     return session

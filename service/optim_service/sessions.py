@@ -151,6 +151,7 @@ class SessionService:
         layout: Layout,
         params: list[np.ndarray],
         restored: tuple[int, list[dict[str, np.ndarray]], tuple[int, ...] | None] | None = None,
+        schedule_state: dict | None = None,  # a checkpoint's, for a schedule that keeps one
     ) -> Session:
         try:
             hps = config.hyperparameters_for(list(layout.names))
@@ -173,6 +174,8 @@ class SessionService:
             raise InvalidRequest(f"params has {sum(layout.sizes)} elements; this service allows at most "
                                  f"{self.settings.max_elements_per_session} per session")
         session = Session(new_session_id(), owner, config, layout, step, params, states, tensor_steps=tensor_steps)
+        if config.schedule is not None and config.schedule.type == "reduce_on_plateau":
+            session.schedule_state = _plateau_state(session, schedule_state)
         record = session.to_record()
         caps = dataclasses.replace(self.caps, reserve=history.reserve(self.settings.history_steps, len(layout.names)))
         try:
@@ -378,6 +381,8 @@ class SessionService:
             grad_norm = None
         elif loss is not None:
             session.loss = loss
+            if session.schedule_state is not None:  # a scheduler stepped with the loss, after the step
+                session.schedule_state = template.config.schedule.after(session.schedule_state, loss)
         session.version += 1
         line = None
         if keep:
@@ -571,10 +576,33 @@ class SessionService:
 SKIPPED = object()  # what _advance returns when nan_policy "skip" refuses the step
 
 
+def _plateau_state(session: Session, restored: dict | None) -> dict:
+    """reduce_on_plateau's state: a checkpoint's, checked, or a fresh one at the groups' lrs."""
+    fresh = session.config.schedule.start([hp.lr for hp in _groups(session.config_json, session.layout.names)])
+    if restored is None:
+        return fresh
+    if (not isinstance(restored, dict) or set(restored) != set(fresh) or not isinstance(restored["lrs"], list)
+            or len(restored["lrs"]) != len(fresh["lrs"])
+            or not all(isinstance(x, (int, float)) and x >= 0 for x in restored["lrs"])):
+        raise InvalidRequest(f"state.schedule_state: expected {sorted(fresh)} with one lr per param group "
+                             f"({len(fresh['lrs'])}), as GET .../state writes it")
+    return restored
+
+
+def _lr_of(session: Session) -> dict[int, float] | None:
+    """The lr a stateful schedule has set for each group, by the id of its hyperparameters."""
+    state = session.schedule_state
+    if state is None:
+        return None
+    return {id(hp): lr for hp, lr in zip(_groups(session.config_json, session.layout.names), state["lrs"])}
+
+
 def _lrs(session: Session, lr_scale: float = 1.0) -> list[float]:
     """The learning rate each param group takes on the session's next step: the optimizer's own
     group first, then the groups in the order their tensors come."""
     config, t = session.config, session.step
+    if session.schedule_state is not None:
+        return [lr * lr_scale for lr in session.schedule_state["lrs"]]
     groups = _groups(session.config_json, session.layout.names)
     if config.schedule is None:
         return [hp.lr * lr_scale for hp in groups]
@@ -618,7 +646,8 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     if session.tensor_steps is not None or any(g is None for g in grads):  # some tensors skip steps
         steps = [s + (g is not None) for s, g in zip(session.tensor_steps or [session.step] * len(grads), grads)]
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
-                                   session.states, step, fused, session.flat(), template.source(), steps, lr_scale)
+                                   session.states, step, fused, session.flat(), template.source(), steps, lr_scale,
+                                   _lr_of(session))
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED

@@ -48,6 +48,7 @@ class RestoredState(BaseModel):
     buffers: Annotated[Any, Field(json_schema_extra=_an_object)] = None
     tensor_steps: dict[str, Annotated[int, Field(ge=0, strict=True)]] | None = Field(
         None, description="each named tensor's own count of updates, where some skipped steps (null gradients)")
+    schedule_state: dict[str, Any] | None = Field(None, description="reduce_on_plateau's state")
 
 
 class CreateSession(TrainingConfig):

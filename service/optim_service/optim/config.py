@@ -103,6 +103,15 @@ class TrainingConfig(BaseModel):
                 self.schedule.lr_at(hp.lr, step)
 
     @model_validator(mode="after")
+    def _one_min_lr_per_group(self):
+        schedule = self.schedule
+        if schedule is not None and schedule.type == "reduce_on_plateau" and isinstance(schedule.min_lr, list):
+            if len(schedule.min_lr) != len(self.param_groups) + 1:
+                raise ValueError(f"expected {len(self.param_groups) + 1} min_lrs (the optimizer's own group, then each "
+                                 f"of param_groups), got {len(schedule.min_lr)}")
+        return self
+
+    @model_validator(mode="after")
     def _cycled_momentum_has_a_buffer(self):
         """OneCycleLR cycles momentum (or Adam's beta1): an optimizer without either, or an SGD or
         RMSprop created without momentum (so with no momentum buffer to carry), cannot take it."""
@@ -136,6 +145,7 @@ def apply_step(
     source: tuple[list[np.ndarray], list[tuple], tuple | None] | None = None,
     steps: list[int] | None = None,
     lr_scale: float = 1.0,
+    lr_of: dict[int, float] | None = None,
 ) -> tuple[float | None, bool]:
     """Run optimizer step number ``step`` (from 1) in place, with the fused kernels or the numpy
     reference. Returns the gradient norm (when clipping) and whether every gradient, parameter and
@@ -153,7 +163,8 @@ def apply_step(
     values are kept (copied from ``source``), and ``steps`` then gives each tensor its own step
     number (its count of updates, as torch's per-parameter ``state["step"]``); the schedule follows
     ``step``, the optimizer's. ``lr_scale`` multiplies the (scheduled) learning rate of this step: an
-    asynchronous push's staleness scale."""
+    asynchronous push's staleness scale. ``lr_of`` (id of a tensor's hyperparameters → lr) is the
+    lr a stateful schedule (reduce_on_plateau) has set for each group."""
     # clipping's overflow shows in the norm (the updates count theirs): no warning; entering errstate
     # for nothing cost a small step more than its update
     with np.errstate(over="ignore", invalid="ignore") if config.clip_grad_norm else nullcontext():
@@ -181,8 +192,12 @@ def apply_step(
                 continue
             if config.schedule is not None or lr_scale != 1.0:
                 if id(hp) not in scheduled:
-                    update = (config.schedule.overrides(hp, step - 1, lr_scale) if config.schedule is not None
-                              else {"lr": hp.lr * lr_scale})
+                    if lr_of is not None:
+                        update = {"lr": lr_of[id(hp)] * lr_scale}
+                    elif config.schedule is not None:
+                        update = config.schedule.overrides(hp, step - 1, lr_scale)
+                    else:
+                        update = {"lr": hp.lr * lr_scale}
                     scheduled[id(hp)] = hp.model_copy(update=update)
                 hp = scheduled[id(hp)]
             t = steps[i] if partial else step

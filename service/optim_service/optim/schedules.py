@@ -214,6 +214,58 @@ class LrRangeTest(_Schedule):
         return self.start_lr * (self.end_lr / self.start_lr) ** (t / (self.num_steps - 1))
 
 
+class ReduceOnPlateau(_Schedule):
+    """torch.optim.lr_scheduler.ReduceLROnPlateau, fed the loss sent with each step (a step without a
+    loss leaves it be): after ``patience`` steps without improving on the best loss by ``threshold``,
+    every group's lr is multiplied by ``factor`` (down to ``min_lr``), then ``cooldown`` steps pass
+    before it counts again. Its state lives with the session; the lr it sets applies from the next
+    step, as a torch scheduler stepped after ``optimizer.step()``."""
+
+    type: Literal["reduce_on_plateau"]
+    mode: Literal["min", "max"] = "min"
+    factor: Annotated[Float, Field(gt=0, lt=1)] = 0.1
+    patience: Annotated[Int, Field(ge=0)] = 10
+    threshold: Annotated[Float, Field(ge=0)] = 1e-4
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: Annotated[Int, Field(ge=0)] = 0
+    min_lr: Annotated[Float, Field(ge=0)] | list[Annotated[Float, Field(ge=0)]] = 0.0
+    eps: Annotated[Float, Field(ge=0)] = 1e-8
+
+    def lr(self, base_lr: float, t: int) -> float:
+        return base_lr  # the state's lrs are what apply (``lr_of``)
+
+    def start(self, lrs: list[float]) -> dict:
+        if isinstance(self.min_lr, list) and len(self.min_lr) != len(lrs):
+            raise ValueError(f"expected {len(lrs)} min_lrs, got {len(self.min_lr)}")
+        return {"best": None, "num_bad_epochs": 0, "cooldown_counter": 0, "last_epoch": 0, "lrs": list(lrs)}
+
+    def _better(self, current: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.mode == "min":
+            return current < (best * (1 - self.threshold) if self.threshold_mode == "rel" else best - self.threshold)
+        return current > (best * (self.threshold + 1) if self.threshold_mode == "rel" else best + self.threshold)
+
+    def after(self, state: dict, loss: float) -> dict:
+        """The state after a step that reported ``loss`` (torch's ``step(metrics)``), as a new dict."""
+        state = dict(state, lrs=list(state["lrs"]), last_epoch=state["last_epoch"] + 1)
+        if self._better(loss, state["best"]):
+            state["best"], state["num_bad_epochs"] = loss, 0
+        else:
+            state["num_bad_epochs"] += 1
+        if state["cooldown_counter"] > 0:
+            state["cooldown_counter"] -= 1
+            state["num_bad_epochs"] = 0
+        if state["num_bad_epochs"] > self.patience:
+            floors = self.min_lr if isinstance(self.min_lr, list) else [self.min_lr] * len(state["lrs"])
+            for i, (old, floor) in enumerate(zip(state["lrs"], floors)):
+                new = max(old * self.factor, floor)
+                if old - new > self.eps:
+                    state["lrs"][i] = new
+            state["cooldown_counter"], state["num_bad_epochs"] = self.cooldown, 0
+        return state
+
+
 Closed = Annotated[Union[InverseSqrt, Step, Exponential, Cosine, MultiStep, Linear, CosineWarmRestarts],
                    Field(discriminator="type")]
 
@@ -243,6 +295,6 @@ class Sequential(_Schedule):
 
 Schedule = Annotated[
     Union[InverseSqrt, Step, Exponential, Cosine, MultiStep, Linear, CosineWarmRestarts, OneCycle, LrRangeTest,
-          Sequential],
+          Sequential, ReduceOnPlateau],
     Field(discriminator="type"),
 ]

@@ -103,8 +103,9 @@ async def create_session(request: Request, caller: Caller) -> Response:
         restored = (body.state.step, _decode_buffers(body.state.buffers, layout),
                     _tensor_steps(body.state.tensor_steps, body.state.step, layout))
     config, encodings = body.training_config(), wire.encodings_of(body.params)
+    schedule_state = body.state.schedule_state if body.state is not None else None
     del body  # its text (a base64 string can be the size of the params) is not needed past here
-    session = await caller.sessions.create(caller.owner, config, layout, params, restored)
+    session = await caller.sessions.create(caller.owner, config, layout, params, restored, schedule_state)
     meta = orjson.loads(orjson.dumps(session.meta()))  # as the store holds it
     doc = describe(session.id, meta)
     headers = {"Location": f"/v1/sessions/{session.id}", **_etag(session.step)}
@@ -259,7 +260,8 @@ async def get_state(session_id: str, request: Request, caller: Caller) -> Respon
         "state": {"step": session.step,
                   "buffers": buffers[0] if layout.structure == "array" else dict(zip(layout.names, buffers)),
                   **({"tensor_steps": dict(zip(layout.names, session.tensor_steps))}
-                     if session.tensor_steps is not None else {})},
+                     if session.tensor_steps is not None else {}),
+                  **({"schedule_state": session.schedule_state} if session.schedule_state is not None else {})},
     }
     return JSONResponse(doc, headers=_etag(session.step))
 
