@@ -56,3 +56,23 @@ async def test_the_lessons_momentum_and_time_decay(client):
         theta = theta - eta / np.sqrt(t + 1) * g
     ours = await run(client, {"optimizer": {"type": "sgd", "lr": eta}, "schedule": {"type": "inverse_sqrt"}})
     np.testing.assert_allclose(ours, theta, rtol=1e-12)
+
+
+def test_the_lessons_example_runs_and_the_diagnosis_names_each_learning_rate(server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "lessons.py"
+    result = subprocess.run([sys.executable, str(example), server.url, "--steps", "30", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["learning rate too small (1e-6): too_slow", "learning rate right (0.5): healthy",
+                         "learning rate too large (2.5): diverging"]
+    finals = {line.split(":")[0]: float(line.rsplit(" ", 1)[1]) for line in lines[3:]}
+    assert finals["quadratic, Adam"] < finals["quadratic, gradient descent"]  # adaptive steps beat the capped lr
+    assert finals["regression, standardised features"] < 1e-3 * finals[
+        "regression, raw features (the largest lr that does not diverge)"]
+    for name in ("lesson-learning-rate.png", "lesson-optimizers.png", "lesson-feature-scaling.png"):
+        assert (tmp_path / name).stat().st_size > 10_000

@@ -151,3 +151,32 @@ async def test_a_dry_run_answers_the_step_and_changes_nothing(client):
     assert real.status_code == 200 and "idempotent-replayed" not in real.headers  # no claim was taken
     assert real.json()["params"] == dry.json()["params"]
     assert (await client.post(f"/v1/sessions/{sid}/step?dry_run=maybe", json={"gradients": [1.0, 1.0]})).status_code == 422
+
+
+async def test_rollback_restores_a_kept_step_bit_exactly(client):
+    rng = np.random.default_rng(9)
+    sid = (await client.post("/v1/sessions", json={
+        "optimizer": {"type": "adam", "lr": 0.05, "amsgrad": True}, "dtype": "float32", "rollback_snapshots": 3,
+        "params": {"w": rng.standard_normal(20).tolist()}, "schedule": {"type": "reduce_on_plateau", "patience": 1}})).json()["id"]
+    grads, states = [], {}
+    for t in range(1, 7):
+        grads.append({"w": rng.standard_normal(20).tolist()})
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": grads[-1], "loss": 1.0})
+        states[t] = (await client.get(f"/v1/sessions/{sid}/state")).json()
+    key = {"Idempotency-Key": "back-to-4"}
+    back = await client.post(f"/v1/sessions/{sid}/rollback", json={"to_step": 4}, headers=key)
+    assert back.status_code == 200 and back.json()["step"] == 4
+    assert (await client.get(f"/v1/sessions/{sid}/state")).json() == states[4]  # params, buffers, schedule state
+    again = await client.post(f"/v1/sessions/{sid}/rollback", json={"to_step": 4}, headers=key)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    redo = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": grads[4], "loss": 1.0})
+    assert redo.json()["step"] == 5 and (await client.get(f"/v1/sessions/{sid}/state")).json() == states[5]
+    late = await client.post(f"/v1/sessions/{sid}/rollback", json={"to_step": 4}, headers=key)
+    assert late.status_code == 409  # that rollback's answer is gone: the session moved on; it is not done twice
+    gone = await client.post(f"/v1/sessions/{sid}/rollback", json={"to_step": 6})  # dropped by the rollback
+    assert gone.status_code == 409 and "outside the kept window" in gone.json()["detail"]
+    old = await client.post(f"/v1/sessions/{sid}/rollback", json={"to_step": 1})
+    assert old.status_code == 409 and "steps 4 to 5" in old.json()["detail"]
+    plain = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0]})).json()["id"]
+    refused = await client.post(f"/v1/sessions/{plain}/rollback", json={"to_step": 0})
+    assert refused.status_code == 409 and "rollback_snapshots" in refused.json()["detail"]

@@ -354,3 +354,22 @@ async def test_history_is_appended_with_the_step_and_bounded_with_older_entries_
     await store.delete("s1")
     assert await store.get_history("s1") == []
     await store.close()
+
+
+# --- snapshots: kept by the step's own compare-and-set ---------------------------------------------
+
+async def test_snapshots_are_kept_by_step_and_a_rollback_drops_the_later_ones(make_store):
+    store = make_store()
+    await store.create(record())
+    for v in range(1, 8):
+        assert await store.compare_and_set(record(version=v, data=b"state-%d" % v), v - 1, snapshot=(v, 3))
+    assert await store.snapshot_steps("s1") == [5, 6, 7]
+    assert (await store.get_snapshot("s1", 6)).data == b"state-6" and await store.get_snapshot("s1", 4) is None
+    # back to step 5: the restored state is step 5's snapshot again, 6 and 7 are gone
+    assert await store.compare_and_set(record(version=8, data=b"state-5"), 7, snapshot=(5, 3))
+    assert await store.snapshot_steps("s1") == [5]
+    assert not await store.compare_and_set(record(version=99), 0, snapshot=(9, 3))  # a lost race keeps nothing
+    assert await store.snapshot_steps("s1") == [5]
+    await store.delete("s1")
+    assert await store.snapshot_steps("s1") == [] and await store.get_snapshot("s1", 5) is None
+    await store.close()

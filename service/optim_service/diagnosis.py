@@ -11,7 +11,8 @@ Over the last ``window`` steps (thresholds are settings, ``OPTIM_DIAGNOSIS_*``):
   without falling over the window.
 - ``too_slow``: the smoothed loss fell by less than ``slow_decrease`` (relative) over the window while
   the median update-to-parameter ratio stayed below ``slow_ratio`` (far under the ~1e-3 rule of
-  thumb), or while the loss fell on nine steps of ten: a crawl, steady and small.
+  thumb), or while the loss fell on nine steps of ten: a crawl, steady and small — unless the loss
+  has already fallen a thousandfold since the first step (converged: then a plateau, if anything).
 - ``plateau``: no improvement of the best loss by ``plateau_threshold`` (relative, as
   ReduceLROnPlateau's default) for ``patience`` steps.
 - ``healthy`` otherwise.
@@ -47,7 +48,8 @@ SUGGESTIONS = {
     "oscillating": "the learning rate is above what the steepest direction takes (1/L on a quadratic): halve it "
                    "or more; momentum or Adam damp the zig-zag",
     "too_slow": "the learning rate is too small: multiply it by 3 to 10 (an lr_range_test finds the range)",
-    "plateau": "no improvement lately: lower the learning rate by 10 (what reduce_on_plateau does), or stop",
+    "plateau": "no improvement lately: if the loss is as low as it goes (evidence.converged), stop; else lower "
+               "the learning rate by 10 (what reduce_on_plateau does)",
     "healthy": "keep going",
 }
 
@@ -142,7 +144,10 @@ def _diagnose(steps: list[dict], t: Thresholds) -> dict:
         falls = sum(b < a for a, b in zip(losses, losses[1:])) / (len(losses) - 1)
         evidence |= {"relative_decrease": decrease, "loss_decreases": falls}
         tiny = median_ratio is not None and median_ratio < t.slow_ratio
-        if 0 <= decrease < t.slow_decrease and (tiny or falls >= 0.9):  # small, steady steps down
+        first_ever = next((s["loss"] for s in steps if s.get("loss") is not None), None)
+        converged = bool(first_ever and first_ever > 0 and min(losses) < 1e-3 * first_ever)  # fell 1000×: not slow
+        evidence["converged"] = converged
+        if 0 <= decrease < t.slow_decrease and (tiny or falls >= 0.9) and not converged:  # small, steady steps
             return _verdict("too_slow", evidence)
     elif not curve and median_ratio is not None and median_ratio < t.slow_ratio:
         return _verdict("too_slow", evidence)

@@ -177,11 +177,17 @@ class SessionService:
         if config.schedule is not None and config.schedule.type == "reduce_on_plateau":
             session.schedule_state = _plateau_state(session, schedule_state)
         record = session.to_record()
-        caps = dataclasses.replace(self.caps, reserve=history.reserve(self.settings.history_steps, len(layout.names)))
+        keep = self._snapshots_kept(config)
+        caps = dataclasses.replace(self.caps, reserve=history.reserve(self.settings.history_steps, len(layout.names))
+                                   + keep * len(record.data))
         try:
             await self.store.create(record, caps)
         except CapReached as e:
             raise _refusal(e) from None
+        if keep:  # the first snapshot: the state it starts from
+            session.version += 1
+            record = session.to_record()
+            await self.store.compare_and_set(record, 0, snapshot=(session.step, keep))
         self._warm.remember(from_record(record, private=False))
         return session
 
@@ -251,6 +257,42 @@ class SessionService:
                                   step=template.step)
         session, grad_norm, compute_ms, skipped, _ = await self._compute(template, decode, memory, loss)
         return StepResult(session, grad_norm, compute_ms, skipped=skipped, dry_run=True)
+
+    async def rollback(self, owner: str | None, session_id: str, to_step: int,
+                       idempotency: tuple[str, str] | None = None) -> tuple[dict, bool]:
+        """Restore the state the session had after step ``to_step``, bit-exactly, from its kept
+        snapshots (the later ones are dropped); the new metadata and whether this was a replay."""
+        async with self._locked(session_id):
+            for _ in range(self.settings.cas_retries):
+                record = await self._record(owner, session_id)
+                if idempotency is not None:
+                    claim = await self.store.get_claim(session_id, idempotency[0])
+                    if claim is not None:
+                        if claim.body_digest != idempotency[1]:
+                            raise IdempotencyKeyReused(f"Idempotency-Key '{idempotency[0]}' was already used for a "
+                                                       "different request on this session; use a new key")
+                        if claim.version != record.version:
+                            raise StepConflict(f"Idempotency-Key '{idempotency[0]}' rolled back to step {claim.step}; "
+                                               "the session has moved since", step=claim.step)
+                        return read_meta(record), True
+                template = self._warm.template(record)
+                keep = self._snapshots_kept(template.config)
+                snapshot = await self.store.get_snapshot(session_id, to_step) if keep else None
+                if snapshot is None:
+                    kept = await self.store.snapshot_steps(session_id) if keep else []
+                    raise StepConflict(
+                        f"step {to_step} is outside the kept window of snapshots: this session keeps "
+                        + (f"steps {kept[0]} to {kept[-1]} ({keep} at most)" if kept else "none")
+                        + ("" if keep else " (create it with \"rollback_snapshots\": N, or set OPTIM_ROLLBACK_SNAPSHOTS)"),
+                        step=template.step)
+                restored = SessionRecord(session_id, record.owner, record.version + 1, snapshot.meta, snapshot.data)
+                claim = (Claim(idempotency[0], idempotency[1], restored.version, to_step,
+                               self.settings.idempotency_ttl_seconds) if idempotency is not None else None)
+                if await self.store.compare_and_set(restored, record.version, claim, None, None, (to_step, keep)):
+                    self._warm.forget(session_id)
+                    self._committed(session_id)
+                    return read_meta(restored), False
+        raise StepConflict("the session kept changing under this rollback; retry")
 
     async def fork(self, owner: str | None, session_id: str, optimizer: dict | None = None) -> Session:
         """A new session at the same step with bit-identical state, its optimizer's hyperparameters
@@ -394,9 +436,14 @@ class SessionService:
                 clipped=bool(clip and clip.max_norm / (norm + 1e-6) < 1.0)), keep)
         return session, grad_norm, compute_ms, skipped, line
 
+    def _snapshots_kept(self, config: TrainingConfig) -> int:
+        return config.rollback_snapshots if config.rollback_snapshots is not None else self.settings.rollback_snapshots
+
     async def _commit(self, session: Session, expected_version: int, claim: Claim | None,
                       close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
-        if not await self.store.compare_and_set(session.to_record(), expected_version, claim, close_round, history):
+        keep = self._snapshots_kept(session.config)
+        if not await self.store.compare_and_set(session.to_record(), expected_version, claim, close_round, history,
+                                                (session.step, keep) if keep else None):
             return False
         session.freeze()
         self._warm.remember(session)  # its buffer is the stored record's data now

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
                                          "session's lock; 503 after")
     readyz_timeout_seconds: float = Field(1.0, gt=0, description="/readyz answers 503 when the store takes longer")
 
+    rollback_snapshots: int = Field(0, ge=0, le=1000, description="snapshots of the last steps each session keeps "
+                                    "for POST .../rollback, unless it says (rollback_snapshots at create); 0 off")
     history_steps: int = Field(10_000, ge=0, description="steps of history kept per session (older ones "
                                "downsampled to every 10th, as many again); 0 off")
     diagnosis_window: int = Field(50, ge=5, description="steps the diagnosis reads")

@@ -239,6 +239,12 @@ class HistoryAnswer(BaseModel):
     history: list[HistoryEntry]
 
 
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to_step: Annotated[int, Field(ge=0, strict=True, description="the step whose state to restore")]
+
+
 class ForkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -51,6 +51,9 @@ class TrainingConfig(BaseModel):
     aggregation: Aggregation = Field(Each(), description='how several workers\' gradients combine: '
                                      '"each" steps on every one, "sync" on the mean of a round, "async" '
                                      'scales a stale one (docs/training-together.md)')
+    rollback_snapshots: Annotated[int, Field(ge=0, le=1000, strict=True)] | None = Field(
+        None, description="how many of its last steps' states the session keeps for POST .../rollback "
+        "(default OPTIM_ROLLBACK_SNAPSHOTS, 0 off); their bytes count against the key's budget")
     nan_policy: Literal["error", "skip"] = Field(
         "error", description='non-finite gradients or results: "error" refuses the step (422); '
         '"skip" leaves the state unchanged and answers {"skipped": true}, as AMP loss scaling does')

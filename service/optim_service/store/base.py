@@ -19,6 +19,10 @@ A store keeps opaque session records and never knows which optimizer they hold:
   line) to the session's history in the same atomic write, keeping the last ``limit`` entries and,
   of those it drops, every 10th (up to ``limit`` more): older steps downsampled.
   ``get_history(id)`` returns the kept entries, oldest first (a session's history goes with it).
+- ``compare_and_set(..., snapshot=(step, keep))`` also keeps the new record as the snapshot of
+  ``step``, after dropping any snapshot of that step or later, and keeps the newest ``keep``;
+  ``get_snapshot(id, step)`` returns one (a record: meta and data) or ``None``;
+  ``snapshot_steps(id)`` the steps kept, oldest first.
 - ``get_round(id)`` returns the session's open round (``RoundRecord``: the running sum of its
   contributions and their bookkeeping) or ``None``; ``put_round(id, round, expected_version,
   claim=None)`` writes it only if the stored round is still at ``expected_version`` (0: none yet)
@@ -183,8 +187,11 @@ class SessionStore(Protocol):
     async def compare_and_set(
         self, record: SessionRecord, expected_version: int, claim: Claim | None = None,
         close_round: int | None = None, history: tuple[bytes, int] | None = None,
+        snapshot: tuple[int, int] | None = None,
     ) -> bool: ...
     async def get_history(self, session_id: str) -> list[bytes]: ...
+    async def get_snapshot(self, session_id: str, step: int) -> SessionRecord | None: ...
+    async def snapshot_steps(self, session_id: str) -> list[int]: ...
     async def get_round(self, session_id: str) -> RoundRecord | None: ...
     async def put_round(
         self, session_id: str, round: RoundRecord, expected_version: int, claim: Claim | None = None

@@ -43,8 +43,9 @@ class CachedStore:
         self._put(record)
 
     async def compare_and_set(self, record: SessionRecord, expected_version: int, claim: Claim | None = None,
-                              close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
-        ok = await self.inner.compare_and_set(record, expected_version, claim, close_round, history)
+                              close_round: int | None = None, history: tuple[bytes, int] | None = None,
+                              snapshot: tuple[int, int] | None = None) -> bool:
+        ok = await self.inner.compare_and_set(record, expected_version, claim, close_round, history, snapshot)
         if ok:
             self._put(record)
         else:
@@ -60,6 +61,12 @@ class CachedStore:
 
     async def get_history(self, session_id: str) -> list[bytes]:
         return await self.inner.get_history(session_id)
+
+    async def get_snapshot(self, session_id: str, step: int) -> SessionRecord | None:
+        return await self.inner.get_snapshot(session_id, step)
+
+    async def snapshot_steps(self, session_id: str) -> list[int]:
+        return await self.inner.snapshot_steps(session_id)
 
     async def get_round(self, session_id: str) -> RoundRecord | None:
         return await self.inner.get_round(session_id)

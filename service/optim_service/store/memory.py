@@ -26,6 +26,7 @@ class MemoryStore:
         self._rounds: dict[str, RoundRecord] = {}
         self._history: dict[str, tuple[deque, deque, list[int]]] = {}  # recent, archive, [dropped]
         self._reserved: dict[str, int] = {}  # what a session may grow by (its history), counted at create
+        self._snapshots: dict[str, dict[int, SessionRecord]] = {}  # step -> the record as it was then
         self._bytes = 0
 
     def _expiry(self) -> float:
@@ -65,6 +66,7 @@ class MemoryStore:
         self._claims.pop(session_id, None)
         self._rounds.pop(session_id, None)
         self._history.pop(session_id, None)
+        self._snapshots.pop(session_id, None)
         tally = self._owned[record.owner]
         freed = record_bytes(record) + self._reserved.pop(session_id, 0)
         tally[0] -= 1
@@ -105,7 +107,8 @@ class MemoryStore:
         record = self._live(session_id)
         return None if record is None else record.version
 
-    async def compare_and_set(self, record, expected_version, claim=None, close_round=None, history=None) -> bool:
+    async def compare_and_set(self, record, expected_version, claim=None, close_round=None, history=None,
+                              snapshot=None) -> bool:
         current = self._live(record.id)
         if current is None or current.version != expected_version:
             return False
@@ -117,8 +120,21 @@ class MemoryStore:
             self._rounds.pop(record.id, None)
         if history is not None:
             self._append(record.id, *history)
+        if snapshot is not None:  # the record itself: its bytes are never written again
+            step, keep = snapshot
+            kept = {s: r for s, r in self._snapshots.get(record.id, {}).items() if s < step}
+            kept[step] = record
+            self._snapshots[record.id] = dict(sorted(kept.items())[-keep:])
         self._put(record, current)
         return True
+
+    async def get_snapshot(self, session_id: str, step: int) -> SessionRecord | None:
+        if self._live(session_id) is None:
+            return None
+        return self._snapshots.get(session_id, {}).get(step)
+
+    async def snapshot_steps(self, session_id: str) -> list[int]:
+        return list(self._snapshots.get(session_id, {})) if self._live(session_id) is not None else []
 
     def _append(self, session_id: str, entry: bytes, limit: int) -> None:
         kept = self._history.get(session_id)

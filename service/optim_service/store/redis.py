@@ -87,6 +87,24 @@ if ARGV[9] ~= '' then
 end
 redis.call('RENAME', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3])
+if ARGV[11] ~= '' then
+  local step, keep, prefix = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[11], step, '+inf')) do
+    redis.call('DEL', prefix .. old, prefix .. old .. ':meta')
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[11], step, '+inf')
+  redis.call('COPY', KEYS[2], prefix .. step, 'REPLACE')
+  redis.call('HSET', prefix .. step .. ':meta', 'version', ARGV[2], 'meta', ARGV[3])
+  redis.call('ZADD', KEYS[11], step, step)
+  while redis.call('ZCARD', KEYS[11]) > keep do
+    local gone = redis.call('ZPOPMIN', KEYS[11])
+    redis.call('DEL', prefix .. gone[1], prefix .. gone[1] .. ':meta')
+  end
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('EXPIRE', KEYS[11], ARGV[4])
+    redis.call('EXPIRE', prefix .. step, ARGV[4]) redis.call('EXPIRE', prefix .. step .. ':meta', ARGV[4])
+  end
+end
 """ + KEEP_SESSION_TTL
 # KEYS: the session's record, its round, the round's sum, the staged sum, claim, claims.
 # ARGV: expected round version (0: none), new version, meta, session TTL, claim value, claim TTL, now.
@@ -105,6 +123,9 @@ end
 return 1
 """
 DELETE = """
+for _, step in ipairs(redis.call('ZRANGE', KEYS[#KEYS], 0, -1)) do
+  redis.call('DEL', ARGV[1] .. step, ARGV[1] .. step .. ':meta')
+end
 local claims = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, key in ipairs(claims) do redis.call('DEL', key) end
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
@@ -279,14 +300,17 @@ class RedisStore:
         return None if version is None else int(version)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None,
-                              close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
+                              close_round: int | None = None, history: tuple[bytes, int] | None = None,
+                              snapshot: tuple[int, int] | None = None) -> bool:
         staged = await self._stage(record)
         sid = record.id
         ok = await self._cas(
             keys=[self._rec(sid), self._data(sid), staged, self._claim(sid, claim.key if claim else ""),
-                  self._claims(sid), self._round(sid), self._round_data(sid), *self._history_keys(sid)],
+                  self._claims(sid), self._round(sid), self._round_data(sid), *self._history_keys(sid),
+                  self._snaps(sid)],
             args=[expected_version, record.version, record.meta, self._ttl, *_claim_args(claim),
-                  "" if close_round is None else close_round, *(history or ("", 0))],
+                  "" if close_round is None else close_round, *(history or ("", 0)),
+                  *(snapshot or ("", 0)), self._snap_prefix(sid)],
         )
         if ok:
             await self._touch_indexes(record)
@@ -295,6 +319,30 @@ class RedisStore:
     def _history_keys(self, sid: str) -> list[str]:
         return [f"{self._p}:{{s:{sid}}}:history", f"{self._p}:{{s:{sid}}}:history-archive",
                 f"{self._p}:{{s:{sid}}}:history-dropped"]
+
+    def _snaps(self, sid: str) -> str:
+        return f"{self._p}:{{s:{sid}}}:snaps"
+
+    def _snap_prefix(self, sid: str) -> str:
+        return f"{self._p}:{{s:{sid}}}:snap:"
+
+    async def get_snapshot(self, session_id: str, step: int) -> SessionRecord | None:
+        key = f"{self._snap_prefix(session_id)}{step}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self._rec(session_id), "owner")
+            pipe.hmget(key + ":meta", "version", "meta")
+            pipe.get(key)
+            owner, (version, meta), data = await pipe.execute()
+        if owner is None or version is None or data is None:
+            return None
+        return SessionRecord(session_id, owner.decode() or None, int(version), meta, data)
+
+    async def snapshot_steps(self, session_id: str) -> list[int]:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(self._rec(session_id))
+            pipe.zrange(self._snaps(session_id), 0, -1)
+            alive, steps = await pipe.execute()
+        return [int(s) for s in steps] if alive else []
 
     async def get_history(self, session_id: str) -> list[bytes]:
         recent, archive, _ = self._history_keys(session_id)
@@ -338,7 +386,8 @@ class RedisStore:
         owner = await self._redis.hget(self._rec(session_id), "owner")
         deleted = await self._delete(keys=[self._rec(session_id), self._data(session_id), self._claims(session_id),
                                            self._round(session_id), self._round_data(session_id),
-                                           *self._history_keys(session_id)])
+                                           *self._history_keys(session_id), self._snaps(session_id)],
+                                     args=[self._snap_prefix(session_id)])
         if owner is not None:
             await self._release(session_id, owner.decode() or None)
         return bool(deleted)

@@ -54,6 +54,14 @@ CREATE TABLE IF NOT EXISTS history_dropped (
     session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
     dropped INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    meta BLOB NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (session_id, step)
+);
 CREATE TABLE IF NOT EXISTS rounds (
     session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
     version INTEGER NOT NULL,
@@ -142,7 +150,8 @@ class SQLiteStore:
         return await self._run(select, write=False)
 
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None,
-                              close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
+                              close_round: int | None = None, history: tuple[bytes, int] | None = None,
+                              snapshot: tuple[int, int] | None = None) -> bool:
         def cas(db):
             now = time.time()
             row = db.execute("SELECT version FROM sessions WHERE id = ? AND expires_at > ?",
@@ -157,6 +166,13 @@ class SQLiteStore:
                 db.execute("DELETE FROM rounds WHERE session_id = ?", (record.id,))
             if history is not None:
                 _append(db, record.id, record.version, *history)
+            if snapshot is not None:
+                step, keep = snapshot
+                db.execute("DELETE FROM snapshots WHERE session_id = ? AND step >= ?", (record.id, step))
+                db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?, ?)",
+                           (record.id, step, record.version, record.meta, record.data))
+                db.execute("DELETE FROM snapshots WHERE session_id = ? AND step NOT IN (SELECT step FROM snapshots "
+                           "WHERE session_id = ? ORDER BY step DESC LIMIT ?)", (record.id, record.id, keep))
             db.execute("UPDATE sessions SET version = ?, meta = ?, data = ?, expires_at = ? WHERE id = ?",
                        (record.version, record.meta, record.data, self._expiry(), record.id))
             return True
@@ -168,6 +184,21 @@ class SQLiteStore:
                               "WHERE h.session_id = ? AND s.expires_at > ? ORDER BY h.seq",
                               (session_id, time.time())).fetchall()
             return [row[0] for row in rows]
+        return await self._run(select, write=False)
+
+    async def get_snapshot(self, session_id: str, step: int) -> SessionRecord | None:
+        def select(db):
+            row = db.execute("SELECT s.id, s.owner, n.version, n.meta, n.data FROM snapshots n JOIN sessions s "
+                             "ON s.id = n.session_id WHERE n.session_id = ? AND n.step = ? AND s.expires_at > ?",
+                             (session_id, step, time.time())).fetchone()
+            return SessionRecord(*row) if row else None
+        return await self._run(select, write=False)
+
+    async def snapshot_steps(self, session_id: str) -> list[int]:
+        def select(db):
+            return [row[0] for row in db.execute(
+                "SELECT n.step FROM snapshots n JOIN sessions s ON s.id = n.session_id WHERE n.session_id = ? "
+                "AND s.expires_at > ? ORDER BY n.step", (session_id, time.time())).fetchall()]
         return await self._run(select, write=False)
 
     async def get_round(self, session_id: str) -> RoundRecord | None:

@@ -18,7 +18,8 @@ from ..deps import Caller
 from ..codecs import JSON, SAFETENSORS, Answer, negotiate
 from ..codecs import checkpoint
 from ..codecs.dtypes import WIRE_DTYPE_HEADER
-from ..negotiation import BINARY, parse_json, prefers_minimal, read_body, require_content_type
+from ...sessions import body_digest
+from ..negotiation import BINARY, idempotency_key, parse_json, prefers_minimal, read_body, require_content_type
 from ..steplane import serve_step
 from ..responses import JSONResponse
 from ..schemas import (
@@ -31,12 +32,14 @@ from ..schemas import (
     CreateSession,
     DiagnosisAnswer,
     ForkRequest,
+    RollbackRequest,
     HistoryAnswer,
     ParamsAnswer,
     RoundInfo,
     SessionInfo,
     SessionPage,
     StepAnswer,
+    _problem,
     answers,
 )
 
@@ -162,6 +165,22 @@ async def step(
                             request.scope["query_string"])
 
 
+@router.post("/{session_id}/rollback", responses={**answers(SessionInfo), **SESSION_PROBLEMS,
+                                                  409: _problem("the step is outside the kept window of snapshots"),
+                                                  415: STEP_PROBLEMS[415]},
+             openapi_extra=json_body(RollbackRequest, {"to_step": 12}),
+             summary="Restore the state of an earlier step, bit-exactly, from the kept snapshots")
+async def rollback_session(session_id: str, request: Request, caller: Caller) -> Response:
+    require_content_type(request.headers.get("content-type"), JSON)
+    raw = await read_body(request.headers.get("content-length"), request.receive)
+    body = parse_json(raw, RollbackRequest, "none", request.app.state.settings.max_json_depth)
+    key = idempotency_key(request.headers.get("idempotency-key"))
+    meta, replayed = await caller.sessions.rollback(caller.owner, session_id, body.to_step,
+                                                    (key, body_digest(JSON, bytes(raw))) if key else None)
+    headers = {**_etag(meta["step"]), **({"Idempotent-Replayed": "true"} if replayed else {})}
+    return JSONResponse(describe(session_id, meta), headers=headers)
+
+
 @router.post("/{session_id}/fork", status_code=201, responses={**answers(SessionInfo, status=201), **SESSION_PROBLEMS},
              summary="A new session at the same step with bit-identical state, hyperparameters overridden")
 async def fork_session(session_id: str, request: Request, caller: Caller) -> Response:
@@ -221,7 +240,8 @@ def _wants_csv(accept: str | None) -> bool:
     return False
 
 
-@router.get("/{session_id}/round", responses={**answers(RoundInfo), **SESSION_PROBLEMS},
+@router.get("/{session_id}/round", responses={**answers(RoundInfo), **SESSION_PROBLEMS,
+                                              409: _problem("the session does not step in synchronous rounds")},
             summary="The open round of a session in synchronous rounds")
 async def get_round(session_id: str, caller: Caller) -> Response:
     status = await caller.sessions.round_status(caller.owner, session_id)
