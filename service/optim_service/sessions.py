@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import time
@@ -24,6 +25,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from . import history
+from .diagnosis import smoothed
 from .errors import (
     IdempotencyKeyReused,
     InvalidRequest,
@@ -374,6 +376,9 @@ class SessionService:
                     f"If-Match expected step {if_match}, the session is at step {template.step}",
                     step=template.step,
                 )
+            schedule = template.config.schedule
+            if schedule is not None and schedule.type == "lr_range_test" and loss is not None:
+                await self._range_test_goes_on(template, loss)
             aggregation = template.config.aggregation
             if aggregation.mode == "sync":
                 result = await self._contribute(record, template, decode, loss, idempotency, contribution)
@@ -394,6 +399,19 @@ class SessionService:
         raise StepConflict(
             f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
         )
+
+    async def _range_test_goes_on(self, template: Session, loss: float) -> None:
+        """A range test stops where the loss diverged (its smoothed value over 4× its best, fastai's
+        rule): the step that would go past it is refused, and the diagnosis suggests an lr."""
+        losses = [h["loss"] for h in history.parse(await self.store.get_history(template.id))
+                  if h.get("loss") is not None] + [loss]
+        curve = smoothed(losses)
+        best = min(curve)
+        if not math.isfinite(curve[-1]) or (best > 0 and curve[-1] > self.settings.diagnosis_divergence_factor * best):
+            raise InvalidRequest(
+                f"the lr range test stopped: the loss diverged at step {template.step + 1} (smoothed {curve[-1]:.3g}, "
+                f"over {self.settings.diagnosis_divergence_factor:g}× its best {best:.3g}); nothing was changed. "
+                "GET .../diagnosis suggests a learning rate")
 
     async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
