@@ -180,3 +180,28 @@ async def test_rollback_restores_a_kept_step_bit_exactly(client):
     plain = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0]})).json()["id"]
     refused = await client.post(f"/v1/sessions/{plain}/rollback", json={"to_step": 0})
     assert refused.status_code == 409 and "rollback_snapshots" in refused.json()["detail"]
+
+
+def test_server_sent_events_follow_the_steps(server):
+    import json
+    import threading
+
+    import httpx
+
+    sid = httpx.post(f"{server.url}/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0]}).json()["id"]
+    for _ in range(3):
+        httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"gradients": [1.0], "loss": 0.5})
+    events = []
+    with httpx.stream("GET", f"{server.url}/v1/sessions/{sid}/events", params={"since": 1}, timeout=20) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if len(events) == 2:  # steps 2 and 3, kept before the stream began
+                    threading.Timer(0.3, lambda: httpx.post(f"{server.url}/v1/sessions/{sid}/step",
+                                                            json={"gradients": [1.0], "loss": 0.25})).start()
+                if len(events) == 3:
+                    break
+    assert [e["step"] for e in events] == [2, 3, 4] and events[-1]["loss"] == 0.25
+    assert httpx.get(f"{server.url}/v1/sessions/nope/events").status_code == 404

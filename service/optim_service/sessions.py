@@ -22,6 +22,7 @@ from typing import NamedTuple
 import anyio.to_thread
 import blake3
 import numpy as np
+import orjson
 from pydantic import ValidationError
 
 from . import history
@@ -215,6 +216,17 @@ class SessionService:
         """Every kept history entry of a session, oldest first."""
         await self._record(owner, session_id)  # its owner's, or 404
         return history.parse(await self.store.get_history(session_id))
+
+    async def history_after(self, owner: str | None, session_id: str, step: int) -> list[dict]:
+        """The history entries past ``step``, oldest first, parsing only those (a follower's poll)."""
+        await self._record(owner, session_id)
+        newer = []
+        for raw in reversed(await self.store.get_history(session_id)):
+            entry = orjson.loads(raw)
+            if entry["step"] <= step:
+                break
+            newer.append(entry)
+        return newer[::-1]
 
     def next_lrs(self, record: SessionRecord) -> list[float] | None:
         """The learning rate each param group takes on the session's next step (None past overflow)."""

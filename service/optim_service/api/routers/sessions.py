@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timezone
 
 import orjson
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
-from ...errors import InvalidRequest, NotAcceptable
+from ...errors import InvalidRequest, NotAcceptable, SessionNotFound
 from ... import history
 from ...diagnosis import Thresholds, diagnose
 from ...record import Layout, Session, layout_from_meta
@@ -225,6 +227,40 @@ async def get_diagnosis(session_id: str, request: Request, caller: Caller) -> Re
     _, meta = await caller.sessions.meta(caller.owner, session_id)
     range_test = (meta["config"].get("schedule") or {}).get("type") == "lr_range_test"
     return JSONResponse(diagnose(await caller.sessions.history(caller.owner, session_id), thresholds, range_test))
+
+
+@router.get("/{session_id}/events", responses={200: {"description": "text/event-stream: one `step` event per "
+                                                               "history line as it lands"}, **SESSION_PROBLEMS},
+            summary="Server-sent events: the session's steps as they land")
+async def get_events(
+    session_id: str, request: Request, caller: Caller,
+    since: Annotated[int | None, Query(ge=0, description="the last step already seen (default: send all kept)")] = None,
+) -> Response:
+    last = -1 if since is None else since
+    await caller.sessions.history_after(caller.owner, session_id, last)  # 404 now, not mid-stream
+
+    async def stream():
+        nonlocal last
+        quiet = 0.0
+        while not await request.is_disconnected():
+            try:
+                steps = await caller.sessions.history_after(caller.owner, session_id, last)
+            except SessionNotFound:
+                yield b"event: gone\ndata: {}\n\n"
+                return
+            for entry in steps:
+                last = entry["step"]
+                yield b"id: %d\nevent: step\ndata: %s\n\n" % (last, orjson.dumps(entry))
+            quiet = 0.0 if steps else quiet + EVENTS_POLL_SECONDS
+            if quiet >= 15:  # a comment now and then keeps proxies from closing an idle stream
+                quiet = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(EVENTS_POLL_SECONDS)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+EVENTS_POLL_SECONDS = 0.5
 
 
 def _wants_csv(accept: str | None) -> bool:
