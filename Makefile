@@ -36,4 +36,5 @@ bench: $(VENV)/.test-deps
 	cd bench && ../$(BIN)/python stores.py
 	cd bench && ../$(BIN)/python instructions.py
 	cd bench && ../$(BIN)/python rounds.py
+	cd bench && ../$(BIN)/python threads.py
 	cd bench && ../$(BIN)/python parity.py

@@ -52,6 +52,7 @@ def main() -> int:
         held = status(pid, "VmRSS") - base
         grad = {"w": np.full(N, 0.5, np.float32)}
         adam_peak = step_peak(pid, session, grad)
+        time.sleep(2)  # at rest: the working copies a step could reuse are let go of after a second
         after = status(pid, "VmRSS") - base
         print("| 10M float32 Adam session (40 MB of parameters, 120 MB of state) | bytes | × parameters | × state |")
         print("|---|---:|---:|---:|")

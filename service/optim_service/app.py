@@ -28,7 +28,7 @@ from .api.schemas import DOCUMENTED, CreateSession, StepRequest
 from .optim.config import warm_kernels
 from .observability import MeteredStore, Metrics, RequestContextMiddleware
 from .ratelimit import Unlimited, open_limiter
-from .sessions import SessionService
+from .sessions import KERNEL_THREAD, SessionService
 from .settings import Settings
 from .store import StoreUnavailable, open_store, redact
 
@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.info("preparing the numba kernels (a first start compiles them, ~10 s; later starts "
                         "load them from numba's cache)")
             started = time.perf_counter()
-            await asyncio.to_thread(warm_kernels)
+            # on the thread that runs large updates, so that its thread team exists before a step
+            await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, warm_kernels)
             logger.info("kernels ready in %.1f s", time.perf_counter() - started)
         store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes,
                                         settings.store_timeout_seconds), metrics.store_seconds)

@@ -17,6 +17,7 @@ version 2 by their next step.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -189,6 +190,63 @@ def _slots(layout: Layout, state_type: type, buffer_names: tuple[tuple[str, ...]
                  offset * layout.np_dtype.itemsize)
 
 
+class BufferPool:
+    """Large session buffers a step has finished with, to be the working copy of a later step of the
+    same size: memory already faulted in. A fresh 120 MB buffer costs page faults on first touch,
+    and with transparent huge pages (which numpy asks for) sometimes a compaction stall: a 10M Adam
+    step took 15 ms, or 60-90 ms (bench/threads.py). A buffer is handed out only when nothing but
+    the pool refers to it (a stored record, a reader's view, a snapshot each hold a reference)."""
+
+    MIN_BYTES = 1 << 20  # below this, malloc is as fast and the pool would only hold memory
+
+    def __init__(self, max_bytes: int = 1 << 30, per_size: int = 8, idle_seconds: float = 1.0):
+        self.max_bytes, self.per_size, self.idle_seconds = max_bytes, per_size, idle_seconds
+        self._buffers: list[np.ndarray] = []
+        self._given: dict[int, float] = {}  # id(buffer) -> when it came
+
+    def give(self, buffer: np.ndarray | None) -> bool:
+        """Keep ``buffer`` for reuse; whether it was kept (so a trim is due)."""
+        if buffer is None or buffer.nbytes < self.MIN_BYTES or not buffer.flags.owndata:
+            return False
+        if any(b is buffer for b in self._buffers):
+            return False
+        same = [b for b in self._buffers if b.nbytes == buffer.nbytes]
+        if len(same) >= self.per_size:
+            self._drop(same[0])
+        self._buffers.append(buffer)
+        self._given[id(buffer)] = time.monotonic()
+        while sum(b.nbytes for b in self._buffers) > self.max_bytes:
+            self._drop(self._buffers[0])
+        return True
+
+    def trim(self) -> None:
+        """Let go of buffers no step took within ``idle_seconds``: a session at rest holds its state
+        and nothing more."""
+        now = time.monotonic()
+        for buffer in [b for b in self._buffers if now - self._given.get(id(b), now) >= self.idle_seconds]:
+            self._drop(buffer)
+
+    def _drop(self, buffer: np.ndarray) -> None:
+        self._buffers = [b for b in self._buffers if b is not buffer]
+        self._given.pop(id(buffer), None)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A writable uint8 buffer of ``nbytes``: a pooled one nobody else holds, else a new one."""
+        if nbytes >= self.MIN_BYTES:
+            for i in range(len(self._buffers)):
+                buffer = self._buffers[i]
+                # the pool's list, this name and getrefcount's argument: nobody else's
+                if buffer.nbytes == nbytes and sys.getrefcount(buffer) <= 3:
+                    del self._buffers[i]
+                    self._given.pop(id(buffer), None)
+                    buffer.flags.writeable = True  # it owns its memory: the frozen state it was is gone
+                    return buffer
+        return np.empty(nbytes, np.uint8)
+
+
+POOL = BufferPool()
+
+
 @dataclass
 class Session:
     id: str
@@ -238,7 +296,7 @@ class Session:
         if copy and not relaid:
             clone.buffer = self.buffer.copy()
         else:
-            clone.buffer = np.empty(clone.slots.end, np.uint8) if memory is None else memory
+            clone.buffer = POOL.take(clone.slots.end) if memory is None else memory
         clone.arrays = Arrays(clone.slots, clone.buffer)
         clone.params, clone.states = clone.arrays.lists()
         if copy and relaid:

@@ -15,11 +15,11 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import NamedTuple
 
-import anyio.to_thread
 import blake3
 import numpy as np
 import orjson
@@ -43,7 +43,7 @@ from .optim.config import TrainingConfig, apply_step
 from .optim.base import Run, joined
 from .optim.schedules import ScheduleOverflow
 from .rounds import Contribution, Round, RoundStatus
-from .record import Layout, Session, from_record, parse_config, read_meta
+from .record import POOL, Layout, Session, from_record, parse_config, read_meta
 from .record import _hyperparameters as hyperparameters_of
 from .settings import Settings
 from .store import CapReached, Caps, Claim, SessionRecord, SessionStore
@@ -103,7 +103,14 @@ class WarmSessions:
         return self._sessions.get(session_id)
 
     def remember(self, session: Session) -> None:
+        previous = self._sessions.get(session.id)
         self._sessions.put(session.id, session, len(session.buffer))
+        if previous is not None and previous.buffer is not session.buffer and POOL.give(previous.buffer):
+            # reused once nothing else holds it; let go of when no step takes it soon
+            try:
+                asyncio.get_running_loop().call_later(POOL.idle_seconds + 0.05, POOL.trim)
+            except RuntimeError:  # no loop (a test driving sessions by hand): trimmed at the next give
+                POOL.trim()
 
     def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id)
@@ -145,7 +152,7 @@ class SessionService:
             return None
         if warm.config.aggregation.mode == "sync":  # a contribution's gradients outlive its request, in the round
             return None
-        return np.empty_like(warm.buffer)
+        return POOL.take(len(warm.buffer))
 
     async def create(
         self,
@@ -438,8 +445,8 @@ class SessionService:
         try:
             if sum(session.layout.sizes) < self.settings.thread_offload_elements:
                 grad_norm = _advance(*args)
-            else:  # a worker thread, so that the event loop keeps serving small steps meanwhile
-                grad_norm = await anyio.to_thread.run_sync(_advance, *args)
+            else:  # off the event loop, so that it keeps serving small steps meanwhile
+                grad_norm = await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, _advance, *args)
         except ScheduleOverflow as e:
             raise InvalidRequest(
                 f"{e}; nothing was changed. This session cannot step past step {session.step}: resume its "
@@ -651,6 +658,11 @@ class SessionService:
 
 
 SKIPPED = object()  # what _advance returns when nan_policy "skip" refuses the step
+
+# Large updates run on this one long-lived thread. numba's parallel kernels keep a thread team per
+# calling thread (OpenMP here): updates landing on whichever pooled thread was free left idle teams
+# spinning on the cores, and some 10M steps took 10-20x their time (bench/threads.py).
+KERNEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optim-kernels")
 
 
 def _plateau_state(session: Session, restored: dict | None) -> dict:
