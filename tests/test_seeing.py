@@ -130,6 +130,13 @@ async def test_fork_is_bit_identical_and_takes_overrides(client):
     same = await client.post(f"/v1/sessions/{forks[1]}/step", json={"gradients": grads})
     mine = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": grads})
     assert same.json() == mine.json()  # the same lr from the same point: the same step
+    key = {"Idempotency-Key": "fork-once"}
+    first = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"lr": 0.5}}, headers=key)
+    retry = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"lr": 0.5}}, headers=key)
+    assert first.status_code == retry.status_code == 201 and retry.json()["id"] == first.json()["id"]
+    assert retry.headers["idempotent-replayed"] == "true"  # a retried fork is the same fork, not another
+    other = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"lr": 0.25}}, headers=key)
+    assert other.json()["id"] != first.json()["id"]
     refused = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"amsgrad": True}})
     assert refused.status_code == 422 and "max_exp_avg_sq" in refused.json()["detail"]
     assert (await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"type": "sgd"}})).status_code == 422

@@ -8,6 +8,7 @@ update is ever lost or applied twice. Nothing is written until the new state is 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import math
@@ -46,7 +47,7 @@ from .rounds import Contribution, Round, RoundStatus
 from .record import POOL, Layout, Session, from_record, parse_config, read_meta
 from .record import _hyperparameters as hyperparameters_of
 from .settings import Settings
-from .store import CapReached, Caps, Claim, SessionRecord, SessionStore
+from .store import CapReached, Caps, Claim, SessionExists, SessionRecord, SessionStore
 
 logger = logging.getLogger("optim_service")
 GradientDecoder = Callable[[Session], Sequence[np.ndarray]]  # a list, or a Run of one body
@@ -315,10 +316,20 @@ class SessionService:
                     return read_meta(restored), False
         raise StepConflict("the session kept changing under this rollback; retry")
 
-    async def fork(self, owner: str | None, session_id: str, optimizer: dict | None = None) -> Session:
+    async def fork(self, owner: str | None, session_id: str, optimizer: dict | None = None,
+                   idempotency: tuple[str, str] | None = None) -> tuple[Session, bool]:
         """A new session at the same step with bit-identical state, its optimizer's hyperparameters
-        overridden by ``optimizer`` (three learning rates from one point, say)."""
+        overridden by ``optimizer`` (three learning rates from one point, say); and whether it was
+        a retry's. Under an Idempotency-Key the fork's id derives from the source, the key and the
+        body, so a retry finds the fork it made instead of making another."""
         template = self._warm.template(await self._record(owner, session_id))
+        fork_id = None
+        if idempotency is not None:
+            digest = blake3.blake3(f"fork\0{owner}\0{session_id}\0{idempotency[0]}\0{idempotency[1]}".encode())
+            fork_id = "f" + base64.urlsafe_b64encode(digest.digest(16)).decode().rstrip("=")[:21]
+            existing = await self.store.get(fork_id, owner)
+            if existing is not None:
+                return from_record(existing), True
         config = template.config
         if optimizer:
             if optimizer.get("type", config.optimizer.type) != config.optimizer.type:
@@ -341,7 +352,8 @@ class SessionService:
         for cached in ("config_json", "hyperparameters"):
             clone.__dict__.pop(cached, None)
         now = time.time()
-        clone.id, clone.config, clone.version, clone.created_at, clone.updated_at = new_session_id(), config, 0, now, now
+        clone.id, clone.config, clone.version, clone.created_at, clone.updated_at = (
+            fork_id or new_session_id(), config, 0, now, now)
         record = clone.to_record()
         caps = dataclasses.replace(self.caps, reserve=history.reserve(self.settings.history_steps,
                                                                       len(clone.layout.names)))
@@ -349,7 +361,12 @@ class SessionService:
             await self.store.create(record, caps)
         except CapReached as e:
             raise _refusal(e) from None
-        return clone
+        except SessionExists:  # a retry running beside the first: that one made it
+            existing = await self.store.get(clone.id, owner)
+            if existing is None:
+                raise StepConflict("the fork this Idempotency-Key made is gone; retry with a new key") from None
+            return from_record(existing), True
+        return clone, False
 
     @asynccontextmanager
     async def _locked(self, session_id: str):

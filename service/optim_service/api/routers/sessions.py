@@ -188,10 +188,13 @@ async def rollback_session(session_id: str, request: Request, caller: Caller) ->
 async def fork_session(session_id: str, request: Request, caller: Caller) -> Response:
     raw = await read_body(request.headers.get("content-length"), request.receive)
     body = parse_json(raw, ForkRequest, "none", request.app.state.settings.max_json_depth) if raw else ForkRequest()
-    session = await caller.sessions.fork(caller.owner, session_id, body.optimizer)
+    key = idempotency_key(request.headers.get("idempotency-key"))
+    session, replayed = await caller.sessions.fork(caller.owner, session_id, body.optimizer,
+                                                   (key, body_digest(JSON, bytes(raw))) if key else None)
     meta = orjson.loads(orjson.dumps(session.meta()))
     return JSONResponse(describe(session.id, meta), status_code=201,
-                        headers={"Location": f"/v1/sessions/{session.id}", **_etag(session.step)})
+                        headers={"Location": f"/v1/sessions/{session.id}", **_etag(session.step),
+                                 **({"Idempotent-Replayed": "true"} if replayed else {})})
 
 
 @router.get("/{session_id}", responses={**answers(SessionInfo), **SESSION_PROBLEMS},
