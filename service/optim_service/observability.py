@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import contextvars
-import inspect
 import itertools
 import logging
 import random
@@ -19,6 +18,8 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
+
+from .store.base import StoreWrapper
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 access_log = logging.getLogger("optim_service.access")
@@ -104,17 +105,14 @@ class Metrics:
         return self._series[key]
 
 
-class MeteredStore:
+class MeteredStore(StoreWrapper):
     """Times every coroutine method of the store it wraps, by method name."""
 
     def __init__(self, inner, histogram: Histogram):
-        self._inner = inner
+        super().__init__(inner)
         self._histogram = histogram
 
-    def __getattr__(self, name: str):
-        attr = getattr(self._inner, name)
-        if not inspect.iscoroutinefunction(attr):
-            return attr
+    def wrap(self, name: str, attr):
         observe = self._histogram.labels(name).observe
 
         async def timed(*args, **kwargs):
@@ -124,7 +122,6 @@ class MeteredStore:
             finally:
                 observe(time.perf_counter() - started)
 
-        setattr(self, name, timed)  # built once per method: later lookups skip __getattr__
         return timed
 
 

@@ -57,6 +57,12 @@ class Round:
         return cls(number, now, deadline)
 
     @classmethod
+    def current(cls, stored: RoundRecord | None, number: int, config: Sync, dtype: np.dtype,
+                now: float | None = None) -> Round:
+        """The open round: the stored one, or round ``number`` with no contribution yet."""
+        return cls.load(stored, dtype) if stored is not None else cls.open(number, config, now)
+
+    @classmethod
     def load(cls, stored: RoundRecord, dtype: np.dtype) -> Round:
         meta = orjson.loads(stored.meta)
         return cls(meta["round"], meta["opened_at"], meta["deadline"], stored.version, meta["workers"],

@@ -288,11 +288,8 @@ class SessionService:
             for _ in range(self.settings.cas_retries):
                 record = await self._record(owner, session_id)
                 if idempotency is not None:
-                    claim = await self.store.get_claim(session_id, idempotency[0])
+                    claim = await self._claimed(session_id, *idempotency, what="rollback")
                     if claim is not None:
-                        if claim.body_digest != idempotency[1]:
-                            raise IdempotencyKeyReused(f"Idempotency-Key '{idempotency[0]}' was already used for a "
-                                                       "different request on this session; use a new key")
                         if claim.version != record.version:
                             raise StepConflict(f"Idempotency-Key '{idempotency[0]}' rolled back to step {claim.step}; "
                                                "the session has moved since", step=claim.step)
@@ -308,8 +305,7 @@ class SessionService:
                         + ("" if keep else " (create it with \"rollback_snapshots\": N, or set OPTIM_ROLLBACK_SNAPSHOTS)"),
                         step=template.step)
                 restored = SessionRecord(session_id, record.owner, record.version + 1, snapshot.meta, snapshot.data)
-                claim = (Claim(idempotency[0], idempotency[1], restored.version, to_step,
-                               self.settings.idempotency_ttl_seconds) if idempotency is not None else None)
+                claim = self._claim(idempotency, restored.version, to_step)
                 if await self.store.compare_and_set(restored, record.version, claim, None, None, (to_step, keep)):
                     self._warm.forget(session_id)
                     self._committed(session_id)
@@ -426,10 +422,7 @@ class SessionService:
                 tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
             session, grad_norm, compute_ms, skipped, line = await self._compute(
                 template, decode, memory, loss, lr_scale or 1.0, contribution.worker)
-            claim = None
-            if idempotency is not None:
-                claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
-                              self.settings.idempotency_ttl_seconds)
+            claim = self._claim(idempotency, session.version, session.step)
             if await self._commit(session, record.version, claim, history=line):
                 return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau)
         raise StepConflict(
@@ -519,7 +512,7 @@ class SessionService:
                                f"{number}): contribute to it with the params of step {number}", step=number)
         stored = await self.store.get_round(template.id)
         now = time.time()
-        current = Round.load(stored, template.layout.np_dtype) if stored is not None else Round.open(number, config, now)
+        current = Round.current(stored, number, config, template.layout.np_dtype, now)
         if current.number != number:  # a round left behind by a step that did not close it: never written so
             raise StepConflict(f"the session's round {current.number} does not match its step {number}; retry")
         if contribution.worker in current.workers:
@@ -528,31 +521,25 @@ class SessionService:
         grads = decode(template)
         if any(g is None for g in grads):
             raise InvalidRequest("a contribution to a round has a gradient for every tensor (null skips only a step)")
-        flat = joined(grads) if not isinstance(grads, Run) else grads.whole
+        flat = joined(grads)  # a binary body's run as it is
         require_finite(flat, "contribution", template.layout.dtype)  # one NaN would poison the whole round
         weight = contribution.weight if config.weighting == "weighted" else 1.0
         grown = current.add(contribution.worker, weight, flat, loss)
         if not grown.due(config, now):
-            claim = None
-            if idempotency is not None:  # a negative step: acknowledged into round r, not yet applied
-                claim = Claim(idempotency[0], idempotency[1], record.version, -(number + 1),
-                              self.settings.idempotency_ttl_seconds)
+            # a negative step: acknowledged into round r, not yet applied
+            claim = self._claim(idempotency, record.version, -(number + 1))
             if not await self.store.put_round(template.id, grown.record(), current.version, claim):
                 return None
             self._arm_deadline(template.owner, template.id, grown, config)
             return StepResult(template, None, 0.0, pending=grown.status(config))
-        result = await self._close(record, template, grown, idempotency)
-        return result
+        return await self._close(record, template, grown, idempotency)
 
     async def _close(self, record, template: Session, done: Round, idempotency) -> StepResult | None:
         """Step on ``done``'s mean and close it, in one compare-and-set."""
         mean = Run(done.mean(), template.layout.shapes)
         session, grad_norm, compute_ms, skipped, line = await self._compute(
             template, lambda s: mean, None, done.mean_loss())
-        claim = None
-        if idempotency is not None:
-            claim = Claim(idempotency[0], idempotency[1], session.version, session.step,
-                          self.settings.idempotency_ttl_seconds)
+        claim = self._claim(idempotency, session.version, session.step)
         if not await self._commit(session, record.version, claim, close_round=done.version, history=line):
             return None
         self.round_latency(time.time() - done.opened_at)
@@ -569,9 +556,7 @@ class SessionService:
         if config.mode != "sync":
             raise StepConflict(f"this session aggregates as {config.mode!r}: it has no rounds")
         stored = await self.store.get_round(session_id)
-        current = (Round.load(stored, template.layout.np_dtype) if stored is not None
-                   else Round.open(template.step, config))
-        return current.status(config)
+        return Round.current(stored, template.step, config, template.layout.np_dtype).status(config)
 
     async def commit_due(self, owner: str | None, session_id: str) -> StepResult | None:
         """Commit the open round if its time is up and it has its minimum; None otherwise."""
@@ -640,15 +625,26 @@ class SessionService:
         except Exception:  # the next contribution, GET .../round or a waiting contributor retries it
             logger.warning("committing a timed-out round of %s failed", session_id, exc_info=True)
 
-    async def _replay(self, record: SessionRecord, key: str, digest: str) -> StepResult | None:
-        claim = await self.store.get_claim(record.id, key)
-        if claim is None:
+    def _claim(self, idempotency: tuple[str, str] | None, version: int, step: int) -> Claim | None:
+        """The claim a write takes for its Idempotency-Key (key, body digest), if it has one."""
+        if idempotency is None:
             return None
-        if claim.body_digest != digest:
+        return Claim(idempotency[0], idempotency[1], version, step, self.settings.idempotency_ttl_seconds)
+
+    async def _claimed(self, session_id: str, key: str, digest: str, what: str = "step") -> Claim | None:
+        """The live claim of ``key``, if this very request took it; 422 if another request did."""
+        claim = await self.store.get_claim(session_id, key)
+        if claim is not None and claim.body_digest != digest:
             raise IdempotencyKeyReused(
                 f"Idempotency-Key '{key}' was already used for a different request on this session; "
-                "use a new key for a new step"
+                f"use a new key for a new {what}"
             )
+        return claim
+
+    async def _replay(self, record: SessionRecord, key: str, digest: str) -> StepResult | None:
+        claim = await self._claimed(record.id, key, digest)
+        if claim is None:
+            return None
         session = from_record(record)
         if claim.step < 0:  # a contribution acknowledged into round r
             number = -claim.step - 1
@@ -656,8 +652,7 @@ class SessionService:
                 template = self._warm.template(record)
                 stored = await self.store.get_round(record.id)
                 config = template.config.aggregation
-                current = (Round.load(stored, template.layout.np_dtype) if stored is not None
-                           else Round.open(number, config))
+                current = Round.current(stored, number, config, template.layout.np_dtype)
                 return StepResult(template, None, 0.0, replayed=True, pending=current.status(config))
             if session.step == number + 1:  # its round committed, and nothing since
                 return StepResult(session, None, 0.0, replayed=True, round=number)
@@ -723,9 +718,7 @@ def _groups(config_json: bytes, names: tuple[str, ...]) -> tuple:
 
 def _all_params(session: Session) -> np.ndarray:
     """Every parameter as one 1-D run: a view of the session's memory, where they lie in one."""
-    if session.buffer is not None:
-        return np.frombuffer(session.buffer, session.layout.np_dtype, count=sum(session.layout.sizes))
-    return np.concatenate([p.reshape(-1) for p in session.params])
+    return np.frombuffer(session.params_bytes(), session.layout.np_dtype)
 
 
 def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:

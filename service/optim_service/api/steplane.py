@@ -87,9 +87,8 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     length, memory = headers.get("content-length"), None
     if ctype == BINARY and length and length.isdigit() and WIRE_DTYPE_HEADER not in headers:
         memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
-    wait = prefers_wait(headers.get("prefer")) if "prefer" in headers else None
-    said = contribution_headers(headers) if "optim-worker" in headers or "optim-base-step" in headers or (
-        "optim-weight" in headers or "optim-round" in headers) else {}
+    wait = prefers_wait(headers.get("prefer"))
+    said = contribution_headers(headers)
     body = await read_body(length, receive, into=memory)
     request = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth)
     said.update(request.contribution)  # the body's own fields win over headers

@@ -128,19 +128,35 @@ HISTORY_DOWNSAMPLE = 10  # of the entries a history drops, it keeps every 10th
 WRITES = frozenset({"create", "compare_and_set", "delete", "put_round"})
 
 
-class BoundedStore:
-    """Every call of ``inner`` ends within ``seconds``, whatever its client library waits: past
-    that, a read raises ``StoreUnavailable`` and a write ``OutcomeUnknown``."""
+class StoreWrapper:
+    """A store whose every coroutine method is ``inner``'s, wrapped by ``wrap(name, method)``; the
+    wrapper is built on first use and set on the instance, so later lookups skip ``__getattr__``."""
 
-    def __init__(self, inner, seconds: float):
+    def __init__(self, inner):
         self.inner = inner
-        self.private = inner.private
-        self._seconds = seconds
 
     def __getattr__(self, name: str):
         attr = getattr(self.inner, name)
         if name.startswith("_") or not inspect.iscoroutinefunction(attr):
             return attr
+        wrapped = self.wrap(name, attr)
+        setattr(self, name, wrapped)
+        return wrapped
+
+    def wrap(self, name: str, method):
+        raise NotImplementedError
+
+
+class BoundedStore(StoreWrapper):
+    """Every call of ``inner`` ends within ``seconds``, whatever its client library waits: past
+    that, a read raises ``StoreUnavailable`` and a write ``OutcomeUnknown``."""
+
+    def __init__(self, inner, seconds: float):
+        super().__init__(inner)
+        self.private = inner.private
+        self._seconds = seconds
+
+    def wrap(self, name: str, attr):
         write = name in WRITES
 
         async def bounded(*args, **kwargs):
@@ -155,7 +171,6 @@ class BoundedStore:
                     raise OutcomeUnknown(str(e)) from e
                 raise
 
-        setattr(self, name, bounded)  # built once per method: later lookups skip __getattr__
         return bounded
 
 

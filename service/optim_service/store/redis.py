@@ -35,17 +35,23 @@ from .base import (
 
 # The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
 # place in O(1), so megabytes never pass through Lua's argument copies.
-# Both writing scripts end here: the record (KEYS[1]) and its tensors (KEYS[2]) take the session TTL
-# (ARGV[4]), or none; RENAME carried the staging key's short TTL over, so PERSIST drops it.
-KEEP_SESSION_TTL = """
-if tonumber(ARGV[4]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[4]) redis.call('EXPIRE', KEYS[2], ARGV[4])
-else
-  redis.call('PERSIST', KEYS[2])
+# A record (a hash) and its data, just renamed from a staging key, take the session TTL, or none:
+# RENAME carried the staging key's short TTL over, so PERSIST drops it.
+KEEP_TTL = """
+local function keep_ttl(record, data, ttl)
+  if tonumber(ttl) > 0 then
+    redis.call('EXPIRE', record, ttl) redis.call('EXPIRE', data, ttl)
+  else
+    redis.call('PERSIST', data)
+  end
+  return 1
 end
-return 1
 """
-CREATE = """
+# Both session-writing scripts end here: the record (KEYS[1]) and its tensors (KEYS[2]), TTL ARGV[4].
+KEEP_SESSION_TTL = """
+return keep_ttl(KEYS[1], KEYS[2], ARGV[4])
+"""
+CREATE = KEEP_TTL + """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[3]) return 0 end
 redis.call('RENAME', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3])
@@ -63,7 +69,7 @@ local function claimed(key, index, value, ttl, now)
   return false
 end
 local function round_version(key) return redis.call('HGET', key, 'version') or '0' end
-"""
+""" + KEEP_TTL
 # ARGV[8]: '' leaves the round alone; else the open round's version (0: none) must match, and it closes
 COMPARE_AND_SET = CLAIM + """
 local version = redis.call('HGET', KEYS[1], 'version')
@@ -115,12 +121,7 @@ end
 if claimed(KEYS[5], KEYS[6], ARGV[5], ARGV[6], ARGV[7]) then redis.call('DEL', KEYS[4]) return 0 end
 redis.call('RENAME', KEYS[4], KEYS[3])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'meta', ARGV[3])
-if tonumber(ARGV[4]) > 0 then
-  redis.call('EXPIRE', KEYS[2], ARGV[4]) redis.call('EXPIRE', KEYS[3], ARGV[4])
-else
-  redis.call('PERSIST', KEYS[3])
-end
-return 1
+return keep_ttl(KEYS[2], KEYS[3], ARGV[4])
 """
 DELETE = """
 for _, step in ipairs(redis.call('ZRANGE', KEYS[#KEYS], 0, -1)) do
