@@ -8,7 +8,8 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request, Response
 
-from optim_service.optim import kernels
+from optim_service.optim.adam import Scalars
+from optim_service.optim.adam import _adam as adam_kernel
 
 
 async def app(scope, receive, send):
@@ -56,8 +57,8 @@ def _adam_step(request: bytes) -> bytes:
     old = _adam["state"] if _adam["state"] is not None else np.zeros((3, grad.size), np.float32)
     new, step = np.empty_like(old), _adam["step"] + 1
     lr, beta1, beta2 = 1e-3, 0.9, 0.999
-    scalars = np.array((1.0, 0.0, 1.0, 1 - beta1, beta2, 1 - beta2, 1e-8, lr / (1 - beta1**step),
-                        math.sqrt(1 - beta2**step)), np.float32)
-    kernels.SERIAL["adam"](new[0], grad, new[1], new[2], old[0], old[1], old[2], scalars)
+    scalars = Scalars(1.0, 0.0, 1.0, 1 - beta1, beta2, 1 - beta2, 1e-8, lr / (1 - beta1**step),
+                           math.sqrt(1 - beta2**step))
+    adam_kernel.serial(new[0], grad, new[1], new[2], old[0], old[1], old[2], scalars)
     _adam["state"], _adam["step"] = new, step
     return orjson.dumps({"step": step, "params": {"w": new[0]}}, option=orjson.OPT_SERIALIZE_NUMPY)

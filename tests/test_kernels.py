@@ -85,8 +85,8 @@ from optim_service.optim import kernels
 from optim_service.settings import Settings
 
 def compiled():
-    return {(kind, name): len(k.signatures) for kind, table in (("parallel", kernels.PARALLEL), ("serial", kernels.SERIAL))
-            for name, k in table.items()}
+    return {(kind, name): len(getattr(k, kind).signatures) for name, k in kernels.KERNELS.items()
+            for kind in ("parallel", "serial")}
 
 async def main():
     app = create_app(Settings(store="memory"))
@@ -116,9 +116,10 @@ def test_steps_after_start_up_compile_nothing():
     import subprocess
     import sys
 
-    variants = [{"type": "sgd"}, {"type": "sgd", "momentum": 0.9}, {"type": "adagrad"}, {"type": "rmsprop"},
-                {"type": "rmsprop", "momentum": 0.9}, {"type": "adam"}, {"type": "adam", "amsgrad": True},
-                {"type": "adamw"}]
+    from optim_service.optim import OPTIMIZERS
+
+    variants = [{"type": name, **variant} for name, o in OPTIMIZERS.items() for variant in o.warm or ({},)
+                if o.elementwise]
     result = subprocess.run([sys.executable, "-c", STEPS_AFTER_WARM, json.dumps(variants)], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import orjson
 
+from .optim import OPTIMIZERS
 from .optim.base import adopt, piece
 from .optim.config import TrainingConfig
 from .store import SessionRecord
@@ -162,12 +163,13 @@ class Tensors(Sequence):
 
 
 @lru_cache(maxsize=4096)
-def _slots(layout: Layout, state_type: type, buffer_names: tuple[tuple[str, ...], ...],
+def _slots(layout: Layout, optimizer: str, buffer_names: tuple[tuple[str, ...], ...],
            schema: int = SCHEMA_VERSION) -> Slots:
-    fields = state_type._fields
+    algorithm = OPTIMIZERS[optimizer]
+    fields = algorithm.state_type._fields
     for names in buffer_names:
         if set(names) - set(fields):
-            raise ValueError(f"buffers {sorted(names)} are not all {state_type.__name__} fields")
+            raise ValueError(f"buffers {sorted(names)} are not all {algorithm.state_type.__name__} fields")
     offset, params = 0, []
     for size, shape in zip(layout.sizes, layout.shapes):
         params.append((offset, size, shape))
@@ -179,14 +181,16 @@ def _slots(layout: Layout, state_type: type, buffer_names: tuple[tuple[str, ...]
         order = [(f, i) for f in fields for i in tensors if f in buffer_names[i]]
     where: list[dict[str, Where]] = [{} for _ in tensors]
     for f, i in order:
-        where[i][f] = (offset, layout.sizes[i], layout.shapes[i])
-        offset += layout.sizes[i]
+        shape = algorithm.buffer_shape(f, layout.shapes[i])  # the parameter's, a scalar's, a row's...
+        where[i][f] = (offset, math.prod(shape), shape)
+        offset += math.prod(shape)
     kinds = None
-    if schema != 1 and len(set(buffer_names)) <= 1 and len(layout.shapes) > 1:  # one tensor is its own flat form
+    if (schema != 1 and algorithm.param_shaped and len(set(buffer_names)) <= 1
+            and len(layout.shapes) > 1):  # one tensor is its own flat form
         first = where[0]
         kinds = tuple(first[f][0] if f in first else None for f in fields)
     states = tuple(tuple(w.get(f) for f in fields) for w in where)
-    return Slots(layout.np_dtype, state_type, schema, buffer_names, tuple(params), states, kinds,
+    return Slots(layout.np_dtype, algorithm.state_type, schema, buffer_names, tuple(params), states, kinds,
                  offset * layout.np_dtype.itemsize)
 
 
@@ -292,7 +296,7 @@ class Session:
             memory = None
         relaid = self.slots.schema != SCHEMA_VERSION
         if relaid:
-            clone.slots = _slots(self.layout, self.slots.state_type, self.slots.buffer_names)
+            clone.slots = _slots(self.layout, self.config.optimizer.type, self.slots.buffer_names)
         if copy and not relaid:
             clone.buffer = self.buffer.copy()
         else:
@@ -395,7 +399,7 @@ def from_record(record: SessionRecord, private: bool = True) -> Session:
     buf = np.frombuffer(memoryview(record.data).toreadonly(), np.uint8)  # read-only views of the record
     if private:
         buf = buf.copy()
-    slots = _slots(layout, config.algorithm.state_type, tuple(tuple(t["buffers"]) for t in meta["tensors"]),
+    slots = _slots(layout, config.optimizer.type, tuple(tuple(t["buffers"]) for t in meta["tensors"]),
                    meta["schema_version"])
     if slots.end != len(buf):
         raise ValueError(f"record {record.id}: {len(buf)} data bytes, layout needs {slots.end}")

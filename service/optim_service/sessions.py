@@ -166,9 +166,9 @@ class SessionService:
     ) -> Session:
         try:
             hps = config.hyperparameters_for(list(layout.names))
+            states = config.initial_states(layout.names, params, hps)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
-        states = [config.algorithm.init(p, hp) for p, hp in zip(params, hps)]
         step, tensor_steps = 0, None
         if restored is not None:
             step, buffers, tensor_steps = restored
@@ -338,7 +338,7 @@ class SessionService:
                 raise InvalidRequest("optimizer: " + "; ".join(
                     f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
             kept = {k for k, v in template.states[0]._asdict().items() if v is not None} if template.states else set()
-            probe = np.zeros(1, template.layout.np_dtype)
+            probe = np.zeros(template.layout.shapes[0], template.layout.np_dtype)  # calloc: no memory touched
             wants = {k for k, v in config.algorithm.init(probe, config.optimizer)._asdict().items() if v is not None}
             if template.states and kept != wants:
                 raise InvalidRequest(f"a fork keeps the optimizer's state: these settings need buffers {sorted(wants)}, "

@@ -182,12 +182,17 @@ class SessionPage(BaseModel):
 class OptimizerInfo(BaseModel):
     model_config = _examples({"type": "adagrad", "summary": "θ ← θ − η/(1+(t−1)·lr_decay) · g / (√Σg² + ε)",
                               "hyperparameters": {"lr": {"default": 0.01, "type": "number"}},
-                              "state_buffers": ["sum"]})
+                              "state_buffers": ["sum"], "buffer_shapes": {"sum": "param"},
+                              "torch": "torch.optim.Adagrad"})
 
     type: str
     summary: str
     hyperparameters: dict[str, dict[str, Any]]
     state_buffers: list[str]
+    buffer_shapes: dict[str, Literal["param", "scalar", "row", "column"]] = Field(
+        description="how each buffer's shape follows its parameter's: the same, one number, or a "
+                    "matrix's row or column factor (Adafactor)")
+    torch: str | None = Field(description="the torch.optim class it equals; null beyond torch")
 
 
 def _problem(description: str) -> dict:

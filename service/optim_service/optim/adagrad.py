@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numba import prange
 from pydantic import model_validator
 
 from . import kernels
@@ -12,6 +13,7 @@ from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, read_from, require_non_negative,
     zeros,
 )
+from .kernels import finite
 
 
 class AdagradHyperparameters(Hyperparameters):
@@ -52,16 +54,42 @@ def update(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: i
     param -= clr * grad / std  # torch's addcdiv order: (value·t1)/t2
 
 
+class Scalars(NamedTuple):
+    clr: float  # lr / (1 + (t − 1)·lr_decay)
+    sign: float
+    wd: float
+    eps: float
+
+
+@kernels.kernel
+def _adagrad(p, g, s, p0, s0, c):
+    f = p.dtype.type
+    clr, sign, wd, eps = f(c.clr), f(c.sign), f(c.wd), f(c.eps)
+    bad = 0
+    for i in prange(p.size):
+        gr = g[i]
+        gi = gr * sign
+        gi = gi + wd * p0[i]
+        si = s0[i] + gi * gi
+        s[i] = si
+        pi = p0[i] - clr * gi / (np.sqrt(si) + eps)
+        p[i] = pi
+        bad += not finite(pi, si, gr, pi)
+    return bad
+
+
 def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None) -> int:
     param0, state0 = read_from(param, state, source)
     clr = hp.lr / (1 + (step - 1) * hp.lr_decay)
-    return kernels.run("adagrad", flat(param), flat_input(grad, param), flat(state.sum),
+    return kernels.run(_adagrad, flat(param), flat_input(grad, param), flat(state.sum),
                        flat_read(param0), flat_read(state0.sum),
-                       np.array((clr, -1.0 if hp.maximize else 1.0, hp.weight_decay, hp.eps), param.dtype))
+                       Scalars(clr, -1.0 if hp.maximize else 1.0, hp.weight_decay, hp.eps))
 
 
 adagrad = Optimizer(
     "adagrad", AdagradHyperparameters, init, update, fused, AdagradState,
     "θ ← θ − η/(1+(t−1)·lr_decay) · g / (√Σg² + ε) (torch.optim.Adagrad)",
-    ("sum",),
+    ("sum",), torch="Adagrad", warm=({},),
+    # torch fills every parameter's sum with the constructor's value, whatever its group sets
+    constructor_wide=("initial_accumulator_value",),
 )

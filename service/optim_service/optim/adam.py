@@ -6,6 +6,7 @@ import math
 from typing import Annotated, NamedTuple
 
 import numpy as np
+from numba import prange
 from pydantic import Field, model_validator
 
 from . import kernels
@@ -13,6 +14,7 @@ from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
     require_non_negative, zeros,
 )
+from .kernels import finite
 
 Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
 
@@ -88,6 +90,64 @@ def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) ->
     param -= step_size * state.exp_avg / denom
 
 
+class Scalars(NamedTuple):
+    sign: float
+    wd: float  # coupled weight decay (0 when decoupled)
+    decay: float  # 1 − lr·wd when decoupled, else 1
+    b1_c: float  # 1 − β₁: torch's lerp for a weight below 0.5
+    b2: float
+    b2_c: float
+    eps: float
+    step_size: float  # lr / (1 − β₁ᵗ)
+    bc2_sqrt: float  # √(1 − β₂ᵗ)
+
+
+@kernels.kernel
+def _adam(p, g, m, v, p0, m0, v0, c):
+    f = p.dtype.type
+    sign, wd, decay, b1_c, b2 = f(c.sign), f(c.wd), f(c.decay), f(c.b1_c), f(c.b2)
+    b2_c, eps, step_size, bc2_sqrt = f(c.b2_c), f(c.eps), f(c.step_size), f(c.bc2_sqrt)
+    bad = 0
+    for i in prange(p.size):
+        gr = g[i]
+        gi = gr * sign
+        pi = p0[i] * decay
+        gi = gi + wd * pi
+        mi = m0[i] + b1_c * (gi - m0[i])
+        m[i] = mi
+        vi = v0[i] * b2
+        vi = vi + b2_c * gi * gi
+        v[i] = vi
+        pi = pi - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
+        p[i] = pi
+        bad += not finite(pi, mi, vi, gr)
+    return bad
+
+
+@kernels.kernel
+def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, c):
+    f = p.dtype.type
+    sign, wd, decay, b1_c, b2 = f(c.sign), f(c.wd), f(c.decay), f(c.b1_c), f(c.b2)
+    b2_c, eps, step_size, bc2_sqrt = f(c.b2_c), f(c.eps), f(c.step_size), f(c.bc2_sqrt)
+    bad = 0
+    for i in prange(p.size):
+        gr = g[i]
+        gi = gr * sign
+        pi = p0[i] * decay
+        gi = gi + wd * pi
+        mi = m0[i] + b1_c * (gi - m0[i])
+        m[i] = mi
+        vi = v0[i] * b2
+        vi = vi + b2_c * gi * gi
+        v[i] = vi
+        second = max(vmax0[i], vi)
+        vmax[i] = second
+        pi = pi - step_size * mi / (np.sqrt(second) / bc2_sqrt + eps)
+        p[i] = pi
+        bad += not finite(pi, mi, second, gr)
+    return bad
+
+
 def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None) -> int:
     beta1, beta2 = hp.betas
     if 1 - beta1 >= 0.5:  # torch's lerp switches formula; no kernel for that rare case
@@ -101,19 +161,18 @@ def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, sou
         read.append(state0.max_exp_avg_sq)
     read = [flat_read(array) for array in read]
     arrays = [written[0], flat_input(grad, param), *written[1:], *read]
-    return kernels.run("adam_amsgrad" if hp.amsgrad else "adam", *arrays, np.array((
+    return kernels.run(_adam_amsgrad if hp.amsgrad else _adam, *arrays, Scalars(
         -1.0 if hp.maximize else 1.0, 0.0 if decoupled else hp.weight_decay,
         1 - hp.lr * hp.weight_decay if decoupled else 1.0, 1 - beta1, beta2, 1 - beta2,
-        hp.eps, hp.lr / (1 - beta1**step), math.sqrt(1 - beta2**step)), param.dtype))
+        hp.eps, hp.lr / (1 - beta1**step), math.sqrt(1 - beta2**step)))
 
 
 adam = Optimizer(
     "adam", AdamHyperparameters, init, update, fused, AdamState,
     "m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − η·m̂/(√v̂ + ε) (torch.optim.Adam)",
-    ("exp_avg_sq", "max_exp_avg_sq"),
+    ("exp_avg_sq", "max_exp_avg_sq"), torch="Adam", warm=({}, {"amsgrad": True}),
 )
-adamw = Optimizer(
-    "adamw", AdamWHyperparameters, init, update, fused, AdamState,
-    "Adam with decoupled weight decay θ ← θ(1 − η·λ) (torch.optim.AdamW)",
-    ("exp_avg_sq", "max_exp_avg_sq"),
+adamw = adam._replace(
+    name="adamw", hyperparameters=AdamWHyperparameters, torch="AdamW", warm=(),
+    summary="Adam with decoupled weight decay θ ← θ(1 − η·λ) (torch.optim.AdamW)",
 )

@@ -10,7 +10,8 @@ and working in place is what keeps a 10M-parameter step at a few copies of memor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Annotated, Any, Callable, NamedTuple
 
 import numpy as np
@@ -27,6 +28,24 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
+# How a state buffer's shape follows its parameter's (``Optimizer.shapes``): most are the parameter's
+# own; NAdam's ``mu_product`` and ASGD's ``eta`` are one number; Adafactor keeps a matrix's second
+# moment as a row and a column (torch's shapes: the last dimension 1, or the second-to-last).
+PARAM, SCALAR, ROW, COLUMN = "param", "scalar", "row", "column"
+
+
+def buffer_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == PARAM:
+        return shape
+    if kind == SCALAR:
+        return ()
+    if kind == ROW:
+        return (*shape[:-1], 1)
+    if kind == COLUMN:
+        return (*shape[:-2], 1, shape[-1])
+    raise ValueError(f"unknown buffer shape {kind!r}")
+
+
 class Optimizer(NamedTuple):
     """A named recipe: hyperparameter model + ``init(param, hp)`` + ``update(param, grad, state, hp, step)``.
 
@@ -34,17 +53,49 @@ class Optimizer(NamedTuple):
     after its increment); it updates ``param`` and the state buffers in place. ``fused`` does the same
     in one compiled pass (``kernels.py``), bit for bit, and returns how many elements came out
     non-finite; given ``source=(param, state)`` it reads the current values there and writes the new
-    ones to ``param`` and ``state``, whatever those held.
+    ones to ``param`` and ``state``, whatever those held. Without a kernel, ``fused`` is the
+    reference (``reference_step``).
+
+    The rest is what the service derives from the registry: ``shapes`` (buffer → ``PARAM``,
+    ``SCALAR``, ``ROW``, ``COLUMN``; unnamed buffers are ``PARAM``) lays out the stored record and
+    checks a checkpoint; ``torch`` names the torch.optim class it equals (None: beyond torch);
+    ``warm`` lists the hyperparameter variants whose kernels compile at start-up; ``constructor_wide``
+    the hyperparameters torch reads from the constructor even where a param group sets its own;
+    ``check_shape`` refuses a parameter the algorithm cannot take (a message, or None);
+    ``elementwise`` is False for an update that reads a whole tensor (a norm, a matrix product), which
+    must never run over several tensors joined.
     """
 
     name: str
     hyperparameters: type[Hyperparameters]
     init: Callable[[np.ndarray, Any], tuple]
     update: Callable[[np.ndarray, np.ndarray, Any, Any, int], None]
-    fused: Callable[[np.ndarray, np.ndarray, Any, Any, int], int]
+    fused: Callable[..., int]
     state_type: type
     summary: str
     nonnegative_buffers: tuple[str, ...] = ()  # sums or averages of squares: a restored one must be >= 0
+    shapes: Mapping[str, str] = MappingProxyType({})
+    torch: str | None = None
+    warm: tuple[dict, ...] = ()
+    constructor_wide: tuple[str, ...] = ()
+    check_shape: Callable[[tuple[int, ...]], str | None] | None = None
+    elementwise: bool = True  # each element's update reads only that element: tensors may be joined
+
+
+    def buffer_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return buffer_shape(self.shapes.get(buffer, PARAM), shape)
+
+    @property
+    def param_shaped(self) -> bool:
+        """Every buffer has its parameter's shape: each kind can be stored as one run over all tensors."""
+        return all(kind == PARAM for kind in self.shapes.values())
+
+
+def reference_step(update):
+    """``fused`` for an optimizer without a kernel: its numpy ``update`` through ``reference``."""
+    def fused(param, grad, state, hp, step, source=None) -> int:
+        return reference(update, param, grad, state, hp, step, source)
+    return fused
 
 
 def require_non_negative(hp: Hyperparameters, **labels: str) -> None:

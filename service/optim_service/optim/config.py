@@ -6,6 +6,7 @@ can be rebuilt anywhere. ``apply_step`` is the whole per-step pipeline: clip, sc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Annotated, Any, Literal, Union
 
@@ -97,6 +98,18 @@ class TrainingConfig(BaseModel):
     def algorithm(self):
         return OPTIMIZERS[self.optimizer.type]
 
+    def initial_states(self, names: Sequence[str], params: list[np.ndarray], hyperparameters: list[Any]) -> list[tuple]:
+        """Each tensor's fresh optimizer state, as torch makes it: from its group's hyperparameters,
+        except those torch reads from the constructor (``Optimizer.constructor_wide``). ValueError
+        for a tensor the algorithm cannot take (Muon's 2-D only)."""
+        algorithm = self.algorithm
+        if algorithm.check_shape is not None:
+            for name, param in zip(names, params):
+                if (problem := algorithm.check_shape(param.shape)) is not None:
+                    raise ValueError(f"{f'tensor {name!r}' if name else 'the tensor'}: {problem}")
+        wide = {k: getattr(self.optimizer, k) for k in algorithm.constructor_wide}
+        return [algorithm.init(p, hp.model_copy(update=wide) if wide else hp) for p, hp in zip(params, hyperparameters)]
+
     def check_schedule(self, step: int) -> None:
         """Refuse now a schedule whose next step (after ``step``) has no finite learning rate, for
         any param group: ``ScheduleOverflow``."""
@@ -177,6 +190,7 @@ def apply_step(
             grad_norm, coef = clip_coefficient([g for g in grads if g is not None] if partial else grads,
                                                config.clip_grad_norm)
         if (not partial and flat is not None and (source is None or source[2] is not None) and len(params) > 1
+                and config.algorithm.elementwise
                 and flat[0].size <= FLAT_MAX_AVERAGE * len(params)
                 and all(hp is hyperparameters[0] for hp in hyperparameters)):
             params, states, hyperparameters = [flat[0]], [flat[1]], hyperparameters[:1]
@@ -212,17 +226,17 @@ def apply_step(
 
 
 def warm_kernels() -> None:
-    """Compile (or load from numba's cache) every kernel for both dtypes now, not on a first request.
-    An update in place compiles what a step runs: every array a kernel only reads goes in read-only
-    (``flat_read``, ``flat_input``), whether or not it is the array written."""
+    """Compile (or load from numba's cache) every kernel the registry names (``Optimizer.warm``) for
+    both dtypes now, not on a first request. An update in place compiles what a step runs: every
+    array a kernel only reads goes in read-only (``flat_read``, ``flat_input``), whether or not it is
+    the array written."""
     from .kernels import PARALLEL_MIN_ELEMENTS
 
-    variants = [{"type": "sgd"}, {"type": "sgd", "momentum": 0.9}, {"type": "adagrad"}, {"type": "rmsprop"},
-                {"type": "rmsprop", "momentum": 0.9}, {"type": "adam"}, {"type": "adam", "amsgrad": True}]
     for dtype in (np.float32, np.float64):
-        for variant in variants:
-            for size in (1, PARALLEL_MIN_ELEMENTS):  # the serial and the parallel build
-                config = TrainingConfig.model_validate({"optimizer": variant})
-                param = np.zeros(size, dtype)
-                state = config.algorithm.init(param, config.optimizer)
-                config.algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)
+        for name, algorithm in OPTIMIZERS.items():
+            for variant in algorithm.warm:
+                for size in (1, PARALLEL_MIN_ELEMENTS):  # the serial and the parallel build
+                    config = TrainingConfig.model_validate({"optimizer": {"type": name, **variant}})
+                    param = np.zeros(size, dtype)
+                    state = algorithm.init(param, config.optimizer)
+                    algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import numpy as np
+from numba import prange
 from pydantic import model_validator
 
 from . import kernels
@@ -16,6 +17,7 @@ from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
     require_non_negative, zeros,
 )
+from .kernels import finite
 
 
 class RMSpropHyperparameters(Hyperparameters):
@@ -77,24 +79,73 @@ def update(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: i
         param -= hp.lr * grad / avg
 
 
+class Scalars(NamedTuple):
+    lr: float
+    sign: float
+    wd: float
+    alpha: float  # (alpha, alpha_c) = (0, 1) on the lessons' form's first step (σ⁰ = |g⁰|), else (α, 1 − α)
+    alpha_c: float
+    eps: float
+    momentum: float = 0.0
+
+
+@kernels.kernel
+def _rmsprop(p, g, sq, p0, sq0, c):
+    f = p.dtype.type
+    lr, sign, wd, alpha, alpha_c, eps = f(c.lr), f(c.sign), f(c.wd), f(c.alpha), f(c.alpha_c), f(c.eps)
+    bad = 0
+    for i in prange(p.size):
+        gr = g[i]
+        gi = gr * sign
+        gi = gi + wd * p0[i]
+        v = sq0[i] * alpha
+        v = v + alpha_c * gi * gi
+        sq[i] = v
+        pi = p0[i] - lr * gi / (np.sqrt(v) + eps)
+        p[i] = pi
+        bad += not finite(pi, v, gr, pi)
+    return bad
+
+
+@kernels.kernel
+def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, c):
+    f = p.dtype.type
+    lr, sign, wd, alpha, alpha_c, eps = f(c.lr), f(c.sign), f(c.wd), f(c.alpha), f(c.alpha_c), f(c.eps)
+    momentum = f(c.momentum)
+    bad = 0
+    for i in prange(p.size):
+        gr = g[i]
+        gi = gr * sign
+        gi = gi + wd * p0[i]
+        v = sq0[i] * alpha
+        v = v + alpha_c * gi * gi
+        sq[i] = v
+        b = buf0[i] * momentum
+        b = b + gi / (np.sqrt(v) + eps)
+        buf[i] = b
+        pi = p0[i] - lr * b
+        p[i] = pi
+        bad += not finite(pi, v, b, gr)
+    return bad
+
+
 def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int, source=None) -> int:
     if hp.centered:  # no kernel: the reference, and its own finiteness count
         return reference(update, param, grad, state, hp, step, source)
     param0, state0 = read_from(param, state, source)
     first_grad = step == 1 and hp.square_avg_init == "first_grad"
-    scalars = (hp.lr, -1.0 if hp.maximize else 1.0, hp.weight_decay, 0.0 if first_grad else hp.alpha,
-               1.0 if first_grad else 1 - hp.alpha, hp.eps)
+    scalars = Scalars(hp.lr, -1.0 if hp.maximize else 1.0, hp.weight_decay, 0.0 if first_grad else hp.alpha,
+                      1.0 if first_grad else 1 - hp.alpha, hp.eps, hp.momentum)
     if hp.momentum > 0:
         read = [flat_read(a) for a in (param0, state0.square_avg, state0.momentum_buffer)]
-        return kernels.run("rmsprop_momentum", flat(param), flat_input(grad, param), flat(state.square_avg),
-                           flat(state.momentum_buffer), *read, np.array((*scalars, hp.momentum), param.dtype))
+        return kernels.run(_rmsprop_momentum, flat(param), flat_input(grad, param), flat(state.square_avg),
+                           flat(state.momentum_buffer), *read, scalars)
     read = [flat_read(a) for a in (param0, state0.square_avg)]
-    return kernels.run("rmsprop", flat(param), flat_input(grad, param), flat(state.square_avg), *read,
-                       np.array(scalars, param.dtype))
+    return kernels.run(_rmsprop, flat(param), flat_input(grad, param), flat(state.square_avg), *read, scalars)
 
 
 rmsprop = Optimizer(
     "rmsprop", RMSpropHyperparameters, init, update, fused, RMSpropState,
     "σ² ← α·σ² + (1−α)·g², θ ← θ − η·g/(σ + ε) (torch.optim.RMSprop; the lessons' form σ⁰=|g⁰|)",
-    ("square_avg",),
+    ("square_avg",), torch="RMSprop", warm=({}, {"momentum": 0.9}),
 )

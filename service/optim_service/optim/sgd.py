@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numba import prange
 from pydantic import model_validator
 
 from . import kernels
@@ -12,6 +13,7 @@ from .base import (
     Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, read_from, require_non_negative,
     zeros,
 )
+from .kernels import finite
 
 
 class SGDHyperparameters(Hyperparameters):
@@ -55,20 +57,69 @@ def update(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> N
     param -= hp.lr * grad
 
 
+class Scalars(NamedTuple):
+    lr: float
+    sign: float  # -1 for maximize
+    wd: float
+    # (0, 1) on the first step (the buffer starts as the gradient), else (momentum, 1 - dampening)
+    momentum_now: float = 0.0
+    grad_weight: float = 0.0
+    momentum: float = 0.0
+    nesterov: float = 0.0  # (nesterov, plain): (1, 0) or (0, 1)
+    plain: float = 0.0
+
+
+@kernels.kernel
+def _sgd(p, g, p0, c):
+    f = p.dtype.type
+    lr, sign, wd = f(c.lr), f(c.sign), f(c.wd)
+    bad = 0
+    for i in prange(p.size):
+        gr = g[i]
+        gi = gr * sign
+        gi = gi + wd * p0[i]
+        pi = p0[i] - lr * gi
+        p[i] = pi
+        bad += not finite(pi, gr, pi, pi)
+    return bad
+
+
+@kernels.kernel
+def _sgd_momentum(p, g, buf, p0, buf0, c):
+    f = p.dtype.type  # (a Python literal in the loop would promote the sum to float64)
+    lr, sign, wd, momentum_now = f(c.lr), f(c.sign), f(c.wd), f(c.momentum_now)
+    grad_weight, momentum, nesterov, plain = f(c.grad_weight), f(c.momentum), f(c.nesterov), f(c.plain)
+    bad = 0
+    for i in prange(p.size):
+        gr = g[i]
+        gi = gr * sign
+        gi = gi + wd * p0[i]
+        b = buf0[i] * momentum_now
+        b = b + grad_weight * gi
+        buf[i] = b
+        step = nesterov * (gi + momentum * b) + plain * b
+        pi = p0[i] - lr * step
+        p[i] = pi
+        bad += not finite(pi, b, gr, pi)
+    return bad
+
+
 def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None) -> int:
     param0, state0 = read_from(param, state, source)
-    common = (hp.lr, -1.0 if hp.maximize else 1.0, hp.weight_decay)
+    sign = -1.0 if hp.maximize else 1.0
     if hp.momentum == 0:
-        return kernels.run("sgd", flat(param), flat_input(grad, param), flat_read(param0),
-                           np.array(common, param.dtype))
+        return kernels.run(_sgd, flat(param), flat_input(grad, param), flat_read(param0),
+                           Scalars(hp.lr, sign, hp.weight_decay))
     first = step == 1
-    return kernels.run("sgd_momentum", flat(param), flat_input(grad, param), flat(state.momentum_buffer),
-                       flat_read(param0), flat_read(state0.momentum_buffer), np.array((
-                           *common, 0.0 if first else hp.momentum, 1.0 if first else 1 - hp.dampening,
-                           hp.momentum, 1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0), param.dtype))
+    return kernels.run(_sgd_momentum, flat(param), flat_input(grad, param), flat(state.momentum_buffer),
+                       flat_read(param0), flat_read(state0.momentum_buffer), Scalars(
+                           hp.lr, sign, hp.weight_decay, 0.0 if first else hp.momentum,
+                           1.0 if first else 1 - hp.dampening, hp.momentum,
+                           1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0))
 
 
 sgd = Optimizer(
     "sgd", SGDHyperparameters, init, update, fused, SGDState,
     "θ ← θ − η·v, v ← λ·v + (1−dampening)·g (torch.optim.SGD)",
+    torch="SGD", warm=({}, {"momentum": 0.9}),
 )

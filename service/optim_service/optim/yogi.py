@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import model_validator
 
 from .adam import Betas
-from .base import Bool, Float, Hyperparameters, Optimizer, lerp_, reference, require_non_negative
+from .base import Bool, Float, Hyperparameters, Optimizer, lerp_, reference_step, require_non_negative
 
 
 class YogiHyperparameters(Hyperparameters):
@@ -64,12 +64,8 @@ def update(param, grad, state: YogiState, hp: YogiHyperparameters, step: int) ->
     param -= hp.lr / (1 - beta1**step) * state.exp_avg / denom
 
 
-def fused(param, grad, state: YogiState, hp: YogiHyperparameters, step: int, source=None) -> int:
-    return reference(update, param, grad, state, hp, step, source)  # no kernel yet: the reference is the step
-
-
 yogi = Optimizer(
-    "yogi", YogiHyperparameters, init, update, fused, YogiState,
+    "yogi", YogiHyperparameters, init, update, reference_step(update), YogiState,
     "v ← v − (1−β₂)g²·sign(v − g²), m and the update as Adam's (Zaheer et al. 2018; FedYogi)",
     ("exp_avg_sq",),
 )

@@ -22,8 +22,10 @@ def catalogue() -> list[dict]:
             entry = {k: v for k, v in schema[field].items() if k not in ("title",)}
             entry["default"] = list(info.default) if isinstance(info.default, tuple) else info.default
             hps[field] = entry
-        out.append({"type": name, "summary": opt.summary, "hyperparameters": hps,
-                    "state_buffers": list(opt.state_type._fields)})
+        buffers = list(opt.state_type._fields)
+        out.append({"type": name, "summary": opt.summary, "hyperparameters": hps, "state_buffers": buffers,
+                    "buffer_shapes": {b: opt.shapes.get(b, "param") for b in buffers},
+                    "torch": f"torch.optim.{opt.torch}" if opt.torch else None})
     return out
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from ...errors import InvalidRequest, NotAcceptable, SessionNotFound
 from ... import history
 from ...diagnosis import Thresholds, diagnose
+from ...optim.base import Optimizer
 from ...record import Layout, Session, layout_from_meta
 from .. import wire
 from ..deps import Caller
@@ -103,11 +104,11 @@ async def create_session(request: Request, caller: Caller) -> Response:
     else:
         body = parse_json(body, CreateSession, "params", request.app.state.settings.max_json_depth)
     layout, params = wire.decode_params(body.params, body.dtype)
+    config, encodings = body.training_config(), wire.encodings_of(body.params)
     restored = None
     if body.state is not None:
-        restored = (body.state.step, _decode_buffers(body.state.buffers, layout),
+        restored = (body.state.step, _decode_buffers(body.state.buffers, layout, config.algorithm),
                     _tensor_steps(body.state.tensor_steps, body.state.step, layout))
-    config, encodings = body.training_config(), wire.encodings_of(body.params)
     schedule_state = body.state.schedule_state if body.state is not None else None
     del body  # its text (a base64 string can be the size of the params) is not needed past here
     session = await caller.sessions.create(caller.owner, config, layout, params, restored, schedule_state)
@@ -133,8 +134,9 @@ def _tensor_steps(value: dict[str, int] | None, step: int, layout: Layout) -> tu
     return None if all(t == step for t in steps) else steps
 
 
-def _decode_buffers(value, layout: Layout) -> list[dict]:
-    """A checkpoint's buffers, mirroring its params: {name: {buffer: tensor}} or {buffer: tensor}."""
+def _decode_buffers(value, layout: Layout, algorithm: Optimizer) -> list[dict]:
+    """A checkpoint's buffers, mirroring its params: {name: {buffer: tensor}} or {buffer: tensor},
+    each of the shape the optimizer keeps it in (its parameter's, a scalar's, a row's...)."""
     per_tensor = [value] if layout.structure == "array" else None
     if layout.structure == "object":
         if not isinstance(value, dict) or set(value) != set(layout.names):
@@ -144,9 +146,9 @@ def _decode_buffers(value, layout: Layout) -> list[dict]:
     for name, shape, buffers in zip(layout.names, layout.shapes, per_tensor):
         if not isinstance(buffers, dict):
             raise InvalidRequest("state.buffers: expected an object of buffer name → tensor")
-        one = Layout((name,), (shape,), layout.dtype, "object")
         out.append({
-            k: wire.decode_like({name: v}, one, f"state.buffers{'.' + name if name else ''}.{k}", finite=True)[0]
+            k: wire.decode_like({name: v}, Layout((name,), (algorithm.buffer_shape(k, shape),), layout.dtype, "object"),
+                                f"state.buffers{'.' + name if name else ''}.{k}", finite=True)[0]
             for k, v in buffers.items()
         })
     return out
