@@ -27,7 +27,33 @@ CASES = {
     "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),
     "adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
     "sgd": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+    "adamax": (torch.optim.Adamax, {"lr": 2e-3}),
+    "nadam": (torch.optim.NAdam, {"lr": 2e-3}),
+    "radam": (torch.optim.RAdam, {"lr": 1e-3}),
+    "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
+    "lion": (None, {"lr": 1e-4, "weight_decay": 0.1}),  # TorchLion, below
 }
+
+
+class TorchLion(torch.optim.Optimizer):
+    """Lion in torch ops, as lion-pytorch (the implementation people use) writes it: torch.optim has
+    none, so this is torch's fastest path for it."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, foreach=False):
+        if foreach:
+            raise TypeError("no foreach path")
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                exp_avg = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = exp_avg.clone().mul_(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
 
 
 def ours(kind: str, hp: dict, n: int, fused: bool):
@@ -80,7 +106,7 @@ def main() -> int:
     print("| 10M float32 | fused kernel | numpy reference | torch fastest | fused ÷ torch | target | |")
     print("|---|---:|---:|---:|---:|---|---|")
     for kind, (cls, hp) in CASES.items():
-        paths = torch_paths(cls, hp, args.size)
+        paths = torch_paths(cls or TorchLion, hp, args.size)
         mode = min(paths, key=lambda m, paths=paths: median_ms(paths[m], 5))  # torch's fastest path here
         # ours and torch's fastest, timed alternately so the machine's noise falls on both alike
         fused, best = paired_ms(ours(kind, hp, args.size, True), paths[mode], args.repeat)

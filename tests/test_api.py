@@ -81,7 +81,7 @@ async def test_create_with_prefer_return_minimal_leaves_the_params_out(client):
 @pytest.mark.parametrize("body,status,fragment", [
     ({"optimizer": {"type": "adam"}, "params": [1.0], "extra": 1}, 422, "extra"),
     ({"optimizer": {"type": "adam", "momentum": 0.9}, "params": [1.0]}, 422, "momentum"),
-    ({"optimizer": {"type": "adamax"}, "params": [1.0]}, 422, "adamax"),
+    ({"optimizer": {"type": "lbfgs"}, "params": [1.0]}, 422, "lbfgs"),
     ({"optimizer": {"type": "adam", "lr": -1}, "params": [1.0]}, 422, "Invalid learning rate: -1"),
     ({"optimizer": {"type": "adam", "betas": [0.9, 1.0]}, "params": [1.0]}, 422, "Invalid beta parameter at index 1"),
     ({"optimizer": {"type": "sgd", "nesterov": True}, "params": [1.0]}, 422, "Nesterov momentum requires"),
@@ -380,7 +380,7 @@ async def test_checkpoint_of_an_unnamed_tensor_round_trips(client):
 
 async def test_optimizer_catalogue(client):
     catalogue = {o["type"]: o for o in (await client.get("/v1/optimizers")).json()}
-    assert set(catalogue) == {"sgd", "adagrad", "rmsprop", "adam", "adamw", "yogi"}
+    assert {"sgd", "adagrad", "rmsprop", "adam", "adamw", "yogi", "muon", "lion"} <= set(catalogue)
     assert catalogue["yogi"]["hyperparameters"]["initial_accumulator_value"]["default"] == 1e-6
     assert catalogue["adam"]["hyperparameters"]["betas"]["default"] == [0.9, 0.999]
     assert catalogue["adamw"]["hyperparameters"]["weight_decay"]["default"] == 0.01

@@ -164,6 +164,25 @@ OPTIMIZERS = st.one_of(
     st.builds(lambda lr, d, init, eps: {"type": "adagrad", "lr": lr, "lr_decay": d,
                                         "initial_accumulator_value": init, "eps": eps},
               NUMBERS, NUMBERS, NUMBERS, NUMBERS),
+    st.builds(lambda t, lr, b1, b2, eps, wd, x, dec: {"type": t, "lr": lr, "betas": [b1, b2], "eps": eps,
+                                                      "weight_decay": wd, **({"momentum_decay": x} if t == "nadam" else {}),
+                                                      **({"decoupled_weight_decay": dec} if t != "adamax" else {})},
+              st.sampled_from(["adamax", "nadam", "radam"]), NUMBERS, NUMBERS, NUMBERS, NUMBERS, NUMBERS, NUMBERS,
+              st.booleans()),
+    st.builds(lambda lr, rho, eps, wd: {"type": "adadelta", "lr": lr, "rho": rho, "eps": eps, "weight_decay": wd},
+              NUMBERS, NUMBERS, NUMBERS, NUMBERS),
+    st.builds(lambda lr, e1, e2, s1, s2: {"type": "rprop", "lr": lr, "etas": [e1, e2], "step_sizes": [s1, s2]},
+              NUMBERS, NUMBERS, NUMBERS, NUMBERS, NUMBERS),
+    st.builds(lambda lr, lambd, alpha, t0, wd: {"type": "asgd", "lr": lr, "lambd": lambd, "alpha": alpha, "t0": t0,
+                                                "weight_decay": wd}, NUMBERS, NUMBERS, NUMBERS, NUMBERS, NUMBERS),
+    st.builds(lambda lr, decay, e1, e2, d, wd: {"type": "adafactor", "lr": lr, "beta2_decay": decay, "eps": [e1, e2],
+                                                "d": d, "weight_decay": wd},
+              NUMBERS, NUMBERS, st.one_of(st.none(), NUMBERS), NUMBERS, NUMBERS, NUMBERS),
+    st.builds(lambda lr, wd, m, n, eps, steps: {"type": "muon", "lr": lr, "weight_decay": wd, "momentum": m,
+                                                "nesterov": n, "eps": eps, "ns_steps": steps},
+              NUMBERS, NUMBERS, NUMBERS, st.booleans(), NUMBERS, st.integers(-1, 101)),
+    st.builds(lambda lr, b1, b2, wd: {"type": "lion", "lr": lr, "betas": [b1, b2], "weight_decay": wd},
+              NUMBERS, NUMBERS, NUMBERS, NUMBERS),
 )
 
 
@@ -178,9 +197,11 @@ def memory_client():
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(optimizer=OPTIMIZERS, schedule=SCHEDULES, clip=st.one_of(st.none(), NUMBERS),
        dtype=st.sampled_from(["float32", "float64"]), grads=st.lists(NUMBERS, min_size=2, max_size=2),
-       policy=st.sampled_from(["error", "skip"]))
-def test_no_config_the_api_accepts_makes_a_5xx(memory_client, optimizer, schedule, clip, dtype, grads, policy):
-    body = {"optimizer": optimizer, "schedule": schedule, "dtype": dtype, "params": [1.0, -2.0],
+       policy=st.sampled_from(["error", "skip"]), matrix=st.booleans())
+def test_no_config_the_api_accepts_makes_a_5xx(memory_client, optimizer, schedule, clip, dtype, grads, policy, matrix):
+    nest = (lambda v: [v]) if matrix else (lambda v: v)  # a 1×2 matrix: what Muon takes, what Adafactor factors
+    grads = nest(grads)
+    body = {"optimizer": optimizer, "schedule": schedule, "dtype": dtype, "params": nest([1.0, -2.0]),
             "nan_policy": policy, "clip_grad_norm": None if clip is None else {"max_norm": clip}}
     created = memory_client.post("/v1/sessions", json=body)
     assert created.status_code in (201, 422), created.text

@@ -6,8 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from optim_service.optim import OPTIMIZERS
 from optim_service.optim.config import TrainingConfig, apply_step
 from test_parity_torch import CASES
+
+# the element-wise optimizers (any with a kernel): a tensor of any shape, joined or not
+CASES = [(kind, hp) for kind, hp in CASES if OPTIMIZERS[kind].elementwise]
 
 
 def run(config: dict, dtype, fused: bool, size: int, steps: int = 12):
@@ -67,7 +71,7 @@ def test_kernels_report_non_finite_gradients_and_results():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["kernels", "reference"])
-@pytest.mark.parametrize("kind", ["adam", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("kind", ["adam", "rmsprop", "adagrad", "adamax", "nadam", "adadelta"])  # radam: no division before ρₜ > 5
 def test_a_division_by_zero_is_a_non_finite_result_not_an_exception(kind, fused):
     """eps 0 and a zero gradient divide 0 by 0: NaN, as in numpy and torch, which the step refuses."""
     cfg = TrainingConfig.model_validate({"optimizer": {"type": kind, "eps": 0.0}})

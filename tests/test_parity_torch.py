@@ -15,9 +15,14 @@ STEPS = 30
 TOL = {"float64": dict(rtol=1e-7, atol=0), "float32": dict(rtol=1e-5, atol=1e-6)}
 
 
-def problem(seed: int = 0, steps: int = STEPS):
+# tensors per optimizer where the default (a matrix and a vector) does not fit: Muon takes 2-D only
+# (a tall one is transposed), Adafactor factors the last two dimensions of a stack too
+SHAPES = {"muon": {"w": (3, 4), "v": (6, 2)}, "adafactor": {"w": (3, 4), "b": (5,), "t": (2, 3, 4)}}
+
+
+def problem(seed: int = 0, steps: int = STEPS, shapes: dict | None = None):
     rng = np.random.default_rng(seed)
-    params = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,))}
+    params = {n: rng.normal(size=s) for n, s in (shapes or {"w": (3, 4), "b": (5,)}).items()}
     grads = [{n: rng.normal(size=v.shape) * 0.5 for n, v in params.items()} for _ in range(steps)]
     return params, grads
 
@@ -27,7 +32,7 @@ def run_numpy(config: dict, params, grads, dtype, fused: bool = True):
     names = list(params)
     hps = cfg.hyperparameters_for(names)
     ps = [params[n].astype(dtype) for n in names]
-    states = [cfg.algorithm.init(p, hp) for p, hp in zip(ps, hps)]
+    states = cfg.initial_states(names, ps, hps)
     for step, g in enumerate(grads, start=1):
         apply_step(cfg, hps, ps, [g[n].astype(dtype) for n in names], states, step, fused)
     return dict(zip(names, ps)), {n: {k: v for k, v in s._asdict().items() if v is not None}
@@ -35,14 +40,16 @@ def run_numpy(config: dict, params, grads, dtype, fused: bool = True):
 
 
 def assert_parity(config, dtype, seed=0, torch_kwargs=None, fused=True):
-    params, grads = problem(seed)
+    kind = config["optimizer"]["type"]
+    params, grads = problem(seed, shapes=SHAPES.get(kind))
     ours_p, ours_s = run_numpy(config, params, grads, dtype, fused)
     ref_p, ref_s = run_torch(config["optimizer"], params, grads, dtype=dtype,
                              schedule=config.get("schedule"), clip=config.get("clip_grad_norm"),
                              param_groups=config.get("param_groups"), **(torch_kwargs or {}))
     for n in params:
         assert ours_p[n].dtype == np.dtype(dtype)
-        np.testing.assert_allclose(ours_p[n], ref_p[n], **TOL[dtype], err_msg=f"param {n}")
+        np.testing.assert_allclose(ours_p[n], ref_p[n], **param_tolerance(config, dtype, params[n].shape),
+                                   err_msg=f"param {n}")
         ref_buffers = {k: v for k, v in ref_s[n].items() if v is not None}
         assert set(ours_s[n]) == set(ref_buffers), (ours_s[n].keys(), ref_buffers.keys())
         for k in ref_buffers:
@@ -69,8 +76,32 @@ FLAG_GRID = {
     "adam": grid(lr=[0.02], betas=[[0.8, 0.95]], weight_decay=[0.0, 0.1], amsgrad=[False, True],
                  maximize=[False, True], decoupled_weight_decay=[False, True]),
     "adamw": grid(lr=[0.02], weight_decay=[0.0, 0.1], amsgrad=[False, True], maximize=[False, True]),
+    "adamax": grid(lr=[0.02], betas=[[0.8, 0.95]], weight_decay=[0.0, 0.1], maximize=[False, True]),
+    "nadam": grid(lr=[0.02], betas=[[0.8, 0.95]], weight_decay=[0.0, 0.1], momentum_decay=[4e-3, 0.1],
+                  decoupled_weight_decay=[False, True], maximize=[False, True]),
+    "radam": grid(lr=[0.02], betas=[[0.8, 0.95], [0.9, 0.999]], weight_decay=[0.0, 0.1],
+                  decoupled_weight_decay=[False, True], maximize=[False, True]),
+    "adadelta": grid(lr=[1.0, 0.5], rho=[0.9], weight_decay=[0.0, 0.1], maximize=[False, True]),
+    "rprop": grid(lr=[0.01], etas=[[0.5, 1.2], [0.3, 1.5]], step_sizes=[[1e-6, 50], [1e-3, 0.05]],
+                  maximize=[False, True]),
+    "asgd": grid(lr=[0.05], lambd=[1e-4, 0.01], t0=[1e6, 5.0], weight_decay=[0.0, 0.1], maximize=[False, True]),
+    "adafactor": grid(lr=[0.01, 0.5], eps=[[None, 1e-3], [1e-20, 1e-2]], d=[1.0, 2.0], weight_decay=[0.0, 0.1],
+                      maximize=[False, True]),
+    "muon": grid(lr=[0.02], weight_decay=[0.0, 0.1], momentum=[0.95, 0.5], nesterov=[True, False],
+                 adjust_lr_fn=[None, "match_rms_adamw"]),
 }
 CASES = [(kind, hp) for kind, hps in FLAG_GRID.items() for hp in hps]
+MUON_STEP = 2.0**-8  # one bfloat16 step of an element of O (torch sums its products in another order)
+
+
+def param_tolerance(config: dict, dtype: str, shape) -> dict:
+    """The dtype's tolerance; Muon's parameters within a few bfloat16 steps of its update per step."""
+    hp = config["optimizer"]
+    if hp["type"] != "muon":
+        return TOL[dtype]
+    from optim_service.optim.muon import adjusted_lr
+
+    return dict(rtol=0, atol=STEPS * MUON_STEP * adjusted_lr(hp.get("lr", 1e-3), hp.get("adjust_lr_fn"), shape))
 
 
 @pytest.mark.parametrize("path", ["fused", "numpy"])
@@ -153,6 +184,14 @@ BAD_HYPERPARAMETERS = [
     ("adam", {"lr": -1.0}), ("adam", {"eps": -1.0}), ("adam", {"betas": [1.0, 0.9]}),
     ("adam", {"betas": [0.9, -0.1]}), ("adam", {"weight_decay": -1.0}),
     ("adamw", {"lr": -1.0}), ("adamw", {"betas": [0.9, 1.5]}),
+    ("adamax", {"lr": -1.0}), ("adamax", {"betas": [1.0, 0.9]}), ("adamax", {"weight_decay": -1.0}),
+    ("nadam", {"eps": -1.0}), ("nadam", {"momentum_decay": -1.0}), ("radam", {"betas": [0.9, 1.0]}),
+    ("adadelta", {"rho": 1.5}), ("adadelta", {"eps": -1.0}), ("adadelta", {"weight_decay": -1.0}),
+    ("rprop", {"lr": -1.0}), ("rprop", {"etas": [1.5, 1.2]}), ("rprop", {"etas": [0.5, 0.9]}),
+    ("asgd", {"lr": -1.0}), ("asgd", {"weight_decay": -1.0}),
+    ("adafactor", {"lr": -1.0}), ("adafactor", {"beta2_decay": 0.5}), ("adafactor", {"eps": [-1.0, 1e-3]}),
+    ("adafactor", {"eps": [None, -1.0]}), ("adafactor", {"d": 0.5}), ("adafactor", {"weight_decay": -1.0}),
+    ("muon", {"lr": -1.0}), ("muon", {"momentum": -1.0}), ("muon", {"weight_decay": -1.0}),
 ]
 
 
@@ -163,9 +202,11 @@ def test_validation_messages_are_torchs(kind, bad):
 
     from torch_oracle import TORCH_CLASSES
 
-    torch_kwargs = {k: tuple(v) if k == "betas" else v for k, v in bad.items()}
+    from torch_oracle import TUPLES
+
+    torch_kwargs = {k: tuple(v) if k in TUPLES and isinstance(v, list) else v for k, v in bad.items()}
     with pytest.raises(ValueError) as torch_error:
-        TORCH_CLASSES[kind]([torch.zeros(1, requires_grad=True)], **torch_kwargs)
+        TORCH_CLASSES[kind]([torch.zeros(1, 1, requires_grad=True)], **torch_kwargs)
     with pytest.raises(ValidationError) as ours:
         TrainingConfig.model_validate({"optimizer": {"type": kind, **bad}})
     assert str(torch_error.value) in str(ours.value)

@@ -231,7 +231,7 @@ def test_redis_killed_with_aof_on_keeps_every_acknowledged_step(tmp_path):
         assert httpx.get(f"{server.url}/readyz").status_code == 503
         redis_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         wait_for_port(port)
-        for _ in range(50):  # the client reconnects on its own
+        for _ in range(300):  # the client reconnects on its own (Redis first replays its AOF)
             if httpx.get(f"{server.url}/readyz").status_code == 200:
                 break
             time.sleep(0.1)

@@ -7,13 +7,11 @@ import math
 import numpy as np
 import torch
 
-TORCH_CLASSES = {
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-    "rmsprop": torch.optim.RMSprop,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
+from optim_service.optim import OPTIMIZERS
+
+# every optimizer that names its torch.optim class (the registry's ``torch``)
+TORCH_CLASSES = {name: getattr(torch.optim, o.torch) for name, o in OPTIMIZERS.items() if o.torch}
+TUPLES = ("betas", "etas", "step_sizes", "eps", "ns_coefficients")  # JSON lists torch takes as tuples
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -33,20 +31,30 @@ def torch_scheduler(opt, schedule: dict | None):
     }[kind]()
 
 
-def run_torch(optimizer: dict, params: dict[str, np.ndarray], grads: list[dict[str, np.ndarray]],
+def run_torch(*args, dtype: str = "float64", **kwargs):
+    """``_run_torch`` with torch's default dtype the session's: torch keeps scalar state (NAdam's
+    mu_product, ASGD's eta and mu) in its default dtype, and the service in the session's."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])
+    try:
+        return _run_torch(*args, dtype=dtype, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _run_torch(optimizer: dict, params: dict[str, np.ndarray], grads: list[dict[str, np.ndarray]],
               dtype: str = "float64", schedule: dict | None = None, clip: dict | None = None,
               param_groups: list[dict] | None = None, first_grad_square_avg: bool = False):
     """Return (params, state) after stepping torch through ``grads``; state is {name: {buffer: array}}."""
     hp = dict(optimizer)
     kind = hp.pop("type")
     hp.pop("square_avg_init", None)
-    if "betas" in hp:
-        hp["betas"] = tuple(hp["betas"])
+    hp.update([(k, tuple(v)) for k, v in hp.items() if k in TUPLES and isinstance(v, list)])
     tensors = {n: torch.tensor(v, dtype=DTYPES[dtype], requires_grad=True) for n, v in params.items()}
     grouped = {n for g in param_groups or [] for n in g["params"]}
     groups = [{"params": [tensors[n] for n in params if n not in grouped]}]
     for g in param_groups or []:
-        groups.append({**{k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k != "params"},
+        groups.append({**{k: (tuple(v) if k in TUPLES else v) for k, v in g.items() if k != "params"},
                        "params": [tensors[n] for n in g["params"]]})
     groups = [g for g in groups if g["params"]]
     opt = TORCH_CLASSES[kind](groups, **hp)

@@ -8,7 +8,8 @@ export type Tensor = TypedTensor | ShapedTensor;
 export type Tensors = Tensor | Record<string, Tensor>;
 
 export interface OptimizerConfig {
-  type: "sgd" | "adagrad" | "rmsprop" | "adam" | "adamw";
+  type: "sgd" | "adagrad" | "rmsprop" | "adam" | "adamw" | "adamax" | "nadam" | "radam" | "adadelta" | "rprop"
+    | "asgd" | "adafactor" | "muon" | "lion" | "yogi";
   lr?: number;
   [hyperparameter: string]: unknown;
 }

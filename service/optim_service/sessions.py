@@ -172,7 +172,9 @@ class SessionService:
         step, tensor_steps = 0, None
         if restored is not None:
             step, buffers, tensor_steps = restored
-            states = [_restore_state(config.algorithm, s, b, n) for s, b, n in zip(states, buffers, layout.names)]
+            counts = tensor_steps or (step,) * len(states)
+            states = [_restore_state(config.algorithm, s, b, n, t)
+                      for s, b, n, t in zip(states, buffers, layout.names, counts)]
         try:
             config.check_schedule(step)
         except ScheduleOverflow as e:
@@ -756,8 +758,14 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
             for name, grad in zip(session.layout.names, grads):
                 if grad is not None:
                     require_finite(grad, _gradient(name), dtype)
-        name, index = next((n, i) for n, p, s in zip(session.layout.names, session.params, session.states)
-                           for a in (p, *s) if a is not None and (i := first_non_finite(a)) is not None)
+        found = next(((n, i) for n, p, s in zip(session.layout.names, session.params, session.states)
+                      for a in (p, *s) if a is not None and (i := first_non_finite(a)) is not None), None)
+        if found is None:  # the update's own scalar arithmetic overflowed (apply_step's ArithmeticError)
+            raise InvalidRequest(
+                f"step {step} of {session.config.optimizer.type} overflows with these hyperparameters (a factor "
+                "that grows with the step count leaves float range); nothing was changed. Create the session "
+                "with smaller hyperparameters.")
+        name, index = found
         if read_over:  # the gradients' memory holds the new parameters now: which one it was is gone
             raise InvalidRequest(
                 f"{_gradient(name)}: non-finite at index {list(index)}, in the gradient sent or in the "
@@ -781,10 +789,13 @@ def _gradient(name: str) -> str:
     return f"gradient '{name}'" if name else "gradient"
 
 
-def _restore_state(algorithm, template: tuple, buffers: dict[str, np.ndarray], name: str) -> tuple:
+def _restore_state(algorithm, template: tuple, buffers: dict[str, np.ndarray], name: str, updates: int) -> tuple:
     """A checkpoint's buffers for one tensor, checked as the optimizer needs them: the buffers it
-    keeps, each finite (the decoder's check) and, where it is a sum or average of squares, >= 0."""
+    keeps, each finite (the decoder's check) and, where it is a sum or average of squares, >= 0. A
+    tensor never updated may come without buffers, as torch keeps no state for it: it starts fresh."""
     label = f"tensor '{name}'" if name else "the tensor"
+    if not buffers and updates == 0:
+        return template
     expected = [k for k, v in template._asdict().items() if v is not None]
     if sorted(buffers) != sorted(expected):
         raise InvalidRequest(f"state for {label}: expected buffers {expected}, got {sorted(buffers)}")

@@ -73,8 +73,8 @@ def as_arrays(tensors, layout_or_dtype) -> tuple[tuple[str, ...], list[np.ndarra
         missing = [n for n in names if n not in tensors]
         if missing or len(tensors) != len(names):
             raise ValueError(f"expected tensors {list(names)}, got {list(tensors)}")
-        return names, [None if tensors[n] is None else np.ascontiguousarray(tensors[n], dtype=dtype) for n in names]
-    return ("",), [np.ascontiguousarray(tensors, dtype=dtype)]
+        return names, [None if tensors[n] is None else np.asarray(tensors[n], dtype=dtype, order="C") for n in names]
+    return ("",), [np.asarray(tensors, dtype=dtype, order="C")]
 
 
 def to_b64(array: np.ndarray) -> dict:

@@ -30,7 +30,12 @@ from ._client import OptimClient
 # the state the server keeps for each parameter dtype; half-precision parameters travel as they are
 _DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float32", torch.bfloat16: "float32"}
 TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-                 "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+                 "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad, "adamax": torch.optim.Adamax,
+                 "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam, "adadelta": torch.optim.Adadelta,
+                 "rprop": torch.optim.Rprop, "asgd": torch.optim.ASGD, "adafactor": torch.optim.Adafactor,
+                 "muon": torch.optim.Muon}
+_STEPLESS = {"sgd", "muon"}  # torch keeps no "step" in these optimizers' state
+_EAGER = {"adagrad"}  # torch makes this one's state in its constructor, the others' at a first update
 ROUND_WAIT = 20.0  # seconds a worker's request waits for its round before it polls
 _NOT_HYPERPARAMETERS = {"params", "param_names", "foreach", "capturable", "differentiable", "fused", "initial_lr"}
 
@@ -142,10 +147,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         state: dict[int, dict[str, Any]] = {}
         for i, (name, p) in enumerate(self._names):
             t = tensor_steps.get(name, step)
-            if t == 0 and self.kind != "adagrad":  # torch makes a parameter's state at its first update
+            if t == 0 and self.kind not in _EAGER:  # torch makes a parameter's state at its first update
                 continue
-            entry = {k: torch.from_numpy(_wire.from_b64(v, self._dtype)).reshape(p.shape) for k, v in buffers[name].items()}
-            if self.kind != "sgd":
+            entry = {k: torch.from_numpy(_wire.from_b64(v, self._dtype)) for k, v in buffers[name].items()}
+            if self.kind not in _STEPLESS:
                 entry["step"] = torch.tensor(float(t))
             state[i] = entry
         return {"state": state, "param_groups": self._torch_groups()}
@@ -209,7 +214,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             if "square_avg_init" in hp and hp["square_avg_init"] == "zero":
                 hp.pop("square_avg_init")  # torch's only form
-            local = {"params": [torch.empty(0)], **hp}
+            local = {"params": [torch.empty(0, 0)], **hp}  # 2-D: Muon refuses anything else
             groups.append(local)
         if self.kind in TORCH_CLASSES:
             template = TORCH_CLASSES[self.kind](groups).state_dict()["param_groups"]
@@ -251,11 +256,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"the state of parameter {name} holds {sorted(unknown)}, which a {self.kind} "
                                  f"session with these hyperparameters does not keep ({sorted(expected)})")
             steps[name] = int(entry["step"]) if "step" in entry else int(bool(entry))
-            buffers[name] = {k: _wire.to_b64(np.ascontiguousarray(_numpy(entry[k].float() if entry[k].dtype in
+            # a parameter torch has no state for yet (never updated) starts as the server makes it: no buffers
+            buffers[name] = {k: _wire.to_b64(np.asarray(_numpy(entry[k].float() if entry[k].dtype in
                                                                               (torch.float16, torch.bfloat16) else entry[k]),
-                                                                       _wire.DTYPES[self._dtype])
-                                             if k in entry else np.zeros(p.shape, _wire.DTYPES[self._dtype]))
-                             for k in expected}
+                                                                       _wire.DTYPES[self._dtype], order="C"))
+                             for k in expected if k in entry}
         step = max(steps.values(), default=0)
         checkpoint = {**{k: v for k, v in current.items() if k not in ("optimizer", "param_groups", "state")},
                       "optimizer": optimizer, "param_groups": overrides,

@@ -9,11 +9,8 @@ from numba import prange
 from pydantic import model_validator
 
 from . import kernels
-from .base import (
-    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, read_from, require_non_negative,
-    zeros,
-)
-from .kernels import finite
+from .base import Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, require_non_negative, zeros
+from .kernels import directed_at, finite
 
 
 class AdagradHyperparameters(Hyperparameters):
@@ -43,10 +40,7 @@ def init(param: np.ndarray, hp: AdagradHyperparameters) -> AdagradState:
 
 
 def update(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int) -> None:
-    if hp.maximize:
-        grad = -grad
-    if hp.weight_decay != 0:
-        grad = grad + hp.weight_decay * param
+    grad = directed(param, grad, hp)
     clr = hp.lr / (1 + (step - 1) * hp.lr_decay)
     state.sum[...] += grad * grad
     std = np.sqrt(state.sum)
@@ -55,35 +49,32 @@ def update(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: i
 
 
 class Scalars(NamedTuple):
-    clr: float  # lr / (1 + (t − 1)·lr_decay)
-    sign: float
+    sign: float  # (sign, wd, decay): base.decay_scalars
     wd: float
+    decay: float
+    clr: float  # lr / (1 + (t − 1)·lr_decay)
     eps: float
 
 
 @kernels.kernel
 def _adagrad(p, g, s, p0, s0, c):
     f = p.dtype.type
-    clr, sign, wd, eps = f(c.clr), f(c.sign), f(c.wd), f(c.eps)
+    sign, wd, decay, clr, eps = f(c.sign), f(c.wd), f(c.decay), f(c.clr), f(c.eps)
     bad = 0
     for i in prange(p.size):
         gr = g[i]
-        gi = gr * sign
-        gi = gi + wd * p0[i]
+        gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         si = s0[i] + gi * gi
         s[i] = si
-        pi = p0[i] - clr * gi / (np.sqrt(si) + eps)
+        pi = pi - clr * gi / (np.sqrt(si) + eps)
         p[i] = pi
         bad += not finite(pi, si, gr, pi)
     return bad
 
 
 def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None) -> int:
-    param0, state0 = read_from(param, state, source)
     clr = hp.lr / (1 + (step - 1) * hp.lr_decay)
-    return kernels.run(_adagrad, flat(param), flat_input(grad, param), flat(state.sum),
-                       flat_read(param0), flat_read(state0.sum),
-                       Scalars(clr, -1.0 if hp.maximize else 1.0, hp.weight_decay, hp.eps))
+    return kernels.apply(_adagrad, param, grad, state, source, Scalars(*decay_scalars(hp), clr, hp.eps))
 
 
 adagrad = Optimizer(

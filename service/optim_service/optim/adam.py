@@ -11,22 +11,20 @@ from pydantic import Field, model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
-    require_non_negative, zeros,
+    Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, lerp_, require_non_negative, zeros,
 )
-from .kernels import finite
+from .kernels import directed_at, finite, moments_at
 
 Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
 
 
-class AdamHyperparameters(Hyperparameters):
+class BetasChecked(Hyperparameters):
+    """The Adam family's hyperparameters and torch's checks of them, in torch's order and words."""
+
     lr: Float = 1e-3
     betas: Betas = (0.9, 0.999)
     eps: Float = 1e-8
     weight_decay: Float = 0.0
-    amsgrad: Bool = False
-    maximize: Bool = False
-    decoupled_weight_decay: Bool = False
 
     @model_validator(mode="after")
     def _torch_checks(self):
@@ -37,6 +35,12 @@ class AdamHyperparameters(Hyperparameters):
             raise ValueError(f"Invalid beta parameter at index 1: {self.betas[1]}")
         require_non_negative(self, weight_decay="weight_decay value")
         return self
+
+
+class AdamHyperparameters(BetasChecked):
+    amsgrad: Bool = False
+    maximize: Bool = False
+    decoupled_weight_decay: Bool = False
 
 
 class AdamWHyperparameters(AdamHyperparameters):
@@ -66,18 +70,17 @@ def init(param: np.ndarray, hp: AdamHyperparameters) -> AdamState:
     )
 
 
-def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) -> None:
-    beta1, beta2 = hp.betas
-    if hp.maximize:
-        grad = -grad
-    if hp.weight_decay != 0:
-        if hp.decoupled_weight_decay:
-            param *= 1 - hp.lr * hp.weight_decay
-        else:
-            grad = grad + hp.weight_decay * param
+def moments_(state, grad: np.ndarray, beta1: float, beta2: float) -> None:
+    """Adam's first and second moments, in place: ``exp_avg`` lerps to g, ``exp_avg_sq`` to g²."""
     lerp_(state.exp_avg, grad, 1 - beta1)
     state.exp_avg_sq[...] *= beta2
     state.exp_avg_sq[...] += (1 - beta2) * grad * grad
+
+
+def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) -> None:
+    beta1, beta2 = hp.betas
+    grad = directed(param, grad, hp)
+    moments_(state, grad, beta1, beta2)
     step_size = hp.lr / (1 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     second = state.exp_avg_sq
@@ -91,9 +94,9 @@ def update(param, grad, state: AdamState, hp: AdamHyperparameters, step: int) ->
 
 
 class Scalars(NamedTuple):
-    sign: float
-    wd: float  # coupled weight decay (0 when decoupled)
-    decay: float  # 1 − lr·wd when decoupled, else 1
+    sign: float  # (sign, wd, decay): base.decay_scalars
+    wd: float
+    decay: float
     b1_c: float  # 1 − β₁: torch's lerp for a weight below 0.5
     b2: float
     b2_c: float
@@ -110,14 +113,8 @@ def _adam(p, g, m, v, p0, m0, v0, c):
     bad = 0
     for i in prange(p.size):
         gr = g[i]
-        gi = gr * sign
-        pi = p0[i] * decay
-        gi = gi + wd * pi
-        mi = m0[i] + b1_c * (gi - m0[i])
-        m[i] = mi
-        vi = v0[i] * b2
-        vi = vi + b2_c * gi * gi
-        v[i] = vi
+        gi, pi = directed_at(gr, p0[i], sign, wd, decay)
+        mi, vi = moments_at(m, v, m0, v0, i, gi, b1_c, b2, b2_c)
         pi = pi - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
         p[i] = pi
         bad += not finite(pi, mi, vi, gr)
@@ -132,14 +129,8 @@ def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, c):
     bad = 0
     for i in prange(p.size):
         gr = g[i]
-        gi = gr * sign
-        pi = p0[i] * decay
-        gi = gi + wd * pi
-        mi = m0[i] + b1_c * (gi - m0[i])
-        m[i] = mi
-        vi = v0[i] * b2
-        vi = vi + b2_c * gi * gi
-        v[i] = vi
+        gi, pi = directed_at(gr, p0[i], sign, wd, decay)
+        mi, vi = moments_at(m, v, m0, v0, i, gi, b1_c, b2, b2_c)
         second = max(vmax0[i], vi)
         vmax[i] = second
         pi = pi - step_size * mi / (np.sqrt(second) / bc2_sqrt + eps)
@@ -148,23 +139,12 @@ def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, c):
     return bad
 
 
+@kernels.torch_lerp(update)
 def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None) -> int:
     beta1, beta2 = hp.betas
-    if 1 - beta1 >= 0.5:  # torch's lerp switches formula; no kernel for that rare case
-        return reference(update, param, grad, state, hp, step, source)
-    param0, state0 = read_from(param, state, source)
-    decoupled = hp.decoupled_weight_decay and hp.weight_decay != 0
-    written = [flat(param), flat(state.exp_avg), flat(state.exp_avg_sq)]
-    read = [param0, state0.exp_avg, state0.exp_avg_sq]
-    if hp.amsgrad:
-        written.append(flat(state.max_exp_avg_sq))
-        read.append(state0.max_exp_avg_sq)
-    read = [flat_read(array) for array in read]
-    arrays = [written[0], flat_input(grad, param), *written[1:], *read]
-    return kernels.run(_adam_amsgrad if hp.amsgrad else _adam, *arrays, Scalars(
-        -1.0 if hp.maximize else 1.0, 0.0 if decoupled else hp.weight_decay,
-        1 - hp.lr * hp.weight_decay if decoupled else 1.0, 1 - beta1, beta2, 1 - beta2,
-        hp.eps, hp.lr / (1 - beta1**step), math.sqrt(1 - beta2**step)))
+    return kernels.apply(_adam_amsgrad if hp.amsgrad else _adam, param, grad, state, source, Scalars(
+        *decay_scalars(hp), 1 - beta1, beta2, 1 - beta2, hp.eps, hp.lr / (1 - beta1**step),
+        math.sqrt(1 - beta2**step)))
 
 
 adam = Optimizer(

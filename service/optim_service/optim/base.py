@@ -106,6 +106,28 @@ def require_non_negative(hp: Hyperparameters, **labels: str) -> None:
             raise ValueError(f"Invalid {label}: {value}")
 
 
+def directed(param: np.ndarray, grad: np.ndarray, hp) -> np.ndarray:
+    """The gradient as torch's optimizers first shape it: negated for ``maximize``, then weight decay,
+    coupled (g + λθ) or, with ``decoupled_weight_decay``, applied to θ in place (θ ← θ(1 − ηλ))."""
+    if getattr(hp, "maximize", False):
+        grad = -grad
+    decay = getattr(hp, "weight_decay", 0.0)
+    if decay != 0:
+        if getattr(hp, "decoupled_weight_decay", False):
+            param *= 1 - hp.lr * decay
+        else:
+            grad = grad + decay * param
+    return grad
+
+
+def decay_scalars(hp) -> tuple[float, float, float]:
+    """``directed``'s (sign, coupled λ, decay factor) as a kernel takes them."""
+    decay = getattr(hp, "weight_decay", 0.0)
+    decoupled = getattr(hp, "decoupled_weight_decay", False) and decay != 0
+    return (-1.0 if getattr(hp, "maximize", False) else 1.0, 0.0 if decoupled else decay,
+            1 - hp.lr * decay if decoupled else 1.0)
+
+
 def zeros(like: np.ndarray) -> np.ndarray:
     """A fresh optimizer buffer: zeros of ``like``'s shape and dtype. ``np.zeros`` takes them from
     calloc, whose pages hold no memory until written; ``np.zeros_like`` writes every one, which made a

@@ -204,7 +204,7 @@ def apply_step(
         scheduled: dict[int, Any] = {}
         finite = True
         for i, (param, grad, state, hp, read) in enumerate(zip(params, grads, states, hyperparameters, sources)):
-            if grad is None:  # skipped this step: the tensor keeps its values
+            if grad is None or param.size == 0:  # skipped this step (or nothing to update): kept as it is
                 adopt(param, state, read)
                 continue
             if config.schedule is not None or lr_scale != 1.0:
@@ -218,10 +218,13 @@ def apply_step(
                     scheduled[id(hp)] = hp.model_copy(update=update)
                 hp = scheduled[id(hp)]
             t = steps[i] if partial else step
-            if fused:
-                finite &= algorithm.fused(param, grad, state, hp, t, read) == 0
-            else:
-                finite &= reference(algorithm.update, param, grad, state, hp, t, read) == 0
+            try:
+                if fused:
+                    finite &= algorithm.fused(param, grad, state, hp, t, read) == 0
+                else:
+                    finite &= reference(algorithm.update, param, grad, state, hp, t, read) == 0
+            except ArithmeticError:  # Python scalar math that overflowed (a huge power): a non-finite step
+                finite = False
     return grad_norm, finite
 
 

@@ -25,18 +25,53 @@ Each kernel also reports, in the same pass, whether any gradient or output is no
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable, NamedTuple
 
 import numpy as np
 from numba import njit
 
+from .base import flat, flat_input, flat_read, read_from, reference
+
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this, waking the other cores costs more than it saves
 
+
+# The pieces every kernel's loop shares, inlined into it (LLVM vectorises the result as one body).
 
 @njit(inline="always")
 def finite(a, b, c, d):
     return max(max(abs(a), abs(b)), max(abs(c), abs(d))) < np.inf
+
+
+@njit(inline="always")
+def directed_at(gr, p0, sign, wd, decay):
+    """(g, θ) as torch's optimizers first shape them: g·sign (±1 for maximize), θ·decay (1 − lr·λ when
+    weight decay is decoupled, else 1), then g + λθ (λ 0 when decoupled)."""
+    pi = p0 * decay
+    return gr * sign + wd * pi, pi
+
+
+@njit(inline="always")
+def lerp(start, end, weight):
+    """torch.lerp for a weight below 0.5 (an optimizer whose weight is not falls back to its reference)."""
+    return start + weight * (end - start)
+
+
+@njit(inline="always")
+def ema_sq(v0, g, beta, beta_c):
+    """v·β + (1 − β)·g², in torch's order (``mul_(β).addcmul_(g, g, value=1 − β)``)."""
+    return v0 * beta + beta_c * g * g
+
+
+@njit(inline="always")
+def moments_at(m, v, m0, v0, i, gi, b1_c, b2, b2_c):
+    """Adam's two moments of element ``i``, written to ``m`` and ``v`` and returned."""
+    mi = lerp(m0[i], gi, b1_c)
+    m[i] = mi
+    vi = ema_sq(v0[i], gi, b2, b2_c)
+    v[i] = vi
+    return mi, vi
 
 
 class Kernel(NamedTuple):
@@ -65,6 +100,29 @@ def kernel(fn) -> Kernel:
     built = KERNELS[f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"] = Kernel(
         njit(parallel=True, **_OPTIONS)(fn), njit(**_OPTIONS)(_serial_twin(fn)))
     return built
+
+
+def torch_lerp(update):
+    """For ``fused``: a step whose β₁ makes the lerp weight 1 − β₁ ≥ 0.5 goes to the numpy ``update``,
+    as torch's lerp switches formula there and the kernels have the other one only (a rare case)."""
+    def wrap(fused):
+        @functools.wraps(fused)
+        def checked(param, grad, state, hp, step: int, source=None) -> int:
+            if 1 - hp.betas[0] >= 0.5:
+                return reference(update, param, grad, state, hp, step, source)
+            return fused(param, grad, state, hp, step, source)
+        return checked
+    return wrap
+
+
+def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[str, ...] | None = None) -> int:
+    """Run kernel ``k`` as every optimizer's does: written ``param`` and ``buffers`` (default: every
+    buffer ``state`` holds, in field order), the gradient, the values read (``source``, or the same
+    arrays for an update in place), then ``scalars``."""
+    param0, state0 = read_from(param, state, source)
+    names = buffers or tuple(f for f, a in zip(state._fields, state) if a is not None)
+    return run(k, flat(param), flat_input(grad, param), *(flat(getattr(state, n)) for n in names),
+               flat_read(param0), *(flat_read(getattr(state0, n)) for n in names), scalars)
 
 
 def run(k: Kernel, p: np.ndarray, *args) -> int:

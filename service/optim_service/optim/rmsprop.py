@@ -14,10 +14,9 @@ from pydantic import model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, lerp_, read_from, reference,
-    require_non_negative, zeros,
+    Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, lerp_, reference, require_non_negative, zeros,
 )
-from .kernels import finite
+from .kernels import directed_at, ema_sq, finite
 
 
 class RMSpropHyperparameters(Hyperparameters):
@@ -54,10 +53,7 @@ def init(param: np.ndarray, hp: RMSpropHyperparameters) -> RMSpropState:
 
 
 def update(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int) -> None:
-    if hp.maximize:
-        grad = -grad
-    if hp.weight_decay != 0:
-        grad = grad + hp.weight_decay * param
+    grad = directed(param, grad, hp)
     square_avg = state.square_avg
     if step == 1 and hp.square_avg_init == "first_grad":
         square_avg[...] = grad * grad
@@ -80,9 +76,10 @@ def update(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: i
 
 
 class Scalars(NamedTuple):
-    lr: float
-    sign: float
+    sign: float  # (sign, wd, decay): base.decay_scalars
     wd: float
+    decay: float
+    lr: float
     alpha: float  # (alpha, alpha_c) = (0, 1) on the lessons' form's first step (σ⁰ = |g⁰|), else (α, 1 − α)
     alpha_c: float
     eps: float
@@ -92,16 +89,15 @@ class Scalars(NamedTuple):
 @kernels.kernel
 def _rmsprop(p, g, sq, p0, sq0, c):
     f = p.dtype.type
-    lr, sign, wd, alpha, alpha_c, eps = f(c.lr), f(c.sign), f(c.wd), f(c.alpha), f(c.alpha_c), f(c.eps)
+    sign, wd, decay, lr, alpha, alpha_c, eps = (f(c.sign), f(c.wd), f(c.decay), f(c.lr), f(c.alpha),
+                                                f(c.alpha_c), f(c.eps))
     bad = 0
     for i in prange(p.size):
         gr = g[i]
-        gi = gr * sign
-        gi = gi + wd * p0[i]
-        v = sq0[i] * alpha
-        v = v + alpha_c * gi * gi
+        gi, pi = directed_at(gr, p0[i], sign, wd, decay)
+        v = ema_sq(sq0[i], gi, alpha, alpha_c)
         sq[i] = v
-        pi = p0[i] - lr * gi / (np.sqrt(v) + eps)
+        pi = pi - lr * gi / (np.sqrt(v) + eps)
         p[i] = pi
         bad += not finite(pi, v, gr, pi)
     return bad
@@ -110,20 +106,19 @@ def _rmsprop(p, g, sq, p0, sq0, c):
 @kernels.kernel
 def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, c):
     f = p.dtype.type
-    lr, sign, wd, alpha, alpha_c, eps = f(c.lr), f(c.sign), f(c.wd), f(c.alpha), f(c.alpha_c), f(c.eps)
+    sign, wd, decay, lr, alpha, alpha_c, eps = (f(c.sign), f(c.wd), f(c.decay), f(c.lr), f(c.alpha),
+                                                f(c.alpha_c), f(c.eps))
     momentum = f(c.momentum)
     bad = 0
     for i in prange(p.size):
         gr = g[i]
-        gi = gr * sign
-        gi = gi + wd * p0[i]
-        v = sq0[i] * alpha
-        v = v + alpha_c * gi * gi
+        gi, pi = directed_at(gr, p0[i], sign, wd, decay)
+        v = ema_sq(sq0[i], gi, alpha, alpha_c)
         sq[i] = v
         b = buf0[i] * momentum
         b = b + gi / (np.sqrt(v) + eps)
         buf[i] = b
-        pi = p0[i] - lr * b
+        pi = pi - lr * b
         p[i] = pi
         bad += not finite(pi, v, b, gr)
     return bad
@@ -132,16 +127,10 @@ def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, c):
 def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int, source=None) -> int:
     if hp.centered:  # no kernel: the reference, and its own finiteness count
         return reference(update, param, grad, state, hp, step, source)
-    param0, state0 = read_from(param, state, source)
     first_grad = step == 1 and hp.square_avg_init == "first_grad"
-    scalars = Scalars(hp.lr, -1.0 if hp.maximize else 1.0, hp.weight_decay, 0.0 if first_grad else hp.alpha,
+    scalars = Scalars(*decay_scalars(hp), hp.lr, 0.0 if first_grad else hp.alpha,
                       1.0 if first_grad else 1 - hp.alpha, hp.eps, hp.momentum)
-    if hp.momentum > 0:
-        read = [flat_read(a) for a in (param0, state0.square_avg, state0.momentum_buffer)]
-        return kernels.run(_rmsprop_momentum, flat(param), flat_input(grad, param), flat(state.square_avg),
-                           flat(state.momentum_buffer), *read, scalars)
-    read = [flat_read(a) for a in (param0, state0.square_avg)]
-    return kernels.run(_rmsprop, flat(param), flat_input(grad, param), flat(state.square_avg), *read, scalars)
+    return kernels.apply(_rmsprop_momentum if hp.momentum > 0 else _rmsprop, param, grad, state, source, scalars)
 
 
 rmsprop = Optimizer(

@@ -9,11 +9,8 @@ from numba import prange
 from pydantic import model_validator
 
 from . import kernels
-from .base import (
-    Bool, Float, Hyperparameters, Optimizer, flat, flat_input, flat_read, read_from, require_non_negative,
-    zeros,
-)
-from .kernels import finite
+from .base import Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, require_non_negative, zeros
+from .kernels import directed_at, finite
 
 
 class SGDHyperparameters(Hyperparameters):
@@ -42,10 +39,7 @@ def init(param: np.ndarray, hp: SGDHyperparameters) -> SGDState:
 
 
 def update(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> None:
-    if hp.maximize:
-        grad = -grad
-    if hp.weight_decay != 0:
-        grad = grad + hp.weight_decay * param
+    grad = directed(param, grad, hp)
     if hp.momentum != 0:
         buf = state.momentum_buffer
         if step == 1:  # torch clones the first gradient into the buffer
@@ -58,9 +52,10 @@ def update(param, grad, state: SGDState, hp: SGDHyperparameters, step: int) -> N
 
 
 class Scalars(NamedTuple):
-    lr: float
-    sign: float  # -1 for maximize
+    sign: float  # (sign, wd, decay): base.decay_scalars
     wd: float
+    decay: float
+    lr: float
     # (0, 1) on the first step (the buffer starts as the gradient), else (momentum, 1 - dampening)
     momentum_now: float = 0.0
     grad_weight: float = 0.0
@@ -72,13 +67,12 @@ class Scalars(NamedTuple):
 @kernels.kernel
 def _sgd(p, g, p0, c):
     f = p.dtype.type
-    lr, sign, wd = f(c.lr), f(c.sign), f(c.wd)
+    sign, wd, decay, lr = f(c.sign), f(c.wd), f(c.decay), f(c.lr)
     bad = 0
     for i in prange(p.size):
         gr = g[i]
-        gi = gr * sign
-        gi = gi + wd * p0[i]
-        pi = p0[i] - lr * gi
+        gi, pi = directed_at(gr, p0[i], sign, wd, decay)
+        pi = pi - lr * gi
         p[i] = pi
         bad += not finite(pi, gr, pi, pi)
     return bad
@@ -87,35 +81,28 @@ def _sgd(p, g, p0, c):
 @kernels.kernel
 def _sgd_momentum(p, g, buf, p0, buf0, c):
     f = p.dtype.type  # (a Python literal in the loop would promote the sum to float64)
-    lr, sign, wd, momentum_now = f(c.lr), f(c.sign), f(c.wd), f(c.momentum_now)
+    sign, wd, decay, lr, momentum_now = f(c.sign), f(c.wd), f(c.decay), f(c.lr), f(c.momentum_now)
     grad_weight, momentum, nesterov, plain = f(c.grad_weight), f(c.momentum), f(c.nesterov), f(c.plain)
     bad = 0
     for i in prange(p.size):
         gr = g[i]
-        gi = gr * sign
-        gi = gi + wd * p0[i]
+        gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         b = buf0[i] * momentum_now
         b = b + grad_weight * gi
         buf[i] = b
-        step = nesterov * (gi + momentum * b) + plain * b
-        pi = p0[i] - lr * step
+        pi = pi - lr * (nesterov * (gi + momentum * b) + plain * b)
         p[i] = pi
         bad += not finite(pi, b, gr, pi)
     return bad
 
 
 def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None) -> int:
-    param0, state0 = read_from(param, state, source)
-    sign = -1.0 if hp.maximize else 1.0
     if hp.momentum == 0:
-        return kernels.run(_sgd, flat(param), flat_input(grad, param), flat_read(param0),
-                           Scalars(hp.lr, sign, hp.weight_decay))
+        return kernels.apply(_sgd, param, grad, state, source, Scalars(*decay_scalars(hp), hp.lr))
     first = step == 1
-    return kernels.run(_sgd_momentum, flat(param), flat_input(grad, param), flat(state.momentum_buffer),
-                       flat_read(param0), flat_read(state0.momentum_buffer), Scalars(
-                           hp.lr, sign, hp.weight_decay, 0.0 if first else hp.momentum,
-                           1.0 if first else 1 - hp.dampening, hp.momentum,
-                           1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0))
+    return kernels.apply(_sgd_momentum, param, grad, state, source, Scalars(
+        *decay_scalars(hp), hp.lr, 0.0 if first else hp.momentum, 1.0 if first else 1 - hp.dampening, hp.momentum,
+        1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0))
 
 
 sgd = Optimizer(

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import model_validator
 
 from .adam import Betas
-from .base import Bool, Float, Hyperparameters, Optimizer, lerp_, reference_step, require_non_negative
+from .base import Bool, Float, Hyperparameters, Optimizer, directed, lerp_, reference_step, require_non_negative
 
 
 class YogiHyperparameters(Hyperparameters):
@@ -51,10 +51,7 @@ def init(param: np.ndarray, hp: YogiHyperparameters) -> YogiState:
 
 def update(param, grad, state: YogiState, hp: YogiHyperparameters, step: int) -> None:
     beta1, beta2 = hp.betas
-    if hp.maximize:
-        grad = -grad
-    if hp.weight_decay != 0:
-        grad = grad + hp.weight_decay * param
+    grad = directed(param, grad, hp)
     lerp_(state.exp_avg, grad, 1 - beta1)
     square = grad * grad
     state.exp_avg_sq[...] -= (1 - beta2) * square * np.sign(state.exp_avg_sq - square)

@@ -38,7 +38,7 @@ def read(body, what: str) -> dict[str, np.ndarray]:
 
 
 def write(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
-    return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
+    return safetensors.numpy.save({k: np.asarray(v, order="C") for k, v in arrays.items()}, metadata=metadata)
 
 
 def decode_named(found: dict[str, np.ndarray], layout, what: str) -> list[np.ndarray]:
