@@ -135,8 +135,10 @@ async def test_fork_is_bit_identical_and_takes_overrides(client):
     retry = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"lr": 0.5}}, headers=key)
     assert first.status_code == retry.status_code == 201 and retry.json()["id"] == first.json()["id"]
     assert retry.headers["idempotent-replayed"] == "true"  # a retried fork is the same fork, not another
+    assert first.json()["forked_from"] == {"session": sid, "step": 4}
     other = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"lr": 0.25}}, headers=key)
-    assert other.json()["id"] != first.json()["id"]
+    assert other.status_code == 422 and first.json()["id"] in other.json()["detail"]  # the key, reused: no new fork
+    assert len((await client.get("/v1/sessions")).json()["sessions"]) == 5  # the source, 3 forks and the keyed one
     refused = await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"amsgrad": True}})
     assert refused.status_code == 422 and "max_exp_avg_sq" in refused.json()["detail"]
     assert (await client.post(f"/v1/sessions/{sid}/fork", json={"optimizer": {"type": "sgd"}})).status_code == 422

@@ -269,6 +269,9 @@ class Session:
     tensor_steps: tuple[int, ...] | None = None
     # a schedule that reads the loss (reduce_on_plateau): its state, replaced (never changed) by a step
     schedule_state: dict | None = None
+    # a fork's origin, {"session", "step"}, and the digest of the request that made it (its retries match it)
+    forked_from: dict | None = None
+    fork_request: str | None = None
     version: int = 0  # every write bumps it; the store's compare-and-set fences on it
     buffer: np.ndarray | None = None  # uint8: the memory every array views, when loaded from a record
     slots: Slots | None = None  # where in ``buffer`` each array lives
@@ -343,6 +346,7 @@ class Session:
             "skipped_steps": self.skipped_steps,
             **({"tensor_steps": list(self.tensor_steps)} if self.tensor_steps is not None else {}),
             **({"schedule_state": self.schedule_state} if self.schedule_state is not None else {}),
+            **({"forked_from": self.forked_from, "fork_request": self.fork_request} if self.forked_from else {}),
             "config": orjson.Fragment(self.config_json),
             "dtype": self.layout.dtype,
             "structure": self.layout.structure,
@@ -411,7 +415,8 @@ def from_record(record: SessionRecord, private: bool = True) -> Session:
         created_at=meta["created_at"], updated_at=meta["updated_at"], loss=meta["loss"],
         skipped_steps=meta["skipped_steps"], version=record.version, buffer=buf, slots=slots, arrays=arrays,
         tensor_steps=tuple(meta["tensor_steps"]) if "tensor_steps" in meta else None,
-        schedule_state=meta.get("schedule_state"),
+        schedule_state=meta.get("schedule_state"), forked_from=meta.get("forked_from"),
+        fork_request=meta.get("fork_request"),
     )
     session.config_json = config_json  # what the record holds, so the next record repeats it exactly
     return session

@@ -318,16 +318,16 @@ class SessionService:
                    idempotency: tuple[str, str] | None = None) -> tuple[Session, bool]:
         """A new session at the same step with bit-identical state, its optimizer's hyperparameters
         overridden by ``optimizer`` (three learning rates from one point, say); and whether it was
-        a retry's. Under an Idempotency-Key the fork's id derives from the source, the key and the
-        body, so a retry finds the fork it made instead of making another."""
+        a retry's. Under an Idempotency-Key the fork's id derives from the source and the key, so a
+        retry finds the fork it made instead of making another; the key with another body is a 422."""
         template = self._warm.template(await self._record(owner, session_id))
         fork_id = None
         if idempotency is not None:
-            digest = blake3.blake3(f"fork\0{owner}\0{session_id}\0{idempotency[0]}\0{idempotency[1]}".encode())
+            digest = blake3.blake3(f"fork\0{owner}\0{session_id}\0{idempotency[0]}".encode())
             fork_id = "f" + base64.urlsafe_b64encode(digest.digest(16)).decode().rstrip("=")[:21]
             existing = await self.store.get(fork_id, owner)
             if existing is not None:
-                return from_record(existing), True
+                return _fork_of(existing, idempotency), True
         config = template.config
         if optimizer:
             if optimizer.get("type", config.optimizer.type) != config.optimizer.type:
@@ -352,6 +352,8 @@ class SessionService:
         now = time.time()
         clone.id, clone.config, clone.version, clone.created_at, clone.updated_at = (
             fork_id or new_session_id(), config, 0, now, now)
+        clone.forked_from = {"session": session_id, "step": template.step}
+        clone.fork_request = idempotency[1] if idempotency is not None else None
         record = clone.to_record()
         caps = dataclasses.replace(self.caps, reserve=history.reserve(self.settings.history_steps,
                                                                       len(clone.layout.names)))
@@ -363,7 +365,7 @@ class SessionService:
             existing = await self.store.get(clone.id, owner)
             if existing is None:
                 raise StepConflict("the fork this Idempotency-Key made is gone; retry with a new key") from None
-            return from_record(existing), True
+            return _fork_of(existing, idempotency), True
         return clone, False
 
     @asynccontextmanager
@@ -783,6 +785,15 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     session.tensor_steps = None if steps is None or all(t == step for t in steps) else tuple(steps)
     session.updated_at = time.time()
     return grad_norm
+
+
+def _fork_of(record: SessionRecord, idempotency: tuple[str, str]) -> Session:
+    """The fork an Idempotency-Key made, for a retry of the same request; 422 for another request."""
+    fork = from_record(record)
+    if fork.fork_request != idempotency[1]:
+        raise IdempotencyKeyReused(f"Idempotency-Key '{idempotency[0]}' already made fork {fork.id} of this session "
+                                   "with a different request; use a new key for a new fork")
+    return fork
 
 
 def _gradient(name: str) -> str:

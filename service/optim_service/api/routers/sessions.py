@@ -73,6 +73,7 @@ def describe(session_id: str, meta: dict) -> dict:
         "aggregation": config.get("aggregation", {"mode": "each"}),
         "created_at": _iso(meta["created_at"]),
         "updated_at": _iso(meta["updated_at"]),
+        **({"forked_from": meta["forked_from"]} if "forked_from" in meta else {}),
     }
 
 
