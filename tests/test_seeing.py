@@ -79,6 +79,41 @@ async def test_a_small_real_model(client):
     assert (await verdict(client, await train(1e-7)))["verdict"] == "too_slow"
 
 
+@pytest.mark.parametrize("params,body", [
+    ({"w": [1.0, 2.0, 3.0]}, "json"),  # one run: the norm comes from the line's own pass
+    ({"w": [1.0, 2.0], "b": [0.5]}, "json"),  # in pieces: taken apart, before the update
+    ({"w": [1.0, 2.0], "b": [0.5]}, "binary"),  # read into the working copy: taken before the update overwrites it
+])
+async def test_the_history_norm_is_the_gradients_l2_norm_on_every_path(client, params, body):
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "adam", "lr": 0.1}, "dtype": "float64",
+                                                   "params": params})).json()["id"]
+    grads = {n: [0.3 * (i + 1) * (-1) ** i for i in range(len(v))] for n, v in params.items()}
+    if body == "json":
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": grads})
+    else:
+        raw = np.concatenate([np.asarray(g, "<f8") for g in grads.values()]).tobytes()
+        await client.post(f"/v1/sessions/{sid}/step", content=raw, headers={"Content-Type": "application/octet-stream"})
+    line = (await client.get(f"/v1/sessions/{sid}/history")).json()["history"][-1]
+    expected = np.sqrt(sum(np.sum(np.square(g)) for g in grads.values()))
+    assert line["grad_norm"] == pytest.approx(expected, rel=1e-12) and line["clipped"] is False
+    assert line["worker"] is None and set(line["ratio"]) == set(params) and len(line["u"]) == 16
+
+
+async def test_a_history_line_keeps_its_worker_loss_and_every_group_lr(client):
+    sid = (await client.post("/v1/sessions", json={
+        "optimizer": {"type": "sgd", "lr": 0.1}, "dtype": "float32", "params": {"w": [1.0, 2.0], "b": [0.5]},
+        "param_groups": [{"params": ["b"], "lr": 0.25}]})).json()["id"]
+    for worker in ("trainer-1", "trainer-2"):
+        await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"w": [0.5, 0.5], "b": [1.0]}, "loss": 2.5},
+                          headers={"Optim-Worker": worker})
+    first, second = (await client.get(f"/v1/sessions/{sid}/history")).json()["history"]
+    assert (first["worker"], second["worker"]) == ("trainer-1", "trainer-2")
+    assert first["loss"] == 2.5 and first["lr"] == [0.1, 0.25] and first["skipped"] is False
+    # each tensor moved lr·|g| per element: the ratio is that over its RMS
+    assert first["ratio"]["w"] == pytest.approx(0.05 * np.sqrt(2) / np.sqrt(5), rel=1e-6)
+    assert first["ratio"]["b"] == pytest.approx(0.25 / 0.5, rel=1e-6)
+
+
 async def test_history_records_each_step_and_reads_as_csv(client):
     sid = (await client.post("/v1/sessions", json={
         "optimizer": {"type": "sgd", "lr": 0.1}, "dtype": "float64", "params": {"w": [1.0, 2.0], "b": [0.5]},

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from . import __version__
+from . import __version__, history
 from .api import problems
 from .api.auth import KeyRing
 from .api.limits import BodyLimitMiddleware
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             started = time.perf_counter()
             # on the thread that runs large updates, so that its thread team exists before a step
             await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, warm_kernels)
+            await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, history.warm)
             logger.info("kernels ready in %.1f s", time.perf_counter() - started)
         store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes,
                                         settings.store_timeout_seconds), metrics.store_seconds)

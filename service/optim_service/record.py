@@ -295,6 +295,7 @@ class Session:
         clone = object.__new__(Session)
         clone.__dict__.update(self.__dict__)  # the parsed config and hyperparameters too (4x copy.copy's speed)
         clone.__dict__.pop("_flat", None)  # views of this session's memory, not the clone's
+        clone.__dict__.pop("_all", None)
         if memory is not None and (copy or len(memory) != len(self.buffer)):
             memory = None
         relaid = self.slots.schema != SCHEMA_VERSION
@@ -321,6 +322,15 @@ class Session:
         if "_flat" not in self.__dict__:
             self._flat = self.slots.flat(self.buffer) if self.slots is not None else None
         return self._flat
+
+    def all_params(self) -> np.ndarray:
+        """Every parameter as one 1-D run: a view of the session's memory (made once), or a copy
+        joined from its arrays when it has none."""
+        if self.buffer is None:
+            return np.frombuffer(self.params_bytes(), self.layout.np_dtype)
+        if "_all" not in self.__dict__:
+            self._all = self.buffer[:self.layout.nbytes].view(self.layout.np_dtype)
+        return self._all
 
     def freeze(self) -> None:
         """Make its memory and the arrays laid so far read-only: this session is the stored state

@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import blake3
 import numpy as np
-import orjson
 from pydantic import ValidationError
 
 from . import history
@@ -224,15 +223,15 @@ class SessionService:
 
     async def history(self, owner: str | None, session_id: str) -> list[dict]:
         """Every kept history entry of a session, oldest first."""
-        await self._record(owner, session_id)  # its owner's, or 404
-        return history.parse(await self.store.get_history(session_id))
+        record = await self._record(owner, session_id)  # its owner's, or 404
+        return history.parse(await self.store.get_history(session_id), self._warm.template(record).layout.names)
 
     async def history_after(self, owner: str | None, session_id: str, step: int) -> list[dict]:
         """The history entries past ``step``, oldest first, parsing only those (a follower's poll)."""
-        await self._record(owner, session_id)
+        names = self._warm.template(await self._record(owner, session_id)).layout.names
         newer = []
         for raw in reversed(await self.store.get_history(session_id)):
-            entry = orjson.loads(raw)
+            entry = history.decode(raw, names)
             if entry["step"] <= step:
                 break
             newer.append(entry)
@@ -436,7 +435,7 @@ class SessionService:
     async def _range_test_goes_on(self, template: Session, loss: float) -> None:
         """A range test stops where the loss diverged (its smoothed value over 4× its best, fastai's
         rule): the step that would go past it is refused, and the diagnosis suggests an lr."""
-        losses = [h["loss"] for h in history.parse(await self.store.get_history(template.id))
+        losses = [h["loss"] for h in history.parse(await self.store.get_history(template.id), template.layout.names)
                   if h.get("loss") is not None] + [loss]
         curve = smoothed(losses)
         best = min(curve)
@@ -453,7 +452,11 @@ class SessionService:
         session = template.fork(copy=False, memory=memory)  # the update writes every element of it
         grads = decode(session)
         keep = self.settings.history_steps
-        norm = history.grad_norm(grads) if keep else None  # before the update: its memory may be the body's
+        clipping = template.config.clip_grad_norm is not None  # the update's own norm is the line's then
+        # the line's pass takes the norm of one run of gradients after the update, unless the update
+        # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
+        whole = history.one_run(grads) if keep and memory is None and not clipping else None
+        norm = history.grad_norm(grads) if keep and whole is None and (memory is not None or not clipping) else None
         started = time.perf_counter()
         args = (session, grads, self.settings.fused_kernels, template, lr_scale)
         try:
@@ -467,6 +470,11 @@ class SessionService:
                 "GET .../state as a new session with a schedule that stays finite", step=session.step) from None
         compute_ms = (time.perf_counter() - started) * 1e3
         skipped = grad_norm is SKIPPED
+        if keep and norm is None:
+            if clipping and not skipped:
+                norm = grad_norm
+            elif skipped:  # no line pass: the gradients (not the update's memory here) are intact
+                norm = history.grad_norm(grads)
         if skipped:  # store only the count: the arrays may be half-updated
             session = template.fork()
             session.skipped_steps += 1
@@ -482,9 +490,9 @@ class SessionService:
             config, layout = template.config, template.layout
             clip = config.clip_grad_norm
             line = (history.entry(
-                template.step + 1, _all_params(template), _all_params(session), layout.names, layout.sizes,
+                template.step + 1, template.all_params(), session.all_params(), layout.sizes,
                 loss=loss, lrs=_lrs(template, lr_scale), norm=norm, worker=worker, skipped=skipped,
-                clipped=bool(clip and clip.max_norm / (norm + 1e-6) < 1.0)), keep)
+                clip=clip.max_norm if clip else None, grads=None if skipped else whole), keep)
         return session, grad_norm, compute_ms, skipped, line
 
     def _snapshots_kept(self, config: TrainingConfig) -> int:
@@ -702,27 +710,28 @@ def _lr_of(session: Session) -> dict[int, float] | None:
     return {id(hp): lr for hp, lr in zip(_groups(session.config_json, session.layout.names), state["lrs"])}
 
 
-def _lrs(session: Session, lr_scale: float = 1.0) -> list[float]:
+def _lrs(session: Session, lr_scale: float = 1.0) -> Sequence[float]:
     """The learning rate each param group takes on the session's next step: the optimizer's own
     group first, then the groups in the order their tensors come."""
     config, t = session.config, session.step
     if session.schedule_state is not None:
         return [lr * lr_scale for lr in session.schedule_state["lrs"]]
-    groups = _groups(session.config_json, session.layout.names)
     if config.schedule is None:
-        return [hp.lr * lr_scale for hp in groups]
+        return _constant_lrs(session.config_json, session.layout.names, lr_scale)
+    groups = _groups(session.config_json, session.layout.names)
     return [config.schedule.lr_at(hp.lr, t) * lr_scale for hp in groups]
+
+
+@lru_cache(maxsize=4096)
+def _constant_lrs(config_json: bytes, names: tuple[str, ...], lr_scale: float) -> tuple[float, ...]:
+    """A schedule-less session's lrs: the same every step."""
+    return tuple(hp.lr * lr_scale for hp in _groups(config_json, names))
 
 
 @lru_cache(maxsize=4096)
 def _groups(config_json: bytes, names: tuple[str, ...]) -> tuple:
     config, hps = parse_config(config_json), hyperparameters_of(config_json, names)
     return tuple({id(hp): hp for hp in (config.optimizer, *hps)}.values())
-
-
-def _all_params(session: Session) -> np.ndarray:
-    """Every parameter as one 1-D run: a view of the session's memory, where they lie in one."""
-    return np.frombuffer(session.params_bytes(), session.layout.np_dtype)
 
 
 def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:

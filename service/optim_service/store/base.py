@@ -15,8 +15,8 @@ A store keeps opaque session records and never knows which optimizer they hold:
   requires the session's open round at that version and deletes it. Record, claim and round are
   written in one atomic step. Returns ``False`` when any check fails or the session is gone; the
   caller reloads and decides.
-- ``compare_and_set(..., history=(entry, limit))`` also appends ``entry`` (bytes: one step's JSON
-  line) to the session's history in the same atomic write, keeping the last ``limit`` entries and,
+- ``compare_and_set(..., history=(entry, limit))`` also appends ``entry`` (bytes: one step's packed
+  line, opaque to the store) to the session's history in the same atomic write, keeping the last ``limit`` entries and,
   of those it drops, every 10th (up to ``limit`` more): older steps downsampled.
   ``get_history(id)`` returns the kept entries, oldest first (a session's history goes with it).
 - ``compare_and_set(..., snapshot=(step, keep))`` also keeps the new record as the snapshot of
