@@ -26,12 +26,13 @@ class Server:
     """A server process on a free port: ``optim-service serve``, or a floor app of echo_app.py under
     uvicorn ("echo": bare ASGI, "fastapi-echo": one FastAPI route, "adam-only": a bare Adam step)."""
 
-    def __init__(self, kind: str, env: dict | None = None, wrapper: tuple[str, ...] = (), start_seconds: float = 30):
+    def __init__(self, kind: str, env: dict | None = None, wrapper: tuple[str, ...] = (), start_seconds: float = 30,
+                 store: str = "memory"):
         """``wrapper`` runs the server under another program (valgrind, for bench/instructions.py)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if kind == "service":
-            cmd = [str(BIN / "optim-service"), "serve", "--port", str(self.port), "--store", "memory"]
+            cmd = [str(BIN / "optim-service"), "serve", "--port", str(self.port), "--store", store]
         else:
             target = {"echo": "echo_app:app", "fastapi-echo": "echo_app:fastapi_app",
                       "adam-only": "echo_app:adam_only"}[kind]

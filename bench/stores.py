@@ -37,9 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def median_step_ms(store_url: str, n: int, steps: int, cache_bytes: int = 0) -> float:
+async def median_step_ms(store_url: str, n: int, steps: int, cache_bytes: int = 0, redis_wait_replicas: int = 0) -> float:
     settings = Settings(store=store_url, thread_offload_elements=1 << 62)
-    store = open_store(store_url, cache_bytes=cache_bytes)
+    store = open_store(store_url, cache_bytes=cache_bytes, redis_wait_replicas=redis_wait_replicas)
     service = SessionService(store, settings)
     config = TrainingConfig.model_validate({"optimizer": {"type": "adam"}})
     layout = Layout(("w",), ((n,),), "float32", "object")

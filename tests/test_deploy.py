@@ -102,3 +102,26 @@ def test_replicas_start_with_the_compose_command_and_environment(compose, redis_
     finally:
         for s in servers:
             s.stop()
+
+
+def test_the_kubernetes_manifests_validate_against_kubernetes_schemas():
+    """No cluster runs here: every document in deploy/kubernetes/ is checked against the API schemas of
+    the oldest and newest Kubernetes versions kubernetes-validate knows, strictly (no unknown field)."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    docs = [(path.name, doc) for path in sorted((ROOT / "deploy/kubernetes").glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    kinds = {doc["kind"] for _, doc in docs}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Secret"} <= kinds
+    for version in ("1.29.0", latest_version()):
+        for name, doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)  # raises, naming the field, if not
+    deployment = next(doc for _, doc in docs if doc["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OPTIM_STORE"]["valueFrom"]["secretKeyRef"]["name"] == "optim-service"  # the URL from a Secret
+    with pytest.raises(kubernetes_validate.ValidationError):  # the validator does refuse a broken manifest
+        kubernetes_validate.validate({**deployment, "spec": {**deployment["spec"], "replicas": "three"}},
+                                     latest_version(), strict=True)

@@ -15,14 +15,20 @@ from optim_service.store import (
 )
 from optim_service.store.redis import RedisStore
 
-BACKENDS = ["memory", "sqlite", "redis", "sqlite+cache", "redis+cache"]
+BACKENDS = ["memory", "sqlite", "redis", "sqlite+cache", "redis+cache", "cluster", "cluster+wait"]
 
 
 @pytest.fixture(params=BACKENDS)
-def make_store(request, tmp_path, redis_url):
-    """A factory of fresh, isolated stores of one backend (each Redis store gets its own prefix)."""
+def make_store(request, tmp_path):
+    """A factory of fresh, isolated stores of one backend (each Redis store gets its own prefix);
+    ``cluster`` is a real 3-master Redis Cluster with a replica each, ``+wait`` waits for that replica."""
 
     backend, _, cache = request.param.partition("+")
+    if backend == "cluster":
+        redis_url = request.getfixturevalue("redis_cluster").url
+        wait, cache = cache == "wait", ""
+    elif backend == "redis":
+        redis_url, wait = request.getfixturevalue("redis_url"), False
     sqlite_path = f"{tmp_path}/{uuid.uuid4().hex}.db"
     prefix = f"test-{uuid.uuid4().hex}"
 
@@ -31,7 +37,7 @@ def make_store(request, tmp_path, redis_url):
         if backend == "memory":
             return open_store("memory", ttl)
         store = (open_store(f"sqlite:///{sqlite_path}", ttl) if backend == "sqlite"
-                 else RedisStore(redis_url, ttl, prefix=prefix))
+                 else RedisStore(redis_url, ttl, prefix=prefix, wait_replicas=int(wait)))
         return CachedStore(store, 1 << 30) if cache else store
 
     return make

@@ -57,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, history.warm)
             logger.info("kernels ready in %.1f s", time.perf_counter() - started)
         store = MeteredStore(open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes,
-                                        settings.store_timeout_seconds), metrics.store_seconds)
+                                        settings.store_timeout_seconds, settings.redis_wait_replicas),
+                             metrics.store_seconds)
         await _report_store(store, settings)
         app.state.sessions = SessionService(store, settings)
         app.state.sessions.round_latency = metrics.round_seconds.observe

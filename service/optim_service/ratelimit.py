@@ -3,12 +3,15 @@ replica through Redis when the session store is Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+from redis.exceptions import ClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .store.base import translate_errors
+from .store.redis import RedisCluster, connect, primed
 
 # KEYS[1]: the key's theoretical arrival time (ms). ARGV: interval ms, burst tolerance ms.
 # Redis's own clock, so replicas with skewed clocks agree. Returns 0, or ms until allowed.
@@ -55,12 +58,12 @@ class LocalLimiter:
         return None
 
 
-@translate_errors(RedisConnectionError, RedisTimeoutError)
+@translate_errors(RedisConnectionError, RedisTimeoutError, ClusterError)
+@primed
 class RedisLimiter:
     def __init__(self, url: str, rate: float, burst: int, prefix: str = "optim", timeout_seconds: float = 5.0):
-        from .store.redis import connect
-
         self._redis = connect(url, timeout_seconds)
+        self._primed, self._priming = not isinstance(self._redis, RedisCluster), asyncio.Lock()
         self._script = self._redis.register_script(GCRA)
         self._interval_ms = 1000.0 / rate
         self._tolerance_ms = self._interval_ms * burst
@@ -78,6 +81,6 @@ class RedisLimiter:
 def open_limiter(store_url: str, rate: float, burst: int, timeout_seconds: float = 5.0):
     if rate <= 0:
         return Unlimited()
-    if store_url.startswith(("redis://", "rediss://", "unix://")):
+    if store_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
         return RedisLimiter(store_url, rate, burst, timeout_seconds=timeout_seconds)
     return LocalLimiter(rate, burst)

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     store_timeout_seconds: float = Field(5.0, gt=0, description="each store call, and a step's wait for its "
                                          "session's lock; 503 after")
     readyz_timeout_seconds: float = Field(1.0, gt=0, description="/readyz answers 503 when the store takes longer")
+    redis_wait_replicas: int = Field(0, ge=0, description="a Redis write is acknowledged once this many replicas "
+                                     "of its master have it (WAIT): a failover loses none; 503 when fewer confirm")
 
     rollback_snapshots: int = Field(0, ge=0, le=1000, description="snapshots of the last steps each session keeps "
                                     "for POST .../rollback, unless it says (rollback_snapshots at create); 0 off")

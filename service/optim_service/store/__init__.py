@@ -13,12 +13,13 @@ from .memory import MemoryStore
 
 
 def open_store(url: str, session_ttl_seconds: int = 0, cache_bytes: int = 0,
-               timeout_seconds: float | None = None) -> SessionStore:
+               timeout_seconds: float | None = None, redis_wait_replicas: int = 0) -> SessionStore:
     """``memory``, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (``?synchronous=full``),
-    ``redis://host:port/db`` (and ``rediss://`` for TLS). ``cache_bytes`` > 0 puts a version-checked
+    ``redis://host:port/db`` (and ``rediss://`` for TLS), ``redis+cluster://host:port[,host:port...]``
+    (``rediss+cluster://``; ``redis_wait_replicas``: see ``RedisStore``). ``cache_bytes`` > 0 puts a version-checked
     local cache of that size in front of SQLite and Redis. ``timeout_seconds`` bounds every call
     (``BoundedStore``), and the backend's own waits (SQLite's busy timeout, Redis's socket timeouts)."""
-    store = _open(url, session_ttl_seconds, timeout_seconds or 5.0)
+    store = _open(url, session_ttl_seconds, timeout_seconds or 5.0, redis_wait_replicas)
     if cache_bytes > 0 and not isinstance(store, MemoryStore):
         store = CachedStore(store, cache_bytes)
     if timeout_seconds is not None and not isinstance(store, MemoryStore):  # its calls never wait
@@ -51,8 +52,13 @@ def check_url(url: str) -> None:
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         sqlite_path(url)
+    elif scheme in ("redis+cluster", "rediss+cluster"):
+        from .redis import cluster_nodes
+
+        cluster_nodes(url)
     elif scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"unsupported store URL {redact(url)!r}; use memory, sqlite:///path or redis://host:port/db")
+        raise ValueError(f"unsupported store URL {redact(url)!r}; use memory, sqlite:///path, redis://host:port/db "
+                         "or redis+cluster://host:port[,host:port...]")
 
 
 def redact(url: str) -> str:
@@ -65,7 +71,7 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
 
 
-def _open(url: str, session_ttl_seconds: int, timeout_seconds: float) -> SessionStore:
+def _open(url: str, session_ttl_seconds: int, timeout_seconds: float, redis_wait_replicas: int = 0) -> SessionStore:
     check_url(url)
     if url == "memory":
         return MemoryStore(session_ttl_seconds)
@@ -77,7 +83,7 @@ def _open(url: str, session_ttl_seconds: int, timeout_seconds: float) -> Session
         return SQLiteStore(sqlite_path(url), session_ttl_seconds, synchronous, timeout_seconds)
     from .redis import RedisStore
 
-    return RedisStore(url, session_ttl_seconds, timeout_seconds=timeout_seconds)
+    return RedisStore(url, session_ttl_seconds, timeout_seconds=timeout_seconds, wait_replicas=redis_wait_replicas)
 
 
 __all__ = ["ANY", "BoundedStore", "CachedStore", "CapReached", "Caps", "Claim", "MemoryStore", "OutcomeUnknown",

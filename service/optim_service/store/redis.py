@@ -1,4 +1,5 @@
-"""The shared store: Redis, so that replicas on several hosts serve one set of sessions.
+"""The shared store: Redis or Redis Cluster, so that replicas on several hosts serve one set of
+sessions (``redis://host:port/db``, ``redis+cluster://host:port[,host:port...]``).
 
 A step's compare-and-set is one Lua script (a script is a transaction): it checks the version and
 the idempotency key's absence, then moves the staged tensors into place and writes record and claim
@@ -18,19 +19,23 @@ Durability is the server's: run Redis with ``appendonly yes`` (docker-compose.ym
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
+from urllib.parse import unquote
+
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-
+from redis.exceptions import ClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (
-    ANY, HISTORY_DOWNSAMPLE, CapReached, Caps, Claim, RoundRecord, SessionExists, SessionRecord, record_bytes,
-    translate_errors,
+    ANY, HISTORY_DOWNSAMPLE, CapReached, Caps, Claim, OutcomeUnknown, RoundRecord, SessionExists, SessionRecord,
+    record_bytes, translate_errors,
 )
 
 # The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
@@ -160,28 +165,102 @@ UNLIMITED = 1 << 62
 STAGING_TTL = 60  # a staged copy whose script never ran (the process died) cleans itself up
 
 
-def connect(url: str, timeout_seconds: float) -> aioredis.Redis:
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """``redis+cluster://[user:password@]host:port[,host:port...]``: the seed nodes, user and
+    password. ValueError, saying what is wrong, for anything else."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES or not rest:
+        raise ValueError("not a cluster URL: use redis+cluster://host:port[,host:port...]")
+    userinfo, _, hosts = rest.split("/", 1)[0].rpartition("@")
+    user, _, password = userinfo.partition(":")
+    nodes = []
+    for hostport in hosts.split(","):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster node {hostport!r} is not host:port; use redis+cluster://host:port[,host:port...]")
+        nodes.append((host, int(port)))
+    return nodes, unquote(user) or None, unquote(password) or None
+
+
+def primed(cls):
+    """Decorate a class over a Redis client (``self._redis``) so that its first call on a cluster
+    client pings every node before any other runs: 40 concurrent first calls on a fresh
+    redis-py 8.1 cluster client failed a quarter of the time here ('NoneType' object has no
+    attribute 'writelines', opening connections), and some scripts then ran twice."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not asyncio.iscoroutinefunction(fn):
+            continue
+
+        async def method(self, *args, __fn=fn, **kwargs):
+            if not self.__dict__.get("_primed", True):
+                async with self._priming:
+                    if not self._primed:
+                        await self._redis.ping()
+                        self._primed = True
+            return await __fn(self, *args, **kwargs)
+
+        method.__name__, method.__doc__ = fn.__name__, fn.__doc__
+        setattr(cls, name, method)
+    return cls
+
+
+def connect(url: str, timeout_seconds: float) -> aioredis.Redis | RedisCluster:
     """A client whose every wait is bounded here, whatever the library's defaults (redis-py 5 waits
     forever, 8 five seconds), retrying once at once: a restarted Redis leaves dropped connections in
-    the pool."""
+    the pool. A cluster URL gives redis-py's cluster client, which follows MOVED and ASK and learns a
+    failover's new master."""
+    if url.partition("://")[0] in CLUSTER_SCHEMES:
+        nodes, user, password = cluster_nodes(url)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user, password=password,
+                            ssl=url.startswith("rediss"), decode_responses=False, socket_timeout=timeout_seconds,
+                            socket_connect_timeout=timeout_seconds)
     return aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=timeout_seconds,
                                    socket_connect_timeout=timeout_seconds, retry=Retry(NoBackoff(), 1))
 
 
-@translate_errors(RedisConnectionError, RedisTimeoutError)
+@translate_errors(RedisConnectionError, RedisTimeoutError, ClusterError)
+@primed
 class RedisStore:
+    """``wait_replicas`` > 0: a write (a create, a step, a round's contribution) is acknowledged only
+    once that many replicas of its master have it (``WAIT``, within half the store timeout), so a
+    failover that promotes one of them loses none; fewer in time raise ``OutcomeUnknown`` (the write
+    may stand or be lost: retry with the same Idempotency-Key)."""
+
     private = False  # other processes may write the same sessions
 
     def __init__(self, url: str, session_ttl_seconds: int = 0, prefix: str = "optim",
-                 timeout_seconds: float = 5.0):
+                 timeout_seconds: float = 5.0, wait_replicas: int = 0):
         self._redis = connect(url, timeout_seconds)
+        self._cluster = isinstance(self._redis, RedisCluster)
+        self._primed, self._priming = not self._cluster, asyncio.Lock()
         self._ttl = session_ttl_seconds
         self._p = prefix
+        self._wait = (wait_replicas, max(1, int(timeout_seconds * 500)))
         self._create = self._redis.register_script(CREATE)
         self._cas = self._redis.register_script(COMPARE_AND_SET)
         self._delete = self._redis.register_script(DELETE)
         self._reserve = self._redis.register_script(RESERVE)
         self._put_round = self._redis.register_script(PUT_ROUND)
+
+    async def _write(self, script, keys: list, args: list):
+        """Run a writing script; with ``wait_replicas``, on one connection followed by ``WAIT`` (which
+        counts what that connection wrote), sending the script's text: a promoted replica has no
+        cache of scripts loaded on its old master."""
+        replicas, timeout_ms = self._wait
+        if not replicas:
+            return await script(keys=keys, args=args)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.eval(script.script, len(keys), *keys, *args)
+            on = {"target_nodes": self._redis.get_node_from_key(keys[0])} if self._cluster else {}
+            pipe.execute_command("WAIT", replicas, timeout_ms, **on)
+            written, acknowledged = await pipe.execute()
+        if written and acknowledged < replicas:
+            raise OutcomeUnknown(f"the write reached {acknowledged} of the {replicas} replicas asked for "
+                                 f"(OPTIM_REDIS_WAIT_REPLICAS) within {timeout_ms} ms; it may be lost in a failover")
+        return written
 
     def _rec(self, sid: str) -> str:
         return f"{self._p}:{{s:{sid}}}:rec"
@@ -271,8 +350,8 @@ class RedisStore:
             if verdict[0] == 0:
                 raise CapReached("sessions", caps.sessions, int(verdict[1]))
             staged = await self._stage(record)
-            created = await self._create(keys=[self._rec(record.id), self._data(record.id), staged],
-                                         args=[record.version, owner or "", record.meta, self._ttl])
+            created = await self._write(self._create, [self._rec(record.id), self._data(record.id), staged],
+                                        [record.version, owner or "", record.meta, self._ttl])
             if not created:
                 raise SessionExists(record.id)
         except BaseException:
@@ -305,13 +384,13 @@ class RedisStore:
                               snapshot: tuple[int, int] | None = None) -> bool:
         staged = await self._stage(record)
         sid = record.id
-        ok = await self._cas(
-            keys=[self._rec(sid), self._data(sid), staged, self._claim(sid, claim.key if claim else ""),
-                  self._claims(sid), self._round(sid), self._round_data(sid), *self._history_keys(sid),
-                  self._snaps(sid)],
-            args=[expected_version, record.version, record.meta, self._ttl, *_claim_args(claim),
-                  "" if close_round is None else close_round, *(history or ("", 0)),
-                  *(snapshot or ("", 0)), self._snap_prefix(sid)],
+        ok = await self._write(
+            self._cas,
+            [self._rec(sid), self._data(sid), staged, self._claim(sid, claim.key if claim else ""),
+             self._claims(sid), self._round(sid), self._round_data(sid), *self._history_keys(sid), self._snaps(sid)],
+            [expected_version, record.version, record.meta, self._ttl, *_claim_args(claim),
+             "" if close_round is None else close_round, *(history or ("", 0)),
+             *(snapshot or ("", 0)), self._snap_prefix(sid)],
         )
         if ok:
             await self._touch_indexes(record)
@@ -367,10 +446,11 @@ class RedisStore:
     async def put_round(self, session_id: str, round: RoundRecord, expected_version: int,
                         claim: Claim | None = None) -> bool:
         staged = await self._stage_bytes(session_id, round.data)
-        ok = await self._put_round(
-            keys=[self._rec(session_id), self._round(session_id), self._round_data(session_id), staged,
-                  self._claim(session_id, claim.key if claim else ""), self._claims(session_id)],
-            args=[expected_version, round.version, round.meta, self._ttl, *_claim_args(claim)])
+        ok = await self._write(
+            self._put_round,
+            [self._rec(session_id), self._round(session_id), self._round_data(session_id), staged,
+             self._claim(session_id, claim.key if claim else ""), self._claims(session_id)],
+            [expected_version, round.version, round.meta, self._ttl, *_claim_args(claim)])
         return bool(ok)
 
     async def get_claim(self, session_id: str, key: str) -> Claim | None:
