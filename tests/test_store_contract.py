@@ -16,6 +16,7 @@ from optim_service.store import (
 from optim_service.store.redis import RedisStore
 
 BACKENDS = ["memory", "sqlite", "redis", "sqlite+cache", "redis+cache", "cluster", "cluster+wait"]
+CHUNK = 4096  # Redis keeps a record's data in values of at most this here: every test crosses chunks
 
 
 @pytest.fixture(params=BACKENDS)
@@ -37,7 +38,7 @@ def make_store(request, tmp_path):
         if backend == "memory":
             return open_store("memory", ttl)
         store = (open_store(f"sqlite:///{sqlite_path}", ttl) if backend == "sqlite"
-                 else RedisStore(redis_url, ttl, prefix=prefix, wait_replicas=int(wait)))
+                 else RedisStore(redis_url, ttl, prefix=prefix, wait_replicas=int(wait), chunk_bytes=CHUNK))
         return CachedStore(store, 1 << 30) if cache else store
 
     return make
@@ -56,6 +57,24 @@ async def test_create_get_round_trip_and_duplicates(make_store):
     with pytest.raises(SessionExists):
         await store.create(record())
     assert await store.get("missing") is None
+    await store.close()
+
+
+async def test_records_of_any_size_round_trip_grow_shrink_snapshot_and_go(make_store):
+    """A Redis value holds at most 512 MB: Redis keeps a record's data in chunks (here of 4 KiB), and
+    a record that grows, shrinks, is kept as a snapshot and is deleted leaves no chunk behind."""
+    store = make_store()
+    sizes = [CHUNK * 5 + 17, CHUNK * 2, CHUNK * 9, 10, CHUNK * 3]
+    await store.create(record(data=os.urandom(sizes[0])))
+    for version, size in enumerate(sizes[1:], start=1):
+        data = os.urandom(size)
+        assert await store.compare_and_set(record(version=version, data=data), version - 1, snapshot=(version, 3))
+        assert (await store.get("s1")).data == data
+    assert (await store.get_snapshot("s1", 2)).data != (await store.get_snapshot("s1", 3)).data
+    assert len((await store.get_snapshot("s1", 2)).data) == sizes[2]
+    assert await store.delete("s1") and await store.get("s1") is None and await store.get_snapshot("s1", 4) is None
+    if isinstance(store, RedisStore):
+        assert [k async for k in store._redis.scan_iter(match=f"{store._p}:*s1*")] == []
     await store.close()
 
 
@@ -164,14 +183,16 @@ async def test_idle_sessions_expire_everywhere(make_store):
 
 async def test_every_redis_key_has_a_ttl(redis_url):
     prefix = f"ttl-{uuid.uuid4().hex}"
-    store = RedisStore(redis_url, 3600, prefix=prefix)
+    store = RedisStore(redis_url, 3600, prefix=prefix, chunk_bytes=CHUNK)
     await store.create(record())
-    await store.compare_and_set(record(version=1), 0, Claim("k", "f" * 64, 1, 1, 600))
+    await store.compare_and_set(record(version=1, data=bytes(3 * CHUNK + 5)), 0, Claim("k", "f" * 64, 1, 1, 600),
+                                snapshot=(1, 2))
     await store.put_round("s1", round_record(1), 0, Claim("k2", "f" * 64, 1, 1, 600))
     await store.list("alice", 10, None)
     client = aioredis.Redis.from_url(redis_url)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
     assert len(keys) >= 6 and any(k.endswith(b":round-data") for k in keys)
+    assert any(k.endswith(b":data:3") for k in keys) and any(k.endswith(b":snap:1:3") for k in keys)
     for key in keys:
         assert await client.ttl(key) > 0, key
     await client.aclose()

@@ -186,6 +186,7 @@ class SessionService:
             raise InvalidRequest(f"params has {sum(layout.sizes)} elements; this service allows at most "
                                  f"{self.settings.max_elements_per_session} per session")
         session = Session(new_session_id(), owner, config, layout, step, params, states, tensor_steps=tensor_steps)
+        self._check_fits(session, config)
         if config.schedule is not None and config.schedule.type == "reduce_on_plateau":
             session.schedule_state = _plateau_state(session, schedule_state)
         record = session.to_record()
@@ -494,6 +495,21 @@ class SessionService:
                 loss=loss, lrs=_lrs(template, lr_scale), norm=norm, worker=worker, skipped=skipped,
                 clip=clip.max_norm if clip else None, grads=None if skipped else whole), keep)
         return session, grad_norm, compute_ms, skipped, line
+
+    def _check_fits(self, session: Session, config: TrainingConfig) -> None:
+        """A session whose state, or whose synchronous round's sum, is more than the store keeps in one
+        session: a 422 that says so, before anything is written."""
+        state = sum(a.nbytes for a in (*session.params, *(b for s in session.states for b in s if b is not None)))
+        limit = self.store.max_record_bytes
+        if limit is not None and state > limit:
+            raise InvalidRequest(f"this session's state is {state} bytes (parameters and optimizer buffers); this "
+                                 f"store keeps at most {limit} per session (SQLite's limit on one value): use Redis "
+                                 "or the memory store, or fewer parameters")
+        limit = self.store.max_round_bytes
+        if config.aggregation.mode == "sync" and limit is not None and session.layout.nbytes > limit:
+            raise InvalidRequest(f"a synchronous round keeps the sum of its gradients, {session.layout.nbytes} bytes "
+                                 f"for this session, as one value, and this store keeps at most {limit}: use "
+                                 'fewer parameters per session, float32, or "aggregation": "async"')
 
     def _snapshots_kept(self, config: TrainingConfig) -> int:
         return config.rollback_snapshots if config.rollback_snapshots is not None else self.settings.rollback_snapshots

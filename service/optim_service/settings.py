@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(2000, ge=1)
     max_sessions_per_key: int = Field(1000, ge=1)
     max_body_bytes: int = Field(256 << 20, ge=1024, description="counted while streaming; 413 beyond")
-    max_elements_per_session: int = Field(1 << 24, ge=1, description="parameters per session (each tensor's size summed)")
+    max_elements_per_session: int = Field(1 << 28, ge=1, description="parameters per session (each tensor's size "
+                                          "summed); SQLite also caps a session's state at 1 GB")
     max_tensors_per_session: int = Field(1024, ge=1)
     max_json_depth: int = Field(64, ge=4, description="nesting of arrays and objects in a JSON body")
     max_bytes_per_key: int = Field(16 << 30, ge=1, description="stored bytes (state and metadata) one API key "

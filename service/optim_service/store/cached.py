@@ -15,6 +15,14 @@ from .base import ANY, Caps, Claim, RoundRecord, SessionRecord, SessionStore
 class CachedStore:
     private = False  # other processes may write the same sessions
 
+    @property
+    def max_record_bytes(self) -> int | None:
+        return self.inner.max_record_bytes
+
+    @property
+    def max_round_bytes(self) -> int | None:
+        return self.inner.max_round_bytes
+
     def __init__(self, inner: SessionStore, max_bytes: int):
         self.inner = inner
         self._copies: ByteBoundedLRU[SessionRecord] = ByteBoundedLRU(max_bytes)

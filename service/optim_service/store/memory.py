@@ -13,6 +13,7 @@ from .base import (
 
 class MemoryStore:
     private = True  # this process's own dict
+    max_record_bytes = max_round_bytes = None
 
     def __init__(self, session_ttl_seconds: int = 0) -> None:
         self._ttl = session_ttl_seconds

@@ -38,32 +38,46 @@ from .base import (
     record_bytes, translate_errors,
 )
 
-# The tensors travel to a staging key with a plain SET; the scripts then check and RENAME it into
-# place in O(1), so megabytes never pass through Lua's argument copies.
-# A record (a hash) and its data, just renamed from a staging key, take the session TTL, or none:
-# RENAME carried the staging key's short TTL over, so PERSIST drops it.
+# The tensors travel to staging keys with plain SETs; the scripts then check and RENAME them into
+# place in O(1), so megabytes never pass through Lua's argument copies. A Redis value holds at most
+# 512 MB, so a record's data is split into chunks of CHUNK_BYTES: chunk 0 is ``data``, chunk i
+# ``data:i`` (same hash tag, same shard); the record hash counts them (``chunks``).
+# A record (a hash) and its data, just renamed from staging keys, take the session TTL, or none:
+# RENAME carried the staging keys' short TTL over, so PERSIST drops it.
 KEEP_TTL = """
-local function keep_ttl(record, data, ttl)
+local function chunk(key, i) if i == 0 then return key end return key .. ':' .. i end
+local function drop_staged(staging, n)
+  for i = 0, tonumber(n) - 1 do redis.call('DEL', chunk(staging, i)) end
+end
+local function place(staging, data, n, old)
+  n = tonumber(n)
+  for i = 0, n - 1 do redis.call('RENAME', chunk(staging, i), chunk(data, i)) end
+  for i = n, (tonumber(old) or 1) - 1 do redis.call('DEL', chunk(data, i)) end
+end
+local function keep_ttl(record, data, ttl, n)
+  n = tonumber(n or 1)
   if tonumber(ttl) > 0 then
-    redis.call('EXPIRE', record, ttl) redis.call('EXPIRE', data, ttl)
+    redis.call('EXPIRE', record, ttl)
+    for i = 0, n - 1 do redis.call('EXPIRE', chunk(data, i), ttl) end
   else
-    redis.call('PERSIST', data)
+    for i = 0, n - 1 do redis.call('PERSIST', chunk(data, i)) end
   end
   return 1
 end
 """
-# Both session-writing scripts end here: the record (KEYS[1]) and its tensors (KEYS[2]), TTL ARGV[4].
+# Both session-writing scripts end here: the record (KEYS[1]) and its tensors (KEYS[2]), TTL ARGV[4],
+# chunks ARGV[5].
 KEEP_SESSION_TTL = """
-return keep_ttl(KEYS[1], KEYS[2], ARGV[4])
+return keep_ttl(KEYS[1], KEYS[2], ARGV[4], ARGV[5])
 """
 CREATE = KEEP_TTL + """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[3]) return 0 end
-redis.call('RENAME', KEYS[3], KEYS[2])
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then drop_staged(KEYS[3], ARGV[5]) return 0 end
+place(KEYS[3], KEYS[2], ARGV[5], 1)
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'owner', ARGV[2], 'meta', ARGV[3], 'chunks', ARGV[5])
 """ + KEEP_SESSION_TTL
 # An idempotency claim (key, its session's index of claims, value, TTL, now): false when the key is
 # claimed already; the scripts check it before they write anything else.
-CLAIM = """
+CLAIM = KEEP_TTL + """
 local function claimed(key, index, value, ttl, now)
   if value == '' then return false end
   if redis.call('EXISTS', key) == 1 then return true end
@@ -74,17 +88,23 @@ local function claimed(key, index, value, ttl, now)
   return false
 end
 local function round_version(key) return redis.call('HGET', key, 'version') or '0' end
-""" + KEEP_TTL
-# ARGV[8]: '' leaves the round alone; else the open round's version (0: none) must match, and it closes
+local function drop_snapshot(prefix, step)
+  local n = redis.call('HGET', prefix .. step .. ':meta', 'chunks') or '1'
+  for i = 0, tonumber(n) - 1 do redis.call('DEL', chunk(prefix .. step, i)) end
+  redis.call('DEL', prefix .. step .. ':meta')
+end
+"""
+# ARGV[5]: the new data's chunks; ARGV[9]: '' leaves the round alone; else the open round's version
+# (0: none) must match, and it closes
 COMPARE_AND_SET = CLAIM + """
 local version = redis.call('HGET', KEYS[1], 'version')
-if not version or version ~= ARGV[1] then redis.call('DEL', KEYS[3]) return 0 end
-if ARGV[8] ~= '' and round_version(KEYS[6]) ~= ARGV[8] then redis.call('DEL', KEYS[3]) return 0 end
-if claimed(KEYS[4], KEYS[5], ARGV[5], ARGV[6], ARGV[7]) then redis.call('DEL', KEYS[3]) return 0 end
-if ARGV[8] ~= '' then redis.call('DEL', KEYS[6], KEYS[7]) end
-if ARGV[9] ~= '' then
-  local limit = tonumber(ARGV[10])
-  redis.call('RPUSH', KEYS[8], ARGV[9])
+if not version or version ~= ARGV[1] then drop_staged(KEYS[3], ARGV[5]) return 0 end
+if ARGV[9] ~= '' and round_version(KEYS[6]) ~= ARGV[9] then drop_staged(KEYS[3], ARGV[5]) return 0 end
+if claimed(KEYS[4], KEYS[5], ARGV[6], ARGV[7], ARGV[8]) then drop_staged(KEYS[3], ARGV[5]) return 0 end
+if ARGV[9] ~= '' then redis.call('DEL', KEYS[6], KEYS[7]) end
+if ARGV[10] ~= '' then
+  local limit = tonumber(ARGV[11])
+  redis.call('RPUSH', KEYS[8], ARGV[10])
   while redis.call('LLEN', KEYS[8]) > limit do
     local old = redis.call('LPOP', KEYS[8])
     if redis.call('INCR', KEYS[10]) % """ + str(HISTORY_DOWNSAMPLE) + """ == 0 then
@@ -96,24 +116,22 @@ if ARGV[9] ~= '' then
     for i = 8, 10 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
   end
 end
-redis.call('RENAME', KEYS[3], KEYS[2])
-redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3])
-if ARGV[11] ~= '' then
-  local step, keep, prefix = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
-  for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[11], step, '+inf')) do
-    redis.call('DEL', prefix .. old, prefix .. old .. ':meta')
-  end
+place(KEYS[3], KEYS[2], ARGV[5], redis.call('HGET', KEYS[1], 'chunks'))
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'meta', ARGV[3], 'chunks', ARGV[5])
+if ARGV[12] ~= '' then
+  local step, keep, prefix, n = tonumber(ARGV[12]), tonumber(ARGV[13]), ARGV[14], tonumber(ARGV[5])
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[11], step, '+inf')) do drop_snapshot(prefix, old) end
   redis.call('ZREMRANGEBYSCORE', KEYS[11], step, '+inf')
-  redis.call('COPY', KEYS[2], prefix .. step, 'REPLACE')
-  redis.call('HSET', prefix .. step .. ':meta', 'version', ARGV[2], 'meta', ARGV[3])
+  for i = 0, n - 1 do redis.call('COPY', chunk(KEYS[2], i), chunk(prefix .. step, i), 'REPLACE') end
+  redis.call('HSET', prefix .. step .. ':meta', 'version', ARGV[2], 'meta', ARGV[3], 'chunks', n)
   redis.call('ZADD', KEYS[11], step, step)
   while redis.call('ZCARD', KEYS[11]) > keep do
     local gone = redis.call('ZPOPMIN', KEYS[11])
-    redis.call('DEL', prefix .. gone[1], prefix .. gone[1] .. ':meta')
+    drop_snapshot(prefix, gone[1])
   end
   if tonumber(ARGV[4]) > 0 then
     redis.call('EXPIRE', KEYS[11], ARGV[4])
-    redis.call('EXPIRE', prefix .. step, ARGV[4]) redis.call('EXPIRE', prefix .. step .. ':meta', ARGV[4])
+    keep_ttl(prefix .. step .. ':meta', prefix .. step, ARGV[4], n)
   end
 end
 """ + KEEP_SESSION_TTL
@@ -128,10 +146,9 @@ redis.call('RENAME', KEYS[4], KEYS[3])
 redis.call('HSET', KEYS[2], 'version', ARGV[2], 'meta', ARGV[3])
 return keep_ttl(KEYS[2], KEYS[3], ARGV[4])
 """
-DELETE = """
-for _, step in ipairs(redis.call('ZRANGE', KEYS[#KEYS], 0, -1)) do
-  redis.call('DEL', ARGV[1] .. step, ARGV[1] .. step .. ':meta')
-end
+DELETE = CLAIM + """
+for _, step in ipairs(redis.call('ZRANGE', KEYS[#KEYS], 0, -1)) do drop_snapshot(ARGV[1], step) end
+for i = 1, tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') - 1 do redis.call('DEL', chunk(KEYS[2], i)) end
 local claims = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, key in ipairs(claims) do redis.call('DEL', key) end
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
@@ -163,6 +180,8 @@ return {1}
 """
 UNLIMITED = 1 << 62
 STAGING_TTL = 60  # a staged copy whose script never ran (the process died) cleans itself up
+CHUNK_BYTES = 64 << 20  # a record's data in values of at most this (Redis caps one at 512 MB)
+MAX_VALUE_BYTES = 512 << 20  # proto-max-bulk-len: a round's sum is one value
 
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -230,15 +249,18 @@ class RedisStore:
     may stand or be lost: retry with the same Idempotency-Key)."""
 
     private = False  # other processes may write the same sessions
+    max_record_bytes = None  # chunked: any size
+    max_round_bytes = MAX_VALUE_BYTES
 
     def __init__(self, url: str, session_ttl_seconds: int = 0, prefix: str = "optim",
-                 timeout_seconds: float = 5.0, wait_replicas: int = 0):
+                 timeout_seconds: float = 5.0, wait_replicas: int = 0, chunk_bytes: int = CHUNK_BYTES):
         self._redis = connect(url, timeout_seconds)
         self._cluster = isinstance(self._redis, RedisCluster)
         self._primed, self._priming = not self._cluster, asyncio.Lock()
         self._ttl = session_ttl_seconds
         self._p = prefix
         self._wait = (wait_replicas, max(1, int(timeout_seconds * 500)))
+        self._chunk = chunk_bytes
         self._create = self._redis.register_script(CREATE)
         self._cas = self._redis.register_script(COMPARE_AND_SET)
         self._delete = self._redis.register_script(DELETE)
@@ -277,8 +299,28 @@ class RedisStore:
     def _staging(self, sid: str) -> str:
         return f"{self._p}:{{s:{sid}}}:staging:{uuid.uuid4().hex}"
 
-    async def _stage(self, record: SessionRecord) -> str:
-        return await self._stage_bytes(record.id, record.data)
+    async def _stage(self, record: SessionRecord) -> tuple[str, int]:
+        """The record's data in staging keys, chunk i at ``key:i`` (0 at ``key``); the key and the count."""
+        data, size = memoryview(record.data).cast("B"), self._chunk
+        count = max(1, -(-len(data) // size))
+        if count == 1:
+            return await self._stage_bytes(record.id, record.data), 1
+        key = self._staging(record.id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for i in range(count):
+                pipe.set(f"{key}:{i}" if i else key, data[i * size:(i + 1) * size], ex=STAGING_TTL)
+            await pipe.execute()
+        return key, count
+
+    async def _chunks(self, key: str, version_key: str, version: bytes, count: int) -> list[bytes] | None:
+        """Chunks 1.. of ``key`` in one snapshot, or None when ``version_key`` no longer says ``version``
+        (a write came between this read and the first chunk's: read again)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(version_key, "version")
+            for i in range(1, count):
+                pipe.get(f"{key}:{i}")
+            now, *rest = await pipe.execute()
+        return rest if now == version and all(c is not None for c in rest) else None
 
     async def _stage_bytes(self, sid: str, data) -> str:
         key = self._staging(sid)
@@ -349,9 +391,9 @@ class RedisStore:
                                         caps.sessions if caps else UNLIMITED, UNLIMITED, now, index_ttl])
             if verdict[0] == 0:
                 raise CapReached("sessions", caps.sessions, int(verdict[1]))
-            staged = await self._stage(record)
+            staged, count = await self._stage(record)
             created = await self._write(self._create, [self._rec(record.id), self._data(record.id), staged],
-                                        [record.version, owner or "", record.meta, self._ttl])
+                                        [record.version, owner or "", record.meta, self._ttl, count])
             if not created:
                 raise SessionExists(record.id)
         except BaseException:
@@ -364,12 +406,19 @@ class RedisStore:
             found = await self._redis.hget(self._rec(session_id), "owner")
             if found is None or (found.decode() or None) != owner:
                 return None
-        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one consistent snapshot
-            pipe.hmget(self._rec(session_id), "version", "owner", "meta")
-            pipe.get(self._data(session_id))
-            (version, found, meta), data = await pipe.execute()
-        if version is None or data is None:
-            return None
+        while True:
+            async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one consistent snapshot
+                pipe.hmget(self._rec(session_id), "version", "owner", "meta", "chunks")
+                pipe.get(self._data(session_id))
+                (version, found, meta, chunks), data = await pipe.execute()
+            if version is None or data is None:
+                return None
+            if int(chunks or 1) == 1:
+                break
+            rest = await self._chunks(self._data(session_id), self._rec(session_id), version, int(chunks))
+            if rest is not None:
+                data = b"".join((data, *rest))
+                break
         found = found.decode() or None
         if owner is not ANY and found != owner:
             return None
@@ -382,13 +431,13 @@ class RedisStore:
     async def compare_and_set(self, record, expected_version, claim: Claim | None = None,
                               close_round: int | None = None, history: tuple[bytes, int] | None = None,
                               snapshot: tuple[int, int] | None = None) -> bool:
-        staged = await self._stage(record)
+        staged, count = await self._stage(record)
         sid = record.id
         ok = await self._write(
             self._cas,
             [self._rec(sid), self._data(sid), staged, self._claim(sid, claim.key if claim else ""),
              self._claims(sid), self._round(sid), self._round_data(sid), *self._history_keys(sid), self._snaps(sid)],
-            [expected_version, record.version, record.meta, self._ttl, *_claim_args(claim),
+            [expected_version, record.version, record.meta, self._ttl, count, *_claim_args(claim),
              "" if close_round is None else close_round, *(history or ("", 0)),
              *(snapshot or ("", 0)), self._snap_prefix(sid)],
         )
@@ -410,11 +459,16 @@ class RedisStore:
         key = f"{self._snap_prefix(session_id)}{step}"
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hget(self._rec(session_id), "owner")
-            pipe.hmget(key + ":meta", "version", "meta")
+            pipe.hmget(key + ":meta", "version", "meta", "chunks")
             pipe.get(key)
-            owner, (version, meta), data = await pipe.execute()
+            owner, (version, meta, chunks), data = await pipe.execute()
         if owner is None or version is None or data is None:
             return None
+        if int(chunks or 1) > 1:  # a snapshot never changes once kept: only its going matters
+            rest = await self._chunks(key, key + ":meta", version, int(chunks))
+            if rest is None:
+                return None
+            data = b"".join((data, *rest))
         return SessionRecord(session_id, owner.decode() or None, int(version), meta, data)
 
     async def snapshot_steps(self, session_id: str) -> list[int]:

@@ -75,6 +75,7 @@ NEVER = float("inf")
 @translate_errors(sqlite3.OperationalError)
 class SQLiteStore:
     private = False  # other processes may write the same sessions
+    max_record_bytes = max_round_bytes = 1_000_000_000  # SQLite's own limit on one value (SQLITE_MAX_LENGTH)
 
     def __init__(self, path: str, session_ttl_seconds: int = 0, synchronous: str = "normal",
                  timeout_seconds: float = 5.0):
