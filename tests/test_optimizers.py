@@ -155,3 +155,13 @@ def test_the_js_clients_types_name_every_optimizer():
     typings = (pathlib.Path(__file__).parent.parent / "clients/js/index.d.ts").read_text()
     union = re.search(r"interface OptimizerConfig \{\s*type:([^;]+);", typings).group(1)
     assert set(re.findall(r'"(\w+)"', union)) == set(OPTIMIZERS)
+
+
+async def test_a_hyperparameter_the_dtype_cannot_hold_as_state_is_refused_at_create(client):
+    """ASGD keeps lr as its first step size and Rprop as every weight's: 1e300 is no float32."""
+    for optimizer in ({"type": "asgd", "lr": 1e300}, {"type": "rprop", "lr": 1e300}):
+        answer = await client.post("/v1/sessions", json={"optimizer": optimizer, "dtype": "float32", "params": [1.0]})
+        assert_problem(answer, 422, "float32", "float64")
+        fine = await client.post("/v1/sessions", json={"optimizer": optimizer, "dtype": "float64", "params": [1.0]})
+        assert fine.status_code == 201
+    assert len((await client.get("/v1/sessions")).json()["sessions"]) == 2

@@ -27,6 +27,8 @@ class ASGDHyperparameters(Hyperparameters):
     @model_validator(mode="after")
     def _torch_checks(self):
         require_non_negative(self, lr="learning rate", weight_decay="weight_decay value")
+        # beyond torch's checks: with lambd < 0, (1 + lambd·lr·t)^alpha turns negative, then complex
+        require_non_negative(self, lambd="lambd value")
         return self
 
 

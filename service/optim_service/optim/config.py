@@ -108,7 +108,14 @@ class TrainingConfig(BaseModel):
                 if (problem := algorithm.check_shape(param.shape)) is not None:
                     raise ValueError(f"{f'tensor {name!r}' if name else 'the tensor'}: {problem}")
         wide = {k: getattr(self.optimizer, k) for k in algorithm.constructor_wide}
-        return [algorithm.init(p, hp.model_copy(update=wide) if wide else hp) for p, hp in zip(params, hyperparameters)]
+        states = [algorithm.init(p, hp.model_copy(update=wide) if wide else hp) for p, hp in zip(params, hyperparameters)]
+        for name, param, state in zip(names, params, states):
+            for buffer, values in state._asdict().items():  # a buffer starts uniform: its first value says
+                if values is not None and values.size and not np.isfinite(values.flat[0]):
+                    raise ValueError(f"{f'tensor {name!r}' if name else 'the tensor'}: {algorithm.name} starts its "
+                                     f"'{buffer}' at {float(values.flat[0])} in {param.dtype} (a hyperparameter "
+                                     "past the dtype's range); choose one the dtype holds, or float64")
+        return states
 
     def check_schedule(self, step: int) -> None:
         """Refuse now a schedule whose next step (after ``step``) has no finite learning rate, for
