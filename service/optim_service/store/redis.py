@@ -3,8 +3,8 @@ sessions (``redis://host:port/db``, ``redis+cluster://host:port[,host:port...]``
 
 A step's compare-and-set is one Lua script (a script is a transaction): it checks the version and
 the idempotency key's absence, then moves the staged tensors into place and writes record and claim
-with their TTLs together. Every key of a
-session shares the hash tag ``{s:ID}``, so the script stays atomic on Redis Cluster.
+with their TTLs together. Every key of a session shares the hash tag ``{s:ID}``, so the script stays
+atomic on Redis Cluster; a session's data is kept in chunks (``CHUNK_BYTES``) under that tag.
 
 Caps are reservations, each taken by one script on the keys it counts: an owner's sessions and
 their bytes (hash tag ``{o:OWNER}``), then all sessions. A create reserves, then writes the record,
@@ -14,7 +14,8 @@ process killed between a reservation and its record leaves a reservation that co
 expiry: caps err on the side of refusing. The listing index is updated beside the scripts; a crash
 between the two can leave an entry behind, which reads skip and ``sweep`` removes.
 
-Durability is the server's: run Redis with ``appendonly yes`` (docker-compose.yml does).
+Durability is the server's: run Redis with ``appendonly yes`` (docker-compose.yml does); with
+``wait_replicas`` a write is acknowledged once replicas have it too (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
@@ -210,7 +210,7 @@ def primed(cls):
     redis-py 8.1 cluster client failed a quarter of the time here ('NoneType' object has no
     attribute 'writelines', opening connections), and some scripts then ran twice."""
     for name, fn in list(vars(cls).items()):
-        if name.startswith("_") or not asyncio.iscoroutinefunction(fn):
+        if name.startswith("_") or name == "close" or not asyncio.iscoroutinefunction(fn):
             continue
 
         async def method(self, *args, __fn=fn, **kwargs):
