@@ -38,12 +38,12 @@ def reserve(steps: int, tensors: int) -> int:
 
 class Plan(NamedTuple):
     """How a layout's parameters are sampled: every ``stride``-th of them (one run, in creation
-    order), ``samples`` in all; where each tensor's samples start among them; which got any."""
+    order), ``samples`` in all; and where each tensor's samples start among them (a tensor with none
+    shows a ratio of None: nothing moved over nothing)."""
 
     stride: int
     samples: int
     starts: np.ndarray
-    sampled: tuple[bool, ...]
 
 
 @lru_cache(maxsize=1024)
@@ -52,8 +52,7 @@ def _plan(sizes: tuple[int, ...]) -> Plan:
     stride = max(1, math.ceil(total / SAMPLE))
     offsets = np.cumsum((0, *sizes[:-1]))
     starts = -(-offsets // stride)  # the first sampled index at or after each tensor's start
-    ends = -(-(offsets + np.asarray(sizes)) // stride)
-    return Plan(stride, -(-total // stride), starts.astype(np.int64), tuple(bool(e > s) for s, e in zip(starts, ends)))
+    return Plan(stride, -(-total // stride), starts.astype(np.int64))
 
 
 @njit(inline="always")

@@ -174,23 +174,27 @@ class BoundedStore(StoreWrapper):
         return bounded
 
 
+def wrap_methods(cls, around, skip: tuple[str, ...] = ()):
+    """Replace each public coroutine method of ``cls`` (but ``skip``) by ``around(method)``."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or name in skip or not inspect.iscoroutinefunction(fn):
+            continue
+        method = around(fn)
+        method.__name__, method.__doc__ = fn.__name__, fn.__doc__
+        setattr(cls, name, method)
+    return cls
+
+
 def translate_errors(*backend_errors: type[BaseException]):
     """Decorate a store's async methods so its backend's outage errors become ``StoreUnavailable``."""
-    def decorate(cls):
-        for name, fn in list(vars(cls).items()):
-            if name.startswith("_") or not callable(fn):
-                continue
-
-            async def method(self, *args, __fn=fn, **kwargs):
-                try:
-                    return await __fn(self, *args, **kwargs)
-                except backend_errors as e:
-                    raise StoreUnavailable(f"{type(e).__name__}: {e}") from e
-
-            method.__name__, method.__doc__ = fn.__name__, fn.__doc__
-            setattr(cls, name, method)
-        return cls
-    return decorate
+    def around(fn):
+        async def method(self, *args, **kwargs):
+            try:
+                return await fn(self, *args, **kwargs)
+            except backend_errors as e:
+                raise StoreUnavailable(f"{type(e).__name__}: {e}") from e
+        return method
+    return lambda cls: wrap_methods(cls, around)
 
 
 class SessionStore(Protocol):

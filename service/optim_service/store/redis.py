@@ -35,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (
     ANY, HISTORY_DOWNSAMPLE, CapReached, Caps, Claim, OutcomeUnknown, RoundRecord, SessionExists, SessionRecord,
-    record_bytes, translate_errors,
+    record_bytes, translate_errors, wrap_methods,
 )
 
 # The tensors travel to staging keys with plain SETs; the scripts then check and RENAME them into
@@ -209,21 +209,17 @@ def primed(cls):
     client pings every node before any other runs: 40 concurrent first calls on a fresh
     redis-py 8.1 cluster client failed a quarter of the time here ('NoneType' object has no
     attribute 'writelines', opening connections), and some scripts then ran twice."""
-    for name, fn in list(vars(cls).items()):
-        if name.startswith("_") or name == "close" or not asyncio.iscoroutinefunction(fn):
-            continue
-
-        async def method(self, *args, __fn=fn, **kwargs):
-            if not self.__dict__.get("_primed", True):
-                async with self._priming:
-                    if not self._primed:
-                        await self._redis.ping()
+    def around(fn):
+        async def method(self, *args, **kwargs):
+            if self.__dict__.get("_primed") is not True:
+                async with self.__dict__.setdefault("_priming", asyncio.Lock()):
+                    if self.__dict__.get("_primed") is not True:
+                        if isinstance(self._redis, RedisCluster):
+                            await self._redis.ping()
                         self._primed = True
-            return await __fn(self, *args, **kwargs)
-
-        method.__name__, method.__doc__ = fn.__name__, fn.__doc__
-        setattr(cls, name, method)
-    return cls
+            return await fn(self, *args, **kwargs)
+        return method
+    return wrap_methods(cls, around, skip=("close",))
 
 
 def connect(url: str, timeout_seconds: float) -> aioredis.Redis | RedisCluster:
@@ -256,7 +252,6 @@ class RedisStore:
                  timeout_seconds: float = 5.0, wait_replicas: int = 0, chunk_bytes: int = CHUNK_BYTES):
         self._redis = connect(url, timeout_seconds)
         self._cluster = isinstance(self._redis, RedisCluster)
-        self._primed, self._priming = not self._cluster, asyncio.Lock()
         self._ttl = session_ttl_seconds
         self._p = prefix
         self._wait = (wait_replicas, max(1, int(timeout_seconds * 500)))
