@@ -249,3 +249,38 @@ def test_server_sent_events_follow_the_steps(server):
                     break
     assert [e["step"] for e in events] == [2, 3, 4] and events[-1]["loss"] == 0.25
     assert httpx.get(f"{server.url}/v1/sessions/nope/events").status_code == 404
+
+
+@pytest.mark.parametrize("cosine", [-0.9, -0.5, 0.5, 0.9])
+def test_the_sketch_keeps_the_sign_of_the_cosine_between_updates(cosine):
+    """The diagnosis reads a zig-zag from the sketches of consecutive updates: over random pairs of
+    4,000 parameters, the cosine between two count sketches estimates the cosine between the updates
+    (median within 0.1) and has its sign nearly always."""
+    from optim_service import history
+
+    rng = np.random.default_rng(7)
+    start, estimates = np.zeros(4000), []
+    for _ in range(200):
+        u = rng.standard_normal(4000)
+        noise = rng.standard_normal(4000)
+        noise -= (noise @ u) / (u @ u) * u
+        v = cosine * u / np.linalg.norm(u) + np.sqrt(1 - cosine**2) * noise / np.linalg.norm(noise)
+        plan = history._plan((4000,))
+        su, sv = (history._measure(start, d, d[:0], plan.stride, plan.samples, plan.starts)[2:2 + history.SKETCH]
+                  for d in (u, v))
+        estimates.append(su @ sv / np.linalg.norm(su) / np.linalg.norm(sv))
+    assert np.median(estimates) == pytest.approx(cosine, abs=0.1)
+    assert np.mean(np.sign(estimates) == np.sign(cosine)) > 0.9
+
+
+def test_a_line_of_the_dense_sketch_reads_without_its_sketch():
+    """Lines of version 1 held a dense ±1 projection, whose cosines mean nothing against count
+    sketches: they read with their ratios but no ``u``."""
+    from optim_service import history
+
+    line = bytearray(history.entry(3, np.ones(4), np.full(4, 1.5), (4,), loss=0.5, lrs=[0.1], norm=None, clip=None,
+                                   worker=None, skipped=False, grads=np.ones(4)))
+    assert len(history.decode(bytes(line), ["w"])["u"]) == history.SKETCH
+    line[0] = 1
+    old = history.decode(bytes(line), ["w"])
+    assert "u" not in old and old["ratio"]["w"] == pytest.approx(0.5) and old["grad_norm"] == pytest.approx(2.0)

@@ -4,7 +4,7 @@ Each entry holds what the loss-curve lessons read training by: the step, its tim
 client sent, the learning rate each param group used, the gradient norm before clipping and whether
 clipping applied, and per tensor the update-to-parameter RMS ratio (how far a step moves each tensor
 relative to its size: ~1e-3 is the rule of thumb; far below crawls). It also keeps a 16-number
-sketch of the update's direction, so that the diagnosis can tell when successive updates point
+count sketch of the update's direction, so that the diagnosis can tell when successive updates point
 against each other (the zig-zag across a valley) without storing the updates themselves. Ratios and
 sketches come from at most ``SAMPLE`` elements of the parameters, taken at a fixed stride, so a
 step of any size pays a few microseconds for them.
@@ -56,10 +56,8 @@ def _plan(sizes: tuple[int, ...]) -> Plan:
 
 
 @njit(inline="always")
-def _signs(k):
-    """SKETCH pseudo-random bits for sample ``k`` (murmur3's finaliser of k + 1): the row of a fixed
-    ±1 projection, made where it is used. A stored matrix (4,096 × 16 doubles) came cold from memory
-    on every step."""
+def _hash(k):
+    """Pseudo-random bits for sample ``k`` (murmur3's finaliser of k + 1), made where they are used."""
     h = ((k + 1) * 0x9E3779B1) & 0xFFFFFFFF
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & 0xFFFFFFFF
@@ -73,8 +71,10 @@ def _signs(k):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _measure(old, new, grads, stride, samples, starts):
     """Over the samples: per tensor Σ(θ_new − θ_old)², then per tensor Σθ_old², then the update's
-    sketch onto SKETCH ±1 directions (Johnson–Lindenstrauss: cosines between sketches follow cosines
-    between the sampled updates); and last Σg² over every gradient; as one array."""
+    count sketch (each sample added, with a hashed sign, into one of SKETCH hashed buckets: inner
+    products, hence cosines, between sketches estimate those between the sampled updates without
+    bias, at one add per sample where a dense ±1 projection took SKETCH); and last Σg² over every
+    gradient; as one array."""
     tensors, last = starts.size, starts.size - 1
     sums = np.zeros(2 * tensors + SKETCH + 1)
     squares = 0.0
@@ -90,9 +90,8 @@ def _measure(old, new, grads, stride, samples, starts):
         delta = np.float64(new[k * stride]) - before
         sums[t] += delta * delta
         sums[tensors + t] += before * before
-        bits = _signs(k)
-        for j in range(SKETCH):
-            sums[2 * tensors + j] += delta * (1.0 - 2.0 * ((bits >> j) & 1))
+        bits = _hash(k)
+        sums[2 * tensors + (bits & (SKETCH - 1))] += delta * (1.0 - 2.0 * ((bits >> 8) & 1))
     return sums
 
 
@@ -135,6 +134,7 @@ def grad_norm(grads) -> float:
 # Layout (little-endian): HEADER, then one float64 per param group's lr, then the measurements
 # (per tensor Σ(θ_new − θ_old)², per tensor Σθ_old², the SKETCH numbers, Σg²; none when skipped),
 # then the worker's name in UTF-8. A line that starts with "{" is JSON, as earlier versions wrote.
+VERSION = 2  # 1: the sketch was a dense ±1 projection, whose cosines do not mix with count sketches
 HEADER = struct.Struct("<BBHIqddd")  # version, flags, lrs, measurements, step, time, loss, grad_norm
 CLIPPED, SKIPPED, HAS_LOSS, HAS_NORM, HAS_WORKER = 1, 2, 4, 8, 16
 _ONE_LR = struct.Struct("<d")
@@ -154,7 +154,7 @@ def entry(step: int, old: np.ndarray, new: np.ndarray, sizes, *, loss, lrs, norm
     clipped = clip is not None and norm is not None and clip / (norm + 1e-6) < 1.0
     flags = (clipped * CLIPPED | skipped * SKIPPED | (loss is not None) * HAS_LOSS | (norm is not None) * HAS_NORM
              | bool(worker) * HAS_WORKER)
-    head = HEADER.pack(1, flags, len(lrs), count, step, time.time(), 0.0 if loss is None else loss,
+    head = HEADER.pack(VERSION, flags, len(lrs), count, step, time.time(), 0.0 if loss is None else loss,
                        0.0 if norm is None else norm)
     lrs = _ONE_LR.pack(lrs[0]) if len(lrs) == 1 else array("d", lrs).tobytes()
     return b"".join((head, lrs, measured, worker.encode() if worker else b""))
@@ -165,7 +165,7 @@ def decode(raw: bytes, names) -> dict:
     worker and, for a step taken, the update-to-parameter ratio per tensor and the sketch ``u``."""
     if raw[:1] == b"{":
         return orjson.loads(raw)
-    _, flags, groups, count, step, at, loss, norm = HEADER.unpack_from(raw)
+    version, flags, groups, count, step, at, loss, norm = HEADER.unpack_from(raw)
     offset = HEADER.size + 8 * groups
     doc = {"step": step, "time": round(at, 3), "loss": loss if flags & HAS_LOSS else None,
            "lr": array("d", raw[HEADER.size:offset]).tolist(), "grad_norm": norm if flags & HAS_NORM else None,
@@ -175,7 +175,8 @@ def decode(raw: bytes, names) -> dict:
         values = array("d", raw[offset:offset + 8 * count]).tolist()
         tensors = (count - SKETCH - 1) // 2
         doc["ratio"] = {n: _ratio(values[i], values[tensors + i]) for i, n in enumerate(names)}
-        doc["u"] = values[2 * tensors:2 * tensors + SKETCH]
+        if version == VERSION:
+            doc["u"] = values[2 * tensors:2 * tensors + SKETCH]
     return doc
 
 
