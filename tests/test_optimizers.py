@@ -164,3 +164,29 @@ async def test_a_hyperparameter_the_dtype_cannot_hold_as_state_is_refused_at_cre
         fine = await client.post("/v1/sessions", json={"optimizer": optimizer, "dtype": "float64", "params": [1.0]})
         assert fine.status_code == 201
     assert len((await client.get("/v1/sessions")).json()["sessions"]) == 2
+
+
+async def test_asgd_under_a_negative_scheduled_lr_steps_as_torch_does(client):
+    """A cosine schedule with a negative eta_min takes ASGD's lr below 0, and its step size
+    lr/(1 + λ·lr·t)^α then raises a negative number to a fractional power: a complex number in
+    Python (once a 500 here), whose real part torch keeps in its eta tensor. So do we."""
+    sid = (await client.post("/v1/sessions", json={
+        "optimizer": {"type": "asgd", "lr": 0.0, "lambd": 1.0, "alpha": 0.5}, "dtype": "float64",
+        "params": [1.0, -2.0], "schedule": {"type": "cosine", "T_max": 1, "eta_min": -2.0}})).json()["id"]
+    torch.set_default_dtype(torch.float64)  # where torch keeps eta, as the session keeps it in its dtype
+    try:
+        p = torch.tensor([1.0, -2.0], requires_grad=True)
+        opt = torch.optim.ASGD([p], lr=0.0, lambd=1.0, alpha=0.5)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1, eta_min=-2.0)
+        for _ in range(4):  # lr 0, -2, 0, -2: the last eta is a complex number's real part
+            p.grad = torch.tensor([0.5, -0.25])
+            opt.step()
+            scheduler.step()
+            answer = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5, -0.25]})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["params"] == p.tolist()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    state = (await client.get(f"/v1/sessions/{sid}/state")).json()["state"]["buffers"]
+    eta = np.frombuffer(base64.b64decode(state["eta"]["b64"]), np.float64)
+    assert eta.tobytes() == opt.state[p]["eta"].numpy().tobytes() and eta[0] != 0

@@ -51,7 +51,10 @@ def update(param, grad, state: ASGDState, hp: ASGDHyperparameters, step: int) ->
         state.ax[...] += (param - state.ax) * state.mu
     else:
         state.ax[...] = param
-    state.eta[...] = hp.lr / ((1 + hp.lambd * hp.lr * step) ** hp.alpha)
+    eta = hp.lr / (1 + hp.lambd * hp.lr * step) ** hp.alpha
+    # complex when a schedule's negative lr takes the base below 0: torch copies it into its real
+    # eta tensor, keeping the real part
+    state.eta[...] = eta.real if isinstance(eta, complex) else eta
     state.mu[...] = 1 / max(1, step - hp.t0)
 
 
