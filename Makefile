@@ -37,4 +37,5 @@ bench: $(VENV)/.test-deps
 	cd bench && ../$(BIN)/python instructions.py
 	cd bench && ../$(BIN)/python rounds.py
 	cd bench && ../$(BIN)/python threads.py
+	cd bench && ../$(BIN)/python shm.py
 	cd bench && ../$(BIN)/python parity.py

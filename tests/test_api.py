@@ -395,7 +395,8 @@ async def test_health_docs_and_unknown_routes(client):
     spec = (await client.get("/openapi.json")).json()
     assert "CreateSession" in spec["components"]["schemas"]
     step_body = spec["paths"]["/v1/sessions/{session_id}/step"]["post"]["requestBody"]["content"]
-    assert set(step_body) == {"application/json", "application/octet-stream", "application/vnd.safetensors"}
+    assert set(step_body) == {"application/json", "application/octet-stream", "application/vnd.safetensors",
+                              "application/vnd.optim.shm+json"}
     assert (await client.get("/docs")).status_code == 200
     assert_problem(await client.get("/v1/nothing"), 404)
     assert_problem(await client.put("/v1/sessions"), 405)

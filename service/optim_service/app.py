@@ -21,15 +21,16 @@ from .api import problems
 from .api.auth import KeyRing
 from .api.limits import BodyLimitMiddleware
 from .api.responses import JSONResponse
-from .api.routers import health, optimizers, sessions
+from .api.routers import health, optimizers, sessions, shm
 from .api.steplane import StepLane
 from .api.routers import metrics as metrics_router
-from .api.schemas import DOCUMENTED, CreateSession, StepRequest
+from .api.schemas import DOCUMENTED, CreateSession, RegionCreate, SharedMemoryStep, StepRequest
 from .optim.config import warm_kernels
 from .observability import MeteredStore, Metrics, RequestContextMiddleware
 from .ratelimit import Unlimited, open_limiter
 from .sessions import KERNEL_THREAD, SessionService
 from .settings import Settings
+from .shm import Regions
 from .store import StoreUnavailable, open_store, redact
 
 logger = logging.getLogger("optim_service")
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             await app.state.limiter.close()
             await store.close()
+            app.state.regions.close()
 
     outer = [Middleware(RequestContextMiddleware, metrics=metrics)]  # outermost: sees every answer
     if settings.cors_origins:
@@ -99,7 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = keys
     app.state.metrics = metrics
     problems.install(app)
-    for module in (sessions, optimizers):
+    app.state.regions = Regions(settings.shm_dir, settings.shm, settings.shm_regions_per_key)
+    for module in (sessions, optimizers, shm):
         app.include_router(module.router)  # each route authenticates through its Caller
     app.include_router(health.router)
     if settings.expose_metrics:
@@ -186,7 +189,7 @@ def _document_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = base()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CreateSession, StepRequest, *DOCUMENTED):
+            for model in (CreateSession, StepRequest, SharedMemoryStep, RegionCreate, *DOCUMENTED):
                 doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(doc.pop("$defs", {}))
                 components[model.__name__] = doc

@@ -89,6 +89,9 @@ def _serve(args) -> int:
     if settings.workers > 1 and settings.store == "memory":
         return _fail("the memory store lives inside one process, so --workers > 1 would give each worker "
                      "its own sessions; use --store sqlite:///path or redis://...")
+    if settings.workers > 1 and settings.shm:
+        return _fail("OPTIM_SHM: a shared-memory region is registered with one process, so it needs --workers 1 "
+                     "(each worker would know only the regions registered with it)")
 
     import uvicorn
 

@@ -68,3 +68,19 @@ class UnsupportedMediaType(OptimServiceError):
 
 class NotAcceptable(OptimServiceError):
     title = "Not acceptable"
+
+
+class RegionNotFound(OptimServiceError):
+    title = "Shared-memory region not found"
+
+
+class RegionExists(OptimServiceError):
+    title = "Shared-memory region already registered"
+
+
+class FeatureOff(OptimServiceError):
+    title = "Turned off on this server"
+
+
+class AnswerUndelivered(OptimServiceError):
+    title = "Step applied, answer not delivered"

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
 
     rollback_snapshots: int = Field(0, ge=0, le=1000, description="snapshots of the last steps each session keeps "
                                     "for POST .../rollback, unless it says (rollback_snapshots at create); 0 off")
+    shm: bool = Field(False, description="shared-memory regions (POST /v1/shm/regions): steps whose gradients and "
+                      "answer pass through /dev/shm, for clients on this host; one worker process only")
+    shm_dir: Path = Field(Path("/dev/shm"), description="where region keys name files")
+    shm_regions_per_key: int = Field(64, ge=1, description="regions one API key may hold registered")
     history_steps: int = Field(10_000, ge=0, description="steps of history kept per session (older ones "
                                "downsampled to every 10th, as many again); 0 off")
     diagnosis_window: int = Field(50, ge=5, description="steps the diagnosis reads")

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from . import _wire
+from . import _shm, _wire
 from ._transport import WRITABLE_BODY, AsyncHTTPClientTransport, HTTPClientTransport
-from .errors import APIConnectionError, APITimeoutError, for_status
+from .errors import APIConnectionError, APIStatusError, APITimeoutError, OptimError, for_status
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -234,7 +234,18 @@ class Session(_SessionBase):
         """Apply one optimizer step; returns the new params (numpy, mirroring what was sent). A named
         tensor's gradient may be None: that tensor skips this step, as in torch. On an asynchronous
         session the push states ``base_step`` (default: the step of the params last received)."""
-        return self._take(self._client._send(_step_call(self, gradients, loss, self._push_fields(base_step))))
+        fields = self._push_fields(base_step)
+        regions = self._client._regions(self)
+        if regions is not None:
+            _, arrays = _wire.as_arrays(gradients, self.layout)
+            if all(a is not None for a in arrays):  # a tensor without a gradient needs JSON's null
+                call = _Call("POST", f"/v1/sessions/{self.id}/step", content=[memoryview(
+                    regions.step_body(arrays, loss, fields))], headers={
+                    "Idempotency-Key": uuid.uuid4().hex, "Content-Type": _shm.MEDIA_TYPE})
+                self.step_count = self._client._send(call)["step"]
+                self._params = regions.params()
+                return self.params
+        return self._take(self._client._send(_step_call(self, gradients, loss, fields)))
 
     def contribute(self, gradients, worker: str, *, weight: float | None = None, round: int | None = None,
                    loss: float | None = None, wait: float | None = None):
@@ -258,6 +269,7 @@ class Session(_SessionBase):
 
     def delete(self) -> None:
         self._client._send(_Call("DELETE", f"/v1/sessions/{self.id}"))
+        self._client._drop_regions(self.id)
 
 
 class AsyncSession(_SessionBase):
@@ -286,9 +298,46 @@ class OptimClient(_Base):
     """``with OptimClient("http://127.0.0.1:8000") as client: session = client.create_session(...)``."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
-                 timeout: float = 60.0, max_retries: int = 3, transport: httpx.BaseTransport | None = None):
+                 timeout: float = 60.0, max_retries: int = 3, transport: httpx.BaseTransport | None = None,
+                 shared_memory: bool = False):
+        """``shared_memory=True``: on a server of this host with regions on (``OPTIM_SHM``), steps
+        pass gradients and params through /dev/shm instead of the socket; elsewhere, or where the
+        server refuses a region, they go over the wire (``shared_memory_refused`` says why)."""
         super().__init__(base_url, api_key, timeout, max_retries)
         self._http = httpx.Client(**self._http_options(), transport=transport or HTTPClientTransport())
+        self.shared_memory = shared_memory
+        self.shared_memory_refused: str | None = None
+        self._shared: dict[str, _shm.SessionRegions] = {}
+
+    def _regions(self, session: "Session") -> _shm.SessionRegions | None:
+        """The session's regions, registered on first use; None to step over the wire."""
+        if not self.shared_memory or self.shared_memory_refused or session.layout.wire:
+            return None
+        regions = self._shared.get(session.id)
+        if regions is None:
+            regions = _shm.SessionRegions(session.layout)
+            try:
+                for registration in regions.registrations():
+                    self._send(_Call("POST", "/v1/shm/regions", json=registration, retry_safe=False))
+            except APIStatusError as e:  # off (403), or the server cannot see this host's files (422)
+                self.shared_memory_refused = str(e)
+                self._unregister(regions)
+                return None
+            self._shared[session.id] = regions
+        return regions
+
+    def _unregister(self, regions: _shm.SessionRegions) -> None:
+        for name in regions.names:
+            try:
+                self._send(_Call("DELETE", f"/v1/shm/regions/{name}"))
+            except OptimError:  # never registered, or the server is gone: the files go anyway
+                pass
+        regions.close()
+
+    def _drop_regions(self, session_id: str) -> None:
+        regions = self._shared.pop(session_id, None)
+        if regions is not None:
+            self._unregister(regions)
 
     def _send(self, call: _Call):
         for attempt in range(self.max_retries + 1):
@@ -335,6 +384,8 @@ class OptimClient(_Base):
         return self._send(_Call("GET", "/v1/optimizers"))
 
     def close(self) -> None:
+        for session_id in list(self._shared):
+            self._drop_regions(session_id)
         self._http.close()
 
     def __enter__(self) -> "OptimClient":

@@ -28,6 +28,10 @@ STATUS: dict[type[errors.OptimServiceError], int] = {
     errors.RateLimited: 429,
     errors.UnsupportedMediaType: 415,
     errors.NotAcceptable: 406,
+    errors.RegionNotFound: 404,
+    errors.RegionExists: 409,
+    errors.FeatureOff: 403,
+    errors.AnswerUndelivered: 409,
 }
 PROBLEM = "application/problem+json"
 

@@ -86,6 +86,53 @@ class StepRequest(BaseModel):
                                     "computed on (async)")] | None = None
 
 
+class RegionRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    region: Annotated[str, Field(min_length=1, max_length=128, description="a registered region's name")]
+    offset: Annotated[int, Field(ge=0, strict=True, description="bytes into the region")] = 0
+    byte_size: Annotated[int, Field(ge=1, strict=True, description="default: the session's parameters' bytes "
+                                    "(for gradients, the rest of the region)")] | None = None
+
+
+class SharedMemoryStep(BaseModel):
+    """A step whose gradients lie in a shared-memory region (every tensor's values concatenated in
+    creation order, little-endian, in the session's dtype: the binary body's layout), and whose
+    answer may be written into one (``params``) instead of the body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gradients: RegionRef
+    params: RegionRef | None = None
+    loss: Annotated[Float, Field(allow_inf_nan=False)] | None = None
+    worker: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    weight: Annotated[Float, Field(gt=0, allow_inf_nan=False)] | None = None
+    round: Annotated[int, Field(ge=0, strict=True)] | None = None
+    base_step: Annotated[int, Field(ge=0, strict=True)] | None = None
+
+
+class RegionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=128, description="what steps call it")]
+    key: Annotated[str, Field(min_length=1, max_length=256, description="the /dev/shm file, as shm_open names "
+                              "it ('/name')")]
+    offset: Annotated[int, Field(ge=0, strict=True, description="where the region starts in the file")] = 0
+    byte_size: Annotated[int, Field(ge=1, strict=True)]
+
+
+class RegionInfo(BaseModel):
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+class RegionStatus(RegionInfo):
+    status: Literal["ready", "short"] = Field(description="short: its file was shrunk below the region")
+    file_bytes: int
+
+
 EXAMPLE_CREATE = {
     "optimizer": {"type": "adam", "lr": 0.001},
     "params": {"w": [[0.5, -0.2], [0.1, 0.3]], "b": [0.0, 0.0]},
@@ -213,7 +260,8 @@ STEP_PROBLEMS = {
     406: _problem("Accept names neither JSON nor octet-stream"),
     409: _problem("an Idempotency-Key's answer is gone, or the session kept changing"),
     412: _problem("If-Match names another step"),
-    415: _problem("Content-Type is not JSON, octet-stream or safetensors"),
+    403: _problem("a shared-memory step on a server with regions off (OPTIM_SHM)"),
+    415: _problem("Content-Type is not JSON, octet-stream, safetensors or the shared-memory step's"),
 }
 
 

@@ -24,15 +24,19 @@ import orjson
 
 from ..rounds import Contribution
 from ..sessions import StepResult, body_digest
-from .codecs import BINARY, CODECS, negotiate
+from ..errors import AnswerUndelivered
+from .codecs import BINARY, CODECS, StepBody, negotiate
 from .codecs.dtypes import WIRE_DTYPE_HEADER
+from .codecs.octet_stream import decode_binary
 from .deps import Tenant, caller_of
-from .negotiation import (contribution_headers, dry_run_asked, idempotency_key, if_match, prefers_wait, read_body,
-                          require_content_type)
+from .negotiation import (contribution_headers, dry_run_asked, idempotency_key, if_match, parse_json, prefers_wait,
+                          read_body, require_content_type)
+from .schemas import SharedMemoryStep
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
+SHARED_MEMORY = "application/vnd.optim.shm+json"  # gradients and answer in registered regions (shm.py)
 WIRE_FORMATS = {"application/json": "json", "application/octet-stream": "binary",
-                "application/vnd.safetensors": "safetensors"}  # the metrics' label
+                "application/vnd.safetensors": "safetensors", SHARED_MEMORY: "shm"}  # the metrics' label
 
 
 class StepLane:
@@ -79,7 +83,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     """Read a step in any codec's format, apply it through the session service, and answer it in
     the format ``Accept`` asks."""
     started = time.perf_counter()
-    ctype = require_content_type(headers.get("content-type"), *CODECS)
+    ctype = require_content_type(headers.get("content-type"), *CODECS, SHARED_MEMORY)
     answer = negotiate(headers.get("accept"), headers.get(WIRE_DTYPE_HEADER))  # refuse a bad Accept before anything
     dry_run = bool(query) and dry_run_asked(query)
     key = None if dry_run else idempotency_key(headers.get("idempotency-key"))
@@ -90,7 +94,10 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     wait = prefers_wait(headers.get("prefer"))
     said = contribution_headers(headers)
     body = await read_body(length, receive, into=memory)
-    request = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth)
+    if ctype == SHARED_MEMORY:
+        request, into_region, memory = read_shared_step(body, caller, session_id, state)
+    else:
+        request, into_region = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth), None
     said.update(request.contribution)  # the body's own fields win over headers
     idempotency = (key, body_digest(ctype + "".join(f";{k}={v}" for k, v in sorted(said.items())), body)) if key else None
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
@@ -118,10 +125,41 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         extra |= {"lr_scale": result.lr_scale, "staleness": result.staleness}
     if result.round is not None:
         extra["round"] = result.round
-    content = answer.codec.write_params(session, answer.wire, request.encodings, extra)
-    out += [*answer.headers(), (b"content-type", answer.codec.media_type.encode()),
-            (b"content-length", b"%d" % len(content))]
+    if into_region is not None:  # the params into the client's region, and only where they went in the body
+        try:
+            written = state.regions.write(caller.owner, into_region, session.params_bytes())
+        except OSError as e:  # e.g. /dev/shm full: the step stands, its answer can be asked again
+            raise AnswerUndelivered(
+                f"step {session.step} was applied, but its params could not be written into region "
+                f"{into_region['region']!r} ({e.strerror}): make room and repeat the request with the same "
+                "Idempotency-Key to have them written") from None
+        content = orjson.dumps({"step": session.step, "params": written, **extra})
+        out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+    else:
+        content = answer.codec.write_params(session, answer.wire, request.encodings, extra)
+        out += [*answer.headers(), (b"content-type", answer.codec.media_type.encode()),
+                (b"content-length", b"%d" % len(content))]
     return StepReply(out, content, lambda: _observe(state.metrics, result, WIRE_FORMATS[ctype], started))
+
+
+def read_shared_step(body, caller: Tenant, session_id: str, state: State):
+    """A step whose gradients lie in a registered region: they are read (into the step's working
+    copy where the binary path would read its body) before anything else, and the region its answer
+    should go into is checked now, so that a bad one refuses the step rather than lose its answer.
+    Returns the step's body, that region's reference (None: answer in the body) and the memory the
+    gradients were read into (None: their own)."""
+    req = parse_json(body, SharedMemoryStep, "gradients", state.settings.max_json_depth)
+    regions, owner = state.regions, caller.owner
+    grads_ref = req.gradients.model_dump()
+    _, _, size = regions.span(owner, grads_ref, None, "gradients")
+    into = req.params.model_dump() if req.params is not None else None
+    if into is not None:
+        regions.span(owner, into, size, "params")  # the params take as many bytes as the gradients
+    memory = caller.sessions.binary_memory(owner, session_id, size)
+    grads = regions.read(owner, grads_ref, memory, state.settings.max_body_bytes)
+    said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
+    step = StepBody(lambda session: decode_binary(grads, session.layout), req.loss, {}, said)
+    return step, into, memory if memory is not None and len(memory) >= size else None
 
 
 def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:

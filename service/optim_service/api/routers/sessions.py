@@ -23,7 +23,7 @@ from ..codecs import checkpoint
 from ..codecs.dtypes import WIRE_DTYPE_HEADER
 from ...sessions import body_digest
 from ..negotiation import BINARY, idempotency_key, parse_json, prefers_minimal, read_body, require_content_type
-from ..steplane import serve_step
+from ..steplane import SHARED_MEMORY, serve_step
 from ..responses import JSONResponse
 from ..schemas import (
     EXAMPLE_CREATE,
@@ -158,7 +158,8 @@ def _decode_buffers(value, layout: Layout, algorithm: Optimizer) -> list[dict]:
 @router.post("/{session_id}/step", openapi_extra={"requestBody": {"required": True, "content": {
     JSON: {"schema": {"$ref": "#/components/schemas/StepRequest"}, "example": EXAMPLE_STEP},
     BINARY: {"schema": {"type": "string", "format": "binary"}},
-    SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}}}},
+    SAFETENSORS: {"schema": {"type": "string", "format": "binary"}},
+    SHARED_MEMORY: {"schema": {"$ref": "#/components/schemas/SharedMemoryStep"}}}}},
     responses={**answers(StepAnswer, binary=True), **answers(RoundInfo, status=202), **STEP_PROBLEMS},
     summary="Apply one optimizer step and return the updated parameters")
 async def step(

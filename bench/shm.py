@@ -1,0 +1,56 @@
+"""A float32 Adam step through the Python SDK over shared memory (``OptimClient(...,
+shared_memory=True)`` against a server with ``OPTIM_SHM=true``), against the same step over the
+wire and torch's fused Adam step in this process, timed alternately.
+
+    python bench/shm.py [--repeat N]
+
+Target: at 10M, ≤ 3× torch's local fused step. The step through shared memory still copies the
+gradients in and the params out on each side (the server reads and writes its regions with
+pread/pwrite, never a mapping a client could shrink under it): four copies of 40 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from common import Server, paired_ms, row
+from optim_client import OptimClient
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    server = Server("service", env={"OPTIM_SHM": "true"})
+    print("| float32 Adam step | ours | floor | floor value | ratio | target | |")
+    print("|---|---:|---|---:|---:|---|---|")
+    try:
+        with OptimClient(server.url, timeout=120, shared_memory=True) as shm, OptimClient(server.url, timeout=120) as wire:
+            for n, target in ((10_000_000, 3.0), (1_000_000, None), (100, None)):
+                grads = {"w": np.full(n, 0.5, np.float32)}
+                by_shm = shm.create_session({"w": np.zeros(n, np.float32)}, "adam", lr=1e-3)
+                by_wire = wire.create_session({"w": np.zeros(n, np.float32)}, "adam", lr=1e-3)
+                p = torch.zeros(n, requires_grad=True)
+                p.grad = torch.full((n,), 0.5)
+                fused = torch.optim.Adam([p], lr=1e-3, fused=True)
+                repeat = args.repeat if n > 1000 else 20 * args.repeat
+                ours, floor = paired_ms(lambda: by_shm.step(grads), fused.step, repeat)
+                over_wire, _ = paired_ms(lambda: by_wire.step(grads), fused.step, repeat)
+                assert shm.shared_memory_refused is None, shm.shared_memory_refused
+                label = f"{n:,}"
+                print(row(f"{label}, SDK over shared memory", ours, "torch fused, local", floor, target))
+                print(row(f"{label}, SDK over the wire (binary)", over_wire, "torch fused, local", floor, None))
+                by_shm.delete()
+                by_wire.delete()
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

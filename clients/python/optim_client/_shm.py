@@ -1,0 +1,60 @@
+"""Steps through shared memory, for a client on the server's host (``OptimClient(...,
+shared_memory=True)``): each session gets two files of ``/dev/shm``, one its gradients are copied
+into and one the server writes its new params into, registered with ``POST /v1/shm/regions``. A
+step then sends a few dozen bytes of JSON naming them, instead of the arrays both ways."""
+
+from __future__ import annotations
+
+import uuid
+from multiprocessing import shared_memory
+
+import numpy as np
+import orjson
+
+from . import _wire
+
+MEDIA_TYPE = "application/vnd.optim.shm+json"
+
+
+class SessionRegions:
+    """A session's two regions: ``grads`` (in) and ``params`` (out), each as long as its parameters."""
+
+    def __init__(self, layout: _wire.Layout):
+        self.layout = layout
+        self.dtype = _wire.np_dtype(layout.dtype)
+        self.nbytes = sum(layout.sizes) * self.dtype.itemsize
+        tag = uuid.uuid4().hex[:12]
+        self.names = (f"g-{tag}", f"p-{tag}")
+        self.files: list[shared_memory.SharedMemory] = []
+        for _ in self.names:
+            self.files.append(shared_memory.SharedMemory(create=True, size=self.nbytes))
+
+    def registrations(self) -> list[dict]:
+        return [{"name": name, "key": "/" + f.name, "byte_size": self.nbytes} for name, f in zip(self.names, self.files)]
+
+    def step_body(self, arrays: list[np.ndarray], loss: float | None, fields: dict) -> bytes:
+        """Copies the gradients into the gradients' region; the step's JSON body naming both."""
+        flat = np.frombuffer(self.files[0].buf, self.dtype, sum(self.layout.sizes))
+        offset = 0
+        for array, size in zip(arrays, self.layout.sizes):
+            np.copyto(flat[offset:offset + size], array.reshape(-1), casting="same_kind")
+            offset += size
+        body = {"gradients": {"region": self.names[0]}, "params": {"region": self.names[1]}, **fields}
+        if loss is not None:
+            body["loss"] = float(loss)
+        return orjson.dumps(body)
+
+    def params(self) -> list[np.ndarray]:
+        """The params the server wrote, copied out (the region is written over by the next step) into
+        numpy's memory: a large array of it is faulted in 2 MB at a time, a bytearray 4 KB (4× slower)."""
+        return _wire.from_binary(np.frombuffer(self.files[1].buf, self.dtype, sum(self.layout.sizes)).copy(),
+                                 self.layout)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+        self.files = []

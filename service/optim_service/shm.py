@@ -1,0 +1,161 @@
+"""Shared-memory regions, as NVIDIA Triton's system shared-memory extension has them: a client on
+this host registers a file of ``/dev/shm`` (a name, the file's key, an offset and a byte size), then
+names a region and an offset where a step's gradients lie, and where its answer should go, instead
+of sending the bytes through a socket.
+
+A region is read and written with ``pread``/``pwrite`` on a descriptor opened at registration,
+never mapped: a client that shrinks its file under a mapping would crash the server (SIGBUS),
+while a short read is a 422. Regions belong to the API key that registered them, live in this
+process (hence one worker), and are closed by unregistering or when the server stops.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import FeatureOff, InvalidRequest, RegionExists, RegionNotFound, TooManySessions
+
+KEY = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # one name in the directory: no path, no dotfile
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+class Region(NamedTuple):
+    name: str
+    key: str
+    offset: int  # where the region starts in its file
+    byte_size: int
+    fd: int
+
+    def document(self) -> dict:
+        return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+
+class Regions:
+    """The registered regions of every API key (``None`` when keys are off)."""
+
+    def __init__(self, directory: Path, enabled: bool, per_owner: int):
+        self.directory, self.enabled, self.per_owner = Path(directory), enabled, per_owner
+        self._owned: dict[str | None, dict[str, Region]] = {}
+
+    def _check_on(self) -> None:
+        if not self.enabled:
+            raise FeatureOff("shared-memory regions are off on this server: start it with OPTIM_SHM=true "
+                             "(for clients on the same host), or send the gradients in the body")
+
+    def register(self, owner: str | None, name: str, key: str, offset: int, byte_size: int) -> Region:
+        self._check_on()
+        if not NAME.fullmatch(name):
+            raise InvalidRequest(f"region name {name!r}: 1-128 letters, digits, '.', '_' or '-'")
+        if not KEY.fullmatch(key):
+            raise InvalidRequest(f"key {key!r} must name one file of {self.directory} (as shm_open takes it, "
+                                 "'/name'): letters, digits, '.', '_' or '-', no path")
+        if offset < 0 or byte_size < 1:
+            raise InvalidRequest("offset must be ≥ 0 and byte_size ≥ 1")
+        owned = self._owned.setdefault(owner, {})
+        if name in owned:
+            raise RegionExists(f"region {name!r} is already registered: DELETE /v1/shm/regions/{name} first, "
+                               "or choose another name")
+        if len(owned) >= self.per_owner:
+            raise TooManySessions(f"this API key holds {len(owned)} regions, the most it may: unregister one first")
+        path = self.directory / key.lstrip("/")
+        try:  # no symlink followed: the key names the file itself
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise InvalidRequest(f"no file {path} on the server's host: create it first (shm_open, or Python's "
+                                 "multiprocessing.shared_memory), on the same host as the server") from None
+        except OSError as e:
+            raise InvalidRequest(f"cannot open {path} for reading and writing: {e.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidRequest(f"{path} is not a regular file")
+            for other, regions in self._owned.items():  # one key's live region is not another's to read
+                if other != owner and any(_same_file(r.fd, info) for r in regions.values()):
+                    raise RegionExists(f"{path} is registered by another API key")
+            if info.st_size < offset + byte_size:
+                raise InvalidRequest(f"{path} holds {info.st_size} bytes; offset {offset} + byte_size {byte_size} "
+                                     f"needs {offset + byte_size}")
+        except BaseException:
+            os.close(fd)
+            raise
+        owned[name] = region = Region(name, key, offset, byte_size, fd)
+        return region
+
+    def get(self, owner: str | None, name: str) -> Region:
+        self._check_on()
+        region = self._owned.get(owner, {}).get(name)
+        if region is None:
+            raise RegionNotFound(f"no region {name!r} is registered with this API key: POST /v1/shm/regions first")
+        return region
+
+    def list(self, owner: str | None) -> list[Region]:
+        self._check_on()
+        return list(self._owned.get(owner, {}).values())
+
+    def status(self, owner: str | None, name: str) -> dict:
+        """The region, and whether its file still holds it (``"ready"``) or was shrunk (``"short"``)."""
+        region = self.get(owner, name)
+        size = os.fstat(region.fd).st_size
+        return {**region.document(), "status": "ready" if size >= region.offset + region.byte_size else "short",
+                "file_bytes": size}
+
+    def unregister(self, owner: str | None, name: str) -> None:
+        region = self.get(owner, name)
+        del self._owned[owner][name]
+        os.close(region.fd)
+
+    def close(self) -> None:
+        for owned in self._owned.values():
+            for region in owned.values():
+                os.close(region.fd)
+        self._owned.clear()
+
+    def span(self, owner: str | None, ref: dict, nbytes: int | None, what: str) -> tuple[Region, int, int]:
+        """The region a reference names, where in its file the bytes start, and how many: ``nbytes``,
+        else the reference's ``byte_size``, else the rest of the region."""
+        region = self.get(owner, ref["region"])
+        offset = ref.get("offset", 0)
+        size = nbytes if nbytes is not None else ref.get("byte_size") or region.byte_size - offset
+        if ref.get("byte_size") is not None and ref["byte_size"] != size:
+            raise InvalidRequest(f"{what}: byte_size {ref['byte_size']} but the session's parameters take {size} bytes")
+        if offset < 0 or offset + size > region.byte_size:
+            raise InvalidRequest(f"{what}: {size} bytes at offset {offset} do not fit region {region.name!r} "
+                                 f"of {region.byte_size} bytes")
+        start = region.offset + offset
+        have = os.fstat(region.fd).st_size
+        if have < start + size:
+            raise InvalidRequest(f"{what}: the file of region {region.name!r} was shrunk to {have} bytes; it "
+                                 f"needs {start + size}. Nothing was changed: re-create and re-register it")
+        return region, start, size
+
+    def read(self, owner: str | None, ref: dict, into: np.ndarray | None, limit: int) -> memoryview:
+        """The bytes a reference names, read into ``into`` (uint8, long enough) or fresh memory."""
+        region, start, size = self.span(owner, ref, None, "gradients")
+        if size > limit:
+            raise InvalidRequest(f"gradients: {size} bytes, over this server's limit of {limit} per step")
+        buffer = memoryview(into)[:size] if into is not None and len(into) >= size else memoryview(bytearray(size))
+        got = os.preadv(region.fd, [buffer], start)
+        if got != size:  # shrunk between the check and the read
+            raise InvalidRequest(f"gradients: region {region.name!r} gave {got} of {size} bytes (its file was "
+                                 "shrunk); nothing was changed")
+        return buffer
+
+    def write(self, owner: str | None, ref: dict, data) -> dict:
+        """``data`` written where a reference names; the reference as the answer states it."""
+        data = memoryview(data).cast("B")
+        region, start, size = self.span(owner, ref, len(data), "params")
+        written = os.pwritev(region.fd, [data], start)
+        if written != size:
+            raise InvalidRequest(f"params: region {region.name!r} took {written} of {size} bytes")
+        return {"region": region.name, "offset": ref.get("offset", 0), "byte_size": size}
+
+
+def _same_file(fd: int, info: os.stat_result) -> bool:
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (info.st_dev, info.st_ino)

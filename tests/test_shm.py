@@ -1,0 +1,239 @@
+"""Shared-memory regions (``OPTIM_SHM``): a step whose gradients lie in a registered /dev/shm region,
+and whose answer goes into one, is the binary step bit for bit on every store; every bad region is
+a 4xx that changes nothing; regions belong to their API key; the SDK uses them when asked and
+falls back to the wire when the server refuses."""
+
+from __future__ import annotations
+
+import os
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from conftest import ServerProcess
+from optim_service.app import create_app
+from optim_service.settings import Settings
+
+SHM = "application/vnd.optim.shm+json"
+KEY_A, KEY_B = "a" * 32, "b" * 32
+
+
+@pytest.fixture
+def files():
+    """Regions' files, unlinked at the end whatever the test did to them."""
+    made: list[shared_memory.SharedMemory] = []
+
+    def make(nbytes: int) -> shared_memory.SharedMemory:
+        made.append(shared_memory.SharedMemory(create=True, size=nbytes))
+        return made[-1]
+
+    yield make
+    for f in made:
+        try:
+            f.close()
+        except BufferError:  # a failed test's traceback still holds a view of it
+            pass
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def serve(tmp_path, store: str = "memory", **settings):
+    url = {"memory": "memory", "sqlite": f"sqlite:///{tmp_path}/shm.db"}.get(store, store)
+    app = create_app(Settings(store=url, **settings))
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    return app, lifespan, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def client(request, tmp_path):
+    store = request.param
+    if store == "redis":
+        store = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(store).flushdb()
+    app, lifespan, client = await serve(tmp_path, store, shm=True)
+    yield client
+    await client.aclose()
+    await lifespan.__aexit__(None, None, None)
+
+
+async def session(client, params: np.ndarray) -> str:
+    answer = await client.post("/v1/sessions", json={"optimizer": {"type": "adam", "lr": 0.05, "weight_decay": 0.01},
+                                                     "dtype": "float32", "params": {"w": params[:6].reshape(2, 3).tolist(),
+                                                                                    "b": params[6:].tolist()}})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["id"]
+
+
+async def register(client, name: str, f: shared_memory.SharedMemory, byte_size: int, **extra):
+    return await client.post("/v1/shm/regions", json={"name": name, "key": "/" + f.name, "byte_size": byte_size,
+                                                      **extra}, headers=extra.pop("headers", None) or {})
+
+
+async def test_a_shared_memory_step_is_the_binary_step_bit_for_bit(client, files):
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal(9).astype(np.float32)
+    wire, shared = await session(client, start), await session(client, start)
+    grads_file, params_file = files(36), files(64)
+    assert (await register(client, "g", grads_file, 36)).status_code == 201
+    assert (await register(client, "p", params_file, 48, offset=8)).status_code == 201
+    listed = (await client.get("/v1/shm/regions")).json()
+    assert {r["name"] for r in listed} == {"g", "p"} and (await client.get("/v1/shm/regions/p")).json()["status"] == "ready"
+    grads_view = np.frombuffer(grads_file.buf, np.float32, 9)
+    for t in range(6):
+        grads = rng.standard_normal(9).astype(np.float32)
+        by_wire = await client.post(f"/v1/sessions/{wire}/step", content=grads.tobytes(), headers={
+            "Content-Type": "application/octet-stream", "Accept": "application/octet-stream"})
+        grads_view[:] = grads
+        body = {"gradients": {"region": "g"}, "loss": 1.0 / (t + 1)}
+        if t % 2 == 0:  # the answer into a region (at an offset into it), or in the body
+            body["params"] = {"region": "p", "offset": 4}
+        answer = await client.post(f"/v1/sessions/{shared}/step", json=body, headers={"Content-Type": SHM})
+        assert answer.status_code == 200, answer.text
+        if t % 2 == 0:
+            assert answer.json()["params"] == {"region": "p", "offset": 4, "byte_size": 36}
+            got = np.frombuffer(params_file.buf, np.float32, 9, offset=12).tobytes()
+        else:
+            got = np.concatenate([np.ravel(answer.json()["params"][n]) for n in ("w", "b")]).astype(np.float32).tobytes()
+        assert got == by_wire.content
+    a, b = [(await client.get(f"/v1/sessions/{s}/state")).json() for s in (wire, shared)]
+    assert a == b and (await client.get(f"/v1/sessions/{shared}")).json()["step"] == 6
+    history = (await client.get(f"/v1/sessions/{shared}/history")).json()["history"]
+    assert [h["loss"] for h in history] == [1.0 / (t + 1) for t in range(6)]
+
+
+async def test_a_retried_step_is_applied_once_and_answered_again(client, files):
+    sid = await session(client, np.ones(9, np.float32))
+    grads_file, params_file = files(36), files(36)
+    await register(client, "g", grads_file, 36)
+    await register(client, "p", params_file, 36)
+    np.frombuffer(grads_file.buf, np.float32)[:] = 0.5
+    body = {"gradients": {"region": "g"}, "params": {"region": "p"}}
+    first = await client.post(f"/v1/sessions/{sid}/step", json=body, headers={"Content-Type": SHM,
+                                                                             "Idempotency-Key": "k1"})
+    after = bytes(params_file.buf[:36])
+    params_file.buf[:36] = bytes(36)  # the answer lost with the client's memory, say
+    again = await client.post(f"/v1/sessions/{sid}/step", json=body, headers={"Content-Type": SHM,
+                                                                             "Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert bytes(params_file.buf[:36]) == after
+    assert (await client.get(f"/v1/sessions/{sid}")).json()["step"] == 1
+
+
+async def test_every_bad_region_is_a_4xx_that_changes_nothing(client, files, tmp_path):
+    sid = await session(client, np.ones(9, np.float32))
+    before = (await client.get(f"/v1/sessions/{sid}/state")).json()
+    grads_file, small = files(36), files(16)
+    for body, status, words in [
+        ({"name": "x", "key": "../etc/passwd", "byte_size": 4}, 422, "no path"),
+        ({"name": "x", "key": "/nothing-here-" + os.urandom(4).hex(), "byte_size": 4}, 422, "create it first"),
+        ({"name": "x", "key": "/" + small.name, "byte_size": 17}, 422, "holds 16 bytes"),
+        ({"name": "../x", "key": "/" + small.name, "byte_size": 4}, 422, "region name"),
+        ({"name": "x", "key": "/" + small.name, "byte_size": 0}, 422, "byte_size"),
+    ]:
+        answer = await client.post("/v1/shm/regions", json=body)
+        assert answer.status_code == status and words in answer.text, answer.text
+    link = Path("/dev/shm") / f"link-{os.urandom(4).hex()}"
+    link.symlink_to(f"/dev/shm/{small.name}")
+    try:
+        assert (await register(client, "x", type("F", (), {"name": link.name})(), 4)).status_code == 422
+    finally:
+        link.unlink()
+    assert (await client.get("/v1/shm/regions")).json() == []
+    await register(client, "g", grads_file, 36)
+    await register(client, "small", small, 16)
+    assert (await register(client, "g", grads_file, 36)).status_code == 409  # a name is registered once
+    for body, status, words in [
+        ({"gradients": {"region": "nope"}}, 404, "POST /v1/shm/regions"),
+        ({"gradients": {"region": "small"}}, 422, "expected 36 bytes"),  # the session needs 36
+        ({"gradients": {"region": "g", "offset": 4}}, 422, "expected 36 bytes"),
+        ({"gradients": {"region": "g", "byte_size": 40}}, 422, "do not fit"),
+        ({"gradients": {"region": "g"}, "params": {"region": "small"}}, 422, "do not fit"),  # before the step
+        ({"gradients": {"region": "g"}, "params": {"region": "nope"}}, 404, "nope"),
+        ({"gradients": {"region": "g"}, "extra": 1}, 422, "extra"),
+        ({"gradients": "g"}, 422, "gradients"),
+    ]:
+        answer = await client.post(f"/v1/sessions/{sid}/step", json=body, headers={"Content-Type": SHM})
+        assert answer.status_code == status and words in answer.text, (body, answer.text)
+        assert answer.headers["content-type"] == "application/problem+json"
+    os.ftruncate(os.open(f"/dev/shm/{grads_file.name}", os.O_RDWR), 8)  # the client shrinks its file
+    shrunk = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"region": "g"}},
+                               headers={"Content-Type": SHM})
+    assert shrunk.status_code == 422 and "shrunk to 8 bytes" in shrunk.text
+    assert (await client.get("/v1/shm/regions/g")).json()["status"] == "short"
+    assert (await client.get(f"/v1/sessions/{sid}/state")).json() == before
+    assert (await client.delete("/v1/shm/regions/g")).status_code == 204
+    assert (await client.get("/v1/shm/regions/g")).status_code == 404
+    assert Path(f"/dev/shm/{grads_file.name}").exists()  # unregistering leaves the client's file
+
+
+async def test_regions_are_off_unless_turned_on(tmp_path, files):
+    app, lifespan, client = await serve(tmp_path)
+    try:
+        sid = await session(client, np.ones(9, np.float32))
+        for answer in (await register(client, "g", files(36), 36), await client.get("/v1/shm/regions"),
+                       await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"region": "g"}},
+                                         headers={"Content-Type": SHM})):
+            assert answer.status_code == 403 and "OPTIM_SHM=true" in answer.json()["detail"]
+    finally:
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+async def test_regions_belong_to_the_key_that_registered_them(tmp_path, files):
+    app, lifespan, client = await serve(tmp_path, shm=True, api_keys=f"{KEY_A},{KEY_B}")
+    a, b = ({"Authorization": f"Bearer {k}"} for k in (KEY_A, KEY_B))
+    try:
+        grads_file = files(36)
+        made = await client.post("/v1/shm/regions", json={"name": "g", "key": "/" + grads_file.name, "byte_size": 36},
+                                 headers=a)
+        assert made.status_code == 201
+        assert (await client.get("/v1/shm/regions", headers=b)).json() == []
+        assert (await client.get("/v1/shm/regions/g", headers=b)).status_code == 404
+        assert (await client.delete("/v1/shm/regions/g", headers=b)).status_code == 404
+        theirs = await client.post("/v1/shm/regions", json={"name": "mine", "key": "/" + grads_file.name,
+                                                            "byte_size": 36}, headers=b)
+        assert theirs.status_code == 409 and "another API key" in theirs.text
+        sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd", "lr": 0.1}, "dtype": "float32",
+                                                       "params": [0.0] * 9}, headers=b)).json()["id"]
+        step = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": {"region": "g"}},
+                                 headers={**b, "Content-Type": SHM})
+        assert step.status_code == 404 and (await client.get(f"/v1/sessions/{sid}", headers=b)).json()["step"] == 0
+    finally:
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+def test_the_sdk_steps_through_shared_memory_and_falls_back_to_the_wire():
+    from optim_client import OptimClient
+
+    rng = np.random.default_rng(5)
+    start = {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": rng.standard_normal(32).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(5)]
+    on, off = ServerProcess("--store", "memory", env={"OPTIM_SHM": "true"}), ServerProcess("--store", "memory")
+    try:
+        results = {}
+        for name, url, shared in (("wire", on.url, False), ("shm", on.url, True), ("refused", off.url, True)):
+            with OptimClient(url, shared_memory=shared) as client:
+                s = client.create_session(start, "adamw", lr=0.01)
+                for t, g in enumerate(grads):
+                    out = s.step(g, loss=1.0 / (t + 1))
+                results[name] = (out, client.shared_memory_refused, set(client._shared), s.step_count)
+                kept = [f for r in client._shared.values() for f in r.files]
+                names = [f.name for f in kept]
+            assert not any(Path("/dev/shm", n).exists() for n in names)  # closing unlinks its files
+        assert results["shm"][2] and results["shm"][1] is None and not results["refused"][2]
+        assert "OPTIM_SHM" in results["refused"][1]
+        for name in ("shm", "refused"):
+            assert results[name][3] == 5
+            for k in start:
+                assert results[name][0][k].tobytes() == results["wire"][0][k].tobytes()
+    finally:
+        on.stop()
+        off.stop()
