@@ -29,7 +29,11 @@ test: system-deps $(VENV)/.test-deps
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-bench: $(VENV)/.test-deps
+$(VENV)/.bench-deps: $(VENV)/.test-deps
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench-deps
 	cd bench && ../$(BIN)/python compute.py
 	cd bench && ../$(BIN)/python wire.py
 	cd bench && ../$(BIN)/python memory.py
@@ -38,4 +42,5 @@ bench: $(VENV)/.test-deps
 	cd bench && ../$(BIN)/python rounds.py
 	cd bench && ../$(BIN)/python threads.py
 	cd bench && ../$(BIN)/python shm.py
+	cd bench && ../$(BIN)/python peers.py
 	cd bench && ../$(BIN)/python parity.py

@@ -210,9 +210,13 @@ async def test_regions_belong_to_the_key_that_registered_them(tmp_path, files):
         await lifespan.__aexit__(None, None, None)
 
 
-def test_the_sdk_steps_through_shared_memory_and_falls_back_to_the_wire():
-    from optim_client import OptimClient
+@pytest.mark.parametrize("sealing", [True, False])
+def test_the_sdk_steps_through_shared_memory_and_falls_back_to_the_wire(sealing, monkeypatch):
+    """Through sealed memfds (mapped by the server) or /dev/shm files (read and written with a copy),
+    the SDK's steps give the wire's bits; a server with regions off gets the wire, and says why."""
+    from optim_client import OptimClient, _shm
 
+    monkeypatch.setattr(_shm, "SEALING", sealing)
     rng = np.random.default_rng(5)
     start = {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": rng.standard_normal(32).astype(np.float32)}
     grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(5)]
@@ -225,15 +229,68 @@ def test_the_sdk_steps_through_shared_memory_and_falls_back_to_the_wire():
                 for t, g in enumerate(grads):
                     out = s.step(g, loss=1.0 / (t + 1))
                 results[name] = (out, client.shared_memory_refused, set(client._shared), s.step_count)
-                kept = [f for r in client._shared.values() for f in r.files]
-                names = [f.name for f in kept]
-            assert not any(Path("/dev/shm", n).exists() for n in names)  # closing unlinks its files
+                keys = [f.key for r in client._shared.values() for f in r.files]
+                if name == "shm":
+                    listed = httpx.get(f"{url}/v1/shm/regions").json()
+                    assert sorted(r["key"] for r in listed) == sorted(keys)
+                    assert all(k.startswith("/proc/") == sealing for k in keys)
+            gone = [not Path(k if k.startswith("/proc/") else f"/dev/shm{k}").exists() for k in keys]
+            assert all(gone)  # closing the client closes and unlinks its files
         assert results["shm"][2] and results["shm"][1] is None and not results["refused"][2]
         assert "OPTIM_SHM" in results["refused"][1]
         for name in ("shm", "refused"):
             assert results[name][3] == 5
             for k in start:
                 assert results[name][0][k].tobytes() == results["wire"][0][k].tobytes()
+        assert httpx.get(f"{on.url}/v1/shm/regions").json() == []  # and unregisters them
     finally:
         on.stop()
         off.stop()
+
+
+def sealed_memfd(nbytes: int, seals: int):
+    import fcntl
+
+    fd = os.memfd_create("test-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd, f"/proc/{os.getpid()}/fd/{fd}"
+
+
+async def test_a_sealed_memfd_is_mapped_and_steps_as_the_binary_body(client, tmp_path):
+    """A memfd sealed against shrinking is read where the client wrote it and answered straight into
+    it; one that may still shrink, or a descriptor that is not a memfd, is refused."""
+    import fcntl
+    import mmap
+
+    start = np.arange(9, dtype=np.float32)
+    wire, shared = await session(client, start), await session(client, start)
+    fd, key = sealed_memfd(72, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    loose, loose_key = sealed_memfd(36, 0)
+    plain = os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT)  # a regular file, as a store's would be
+    os.ftruncate(plain, 36)
+    try:
+        view = np.frombuffer(mmap.mmap(fd, 72), np.float32)
+        assert (await client.post("/v1/shm/regions", json={"name": "g", "key": key, "byte_size": 36})).status_code == 201
+        assert (await client.post("/v1/shm/regions", json={"name": "p", "key": key, "offset": 36,
+                                                           "byte_size": 36})).status_code == 201
+        for body in ({"name": "x", "key": loose_key, "byte_size": 36},
+                     {"name": "x", "key": f"/proc/{os.getpid()}/fd/{plain}", "byte_size": 36}):
+            refused = await client.post("/v1/shm/regions", json=body)
+            assert refused.status_code == 422 and "sealed against shrinking" in refused.text, refused.text
+        for t in range(4):
+            grads = np.linspace(-1, 1, 9, dtype=np.float32) * (t + 1)
+            view[:9] = grads
+            by_wire = await client.post(f"/v1/sessions/{wire}/step", content=grads.tobytes(), headers={
+                "Content-Type": "application/octet-stream", "Accept": "application/octet-stream"})
+            answer = await client.post(f"/v1/sessions/{shared}/step", json={
+                "gradients": {"region": "g"}, "params": {"region": "p"}}, headers={"Content-Type": SHM})
+            assert answer.status_code == 200, answer.text
+            assert view[9:].tobytes() == by_wire.content and view[:9].tobytes() == grads.tobytes()
+        assert (await client.get("/v1/shm/regions/g")).json()["status"] == "ready"
+        assert (await client.delete("/v1/shm/regions/g")).status_code == 204
+    finally:
+        os.close(fd)
+        os.close(loose)
+        os.close(plain)

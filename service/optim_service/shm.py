@@ -3,14 +3,19 @@ this host registers a file of ``/dev/shm`` (a name, the file's key, an offset an
 names a region and an offset where a step's gradients lie, and where its answer should go, instead
 of sending the bytes through a socket.
 
-A region is read and written with ``pread``/``pwrite`` on a descriptor opened at registration,
-never mapped: a client that shrinks its file under a mapping would crash the server (SIGBUS),
-while a short read is a 422. Regions belong to the API key that registered them, live in this
-process (hence one worker), and are closed by unregistering or when the server stops.
+A file of ``/dev/shm`` is read and written with ``pread``/``pwrite`` on a descriptor opened at
+registration, never mapped: a client that shrinks its file under a mapping would crash the server
+(SIGBUS), while a short read is a 422. A memfd sealed against shrinking (``F_SEAL_SHRINK``), named
+``/proc/<pid>/fd/<n>`` by the process that holds it, cannot shrink: it is mapped, the update reads
+the gradients where the client wrote them, and the params are copied straight in. Regions belong
+to the API key that registered them, live in this process (hence one worker), and are closed by
+unregistering or when the server stops.
 """
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import re
 import stat
@@ -22,6 +27,7 @@ import numpy as np
 from .errors import FeatureOff, InvalidRequest, RegionExists, RegionNotFound, TooManySessions
 
 KEY = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # one name in the directory: no path, no dotfile
+SEALED = re.compile(r"/proc/[1-9][0-9]{0,9}/fd/[0-9]{1,10}")  # a memfd, by its holder's descriptor
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
@@ -31,6 +37,7 @@ class Region(NamedTuple):
     offset: int  # where the region starts in its file
     byte_size: int
     fd: int
+    mapping: mmap.mmap | None = None  # a sealed memfd's pages, from the file's start to the region's end
 
     def document(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -52,9 +59,11 @@ class Regions:
         self._check_on()
         if not NAME.fullmatch(name):
             raise InvalidRequest(f"region name {name!r}: 1-128 letters, digits, '.', '_' or '-'")
-        if not KEY.fullmatch(key):
+        sealed = SEALED.fullmatch(key) is not None
+        if not sealed and not KEY.fullmatch(key):
             raise InvalidRequest(f"key {key!r} must name one file of {self.directory} (as shm_open takes it, "
-                                 "'/name'): letters, digits, '.', '_' or '-', no path")
+                                 "'/name'): letters, digits, '.', '_' or '-', no path; or be /proc/<pid>/fd/<n> "
+                                 "of a memfd sealed against shrinking")
         if offset < 0 or byte_size < 1:
             raise InvalidRequest("offset must be ≥ 0 and byte_size ≥ 1")
         owned = self._owned.setdefault(owner, {})
@@ -63,9 +72,9 @@ class Regions:
                                "or choose another name")
         if len(owned) >= self.per_owner:
             raise TooManySessions(f"this API key holds {len(owned)} regions, the most it may: unregister one first")
-        path = self.directory / key.lstrip("/")
-        try:  # no symlink followed: the key names the file itself
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        path = Path(key) if sealed else self.directory / key.lstrip("/")
+        try:  # no symlink followed (but /proc's own link to the memfd): the key names the file itself
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | (0 if sealed else os.O_NOFOLLOW))
         except FileNotFoundError:
             raise InvalidRequest(f"no file {path} on the server's host: create it first (shm_open, or Python's "
                                  "multiprocessing.shared_memory), on the same host as the server") from None
@@ -81,10 +90,11 @@ class Regions:
             if info.st_size < offset + byte_size:
                 raise InvalidRequest(f"{path} holds {info.st_size} bytes; offset {offset} + byte_size {byte_size} "
                                      f"needs {offset + byte_size}")
+            mapping = _map_sealed(fd, offset + byte_size, path) if sealed else None
         except BaseException:
             os.close(fd)
             raise
-        owned[name] = region = Region(name, key, offset, byte_size, fd)
+        owned[name] = region = Region(name, key, offset, byte_size, fd, mapping)
         return region
 
     def get(self, owner: str | None, name: str) -> Region:
@@ -106,6 +116,7 @@ class Regions:
                 "file_bytes": size}
 
     def unregister(self, owner: str | None, name: str) -> None:
+        """Forgets a region; its mapping is unmapped when the last step reading it lets go."""
         region = self.get(owner, name)
         del self._owned[owner][name]
         os.close(region.fd)
@@ -128,29 +139,38 @@ class Regions:
             raise InvalidRequest(f"{what}: {size} bytes at offset {offset} do not fit region {region.name!r} "
                                  f"of {region.byte_size} bytes")
         start = region.offset + offset
+        if region.mapping is not None:  # sealed: it cannot have shrunk
+            return region, start, size
         have = os.fstat(region.fd).st_size
         if have < start + size:
             raise InvalidRequest(f"{what}: the file of region {region.name!r} was shrunk to {have} bytes; it "
                                  f"needs {start + size}. Nothing was changed: re-create and re-register it")
         return region, start, size
 
-    def read(self, owner: str | None, ref: dict, into: np.ndarray | None, limit: int) -> memoryview:
-        """The bytes a reference names, read into ``into`` (uint8, long enough) or fresh memory."""
+    def read(self, owner: str | None, ref: dict, into: np.ndarray | None, limit: int) -> tuple[memoryview, bool]:
+        """The bytes a reference names, and whether they were copied: read into ``into`` (uint8,
+        long enough) or fresh memory, or where they lie in a sealed region's mapping."""
         region, start, size = self.span(owner, ref, None, "gradients")
         if size > limit:
             raise InvalidRequest(f"gradients: {size} bytes, over this server's limit of {limit} per step")
+        if region.mapping is not None:
+            return memoryview(region.mapping)[start:start + size], False
         buffer = memoryview(into)[:size] if into is not None and len(into) >= size else memoryview(bytearray(size))
         got = os.preadv(region.fd, [buffer], start)
         if got != size:  # shrunk between the check and the read
             raise InvalidRequest(f"gradients: region {region.name!r} gave {got} of {size} bytes (its file was "
                                  "shrunk); nothing was changed")
-        return buffer
+        return buffer, True
 
     def write(self, owner: str | None, ref: dict, data) -> dict:
         """``data`` written where a reference names; the reference as the answer states it."""
         data = memoryview(data).cast("B")
         region, start, size = self.span(owner, ref, len(data), "params")
-        written = os.pwritev(region.fd, [data], start)
+        if region.mapping is not None:
+            memoryview(region.mapping)[start:start + size] = data
+            written = size
+        else:
+            written = os.pwritev(region.fd, [data], start)
         if written != size:
             raise InvalidRequest(f"params: region {region.name!r} took {written} of {size} bytes")
         return {"region": region.name, "offset": ref.get("offset", 0), "byte_size": size}
@@ -159,3 +179,15 @@ class Regions:
 def _same_file(fd: int, info: os.stat_result) -> bool:
     mine = os.fstat(fd)
     return (mine.st_dev, mine.st_ino) == (info.st_dev, info.st_ino)
+
+
+def _map_sealed(fd: int, length: int, path: Path) -> mmap.mmap:
+    """A memfd's first ``length`` bytes, mapped: only where its seals forbid shrinking it."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd (or a file that cannot be sealed)
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise InvalidRequest(f"{path} is not a memfd sealed against shrinking: add F_SEAL_SHRINK (and F_SEAL_GROW) "
+                             "with fcntl(F_ADD_SEALS), or register a file of /dev/shm instead")
+    return mmap.mmap(fd, length)

@@ -315,14 +315,20 @@ class OptimClient(_Base):
             return None
         regions = self._shared.get(session.id)
         if regions is None:
-            regions = _shm.SessionRegions(session.layout)
-            try:
-                for registration in regions.registrations():
-                    self._send(_Call("POST", "/v1/shm/regions", json=registration, retry_safe=False))
-            except APIStatusError as e:  # off (403), or the server cannot see this host's files (422)
-                self.shared_memory_refused = str(e)
-                self._unregister(regions)
+            for sealed in (True, False) if _shm.SEALING else (False,):  # a sealed memfd, else a /dev/shm file
+                regions = _shm.SessionRegions(session.layout, sealed)
+                try:
+                    for registration in regions.registrations():
+                        self._send(_Call("POST", "/v1/shm/regions", json=registration, retry_safe=False))
+                    break
+                except APIStatusError as e:  # off (403), or the server cannot see this process's files (422)
+                    self.shared_memory_refused = str(e)
+                    self._unregister(regions)
+                    if e.status_code == 403:
+                        return None
+            else:
                 return None
+            self.shared_memory_refused = None
             self._shared[session.id] = regions
         return regions
 

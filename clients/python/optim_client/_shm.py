@@ -1,10 +1,17 @@
 """Steps through shared memory, for a client on the server's host (``OptimClient(...,
-shared_memory=True)``): each session gets two files of ``/dev/shm``, one its gradients are copied
-into and one the server writes its new params into, registered with ``POST /v1/shm/regions``. A
-step then sends a few dozen bytes of JSON naming them, instead of the arrays both ways."""
+shared_memory=True)``): each session gets two files, one its gradients are copied into and one the
+server writes its new params into, registered with ``POST /v1/shm/regions``. A step then sends a
+few dozen bytes of JSON naming them, instead of the arrays both ways.
+
+The files are memfds sealed against shrinking where the system has them (the server maps those, and
+reads the gradients where they lie), else files of ``/dev/shm`` (which it reads and writes with a
+copy each way)."""
 
 from __future__ import annotations
 
+import fcntl
+import mmap
+import os
 import uuid
 from multiprocessing import shared_memory
 
@@ -19,18 +26,16 @@ MEDIA_TYPE = "application/vnd.optim.shm+json"
 class SessionRegions:
     """A session's two regions: ``grads`` (in) and ``params`` (out), each as long as its parameters."""
 
-    def __init__(self, layout: _wire.Layout):
+    def __init__(self, layout: _wire.Layout, sealed: bool):
         self.layout = layout
         self.dtype = _wire.np_dtype(layout.dtype)
         self.nbytes = sum(layout.sizes) * self.dtype.itemsize
         tag = uuid.uuid4().hex[:12]
         self.names = (f"g-{tag}", f"p-{tag}")
-        self.files: list[shared_memory.SharedMemory] = []
-        for _ in self.names:
-            self.files.append(shared_memory.SharedMemory(create=True, size=self.nbytes))
+        self.files = [(SealedFile if sealed else SharedFile)(self.nbytes) for _ in self.names]
 
     def registrations(self) -> list[dict]:
-        return [{"name": name, "key": "/" + f.name, "byte_size": self.nbytes} for name, f in zip(self.names, self.files)]
+        return [{"name": name, "key": f.key, "byte_size": self.nbytes} for name, f in zip(self.names, self.files)]
 
     def step_body(self, arrays: list[np.ndarray], loss: float | None, fields: dict) -> bytes:
         """Copies the gradients into the gradients' region; the step's JSON body naming both."""
@@ -53,8 +58,40 @@ class SessionRegions:
     def close(self) -> None:
         for f in self.files:
             f.close()
-            try:
-                f.unlink()
-            except FileNotFoundError:
-                pass
         self.files = []
+
+
+class SealedFile:
+    """A memfd that can neither shrink nor grow, mapped here; the server opens it through /proc."""
+
+    def __init__(self, nbytes: int):
+        self.fd = os.memfd_create("optim-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, nbytes)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        self.buf = mmap.mmap(self.fd, nbytes)
+        self.key = f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def close(self) -> None:
+        self.buf.close()
+        os.close(self.fd)
+
+
+class SharedFile:
+    """A file of /dev/shm, by name: for a server that cannot open this process's descriptors (another
+    PID namespace sharing /dev/shm)."""
+
+    def __init__(self, nbytes: int):
+        self._shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        self.buf = self._shm.buf
+        self.key = "/" + self._shm.name
+
+    def close(self) -> None:
+        self.buf = None
+        self._shm.close()
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+SEALING = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")

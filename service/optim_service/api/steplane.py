@@ -151,14 +151,20 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     req = parse_json(body, SharedMemoryStep, "gradients", state.settings.max_json_depth)
     regions, owner = state.regions, caller.owner
     grads_ref = req.gradients.model_dump()
-    _, _, size = regions.span(owner, grads_ref, None, "gradients")
+    region, _, size = regions.span(owner, grads_ref, None, "gradients")
     into = req.params.model_dump() if req.params is not None else None
     if into is not None:
         regions.span(owner, into, size, "params")  # the params take as many bytes as the gradients
-    memory = caller.sessions.binary_memory(owner, session_id, size)
-    grads = regions.read(owner, grads_ref, memory, state.settings.max_body_bytes)
+    memory = None if region.mapping is not None else caller.sessions.binary_memory(owner, session_id, size)
+    grads, copied = regions.read(owner, grads_ref, memory, state.settings.max_body_bytes)
+
+    def decode(session):
+        # a round checks a contribution, then adds it: from the client's live memory, it could change between
+        own = copied or session.config.aggregation.mode != "sync"
+        return decode_binary(grads if own else bytes(grads), session.layout)
+
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
-    step = StepBody(lambda session: decode_binary(grads, session.layout), req.loss, {}, said)
+    step = StepBody(decode, req.loss, {}, said)
     return step, into, memory if memory is not None and len(memory) >= size else None
 
 
