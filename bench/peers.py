@@ -11,6 +11,8 @@ memory store (and over shared memory on this host), and to two replicas on one R
 Prints per-step latency at 100, 1M and 10M float32 (medians, timed alternately with Ray), and
 steps/s with 8 workers stepping one model at once (threads, each its own client, for
 ``--seconds``). The targets of issue 20: at 10M, ours over shared memory faster than the Ray actor.
+"Shared buffers" is the SDK with nothing to copy: gradients written into ``shared_buffers()`` and
+params answered as views (``step(..., copy=False)``), as a trainer whose ``p.grad`` lives there steps.
 """
 
 from __future__ import annotations
@@ -112,18 +114,21 @@ def main() -> int:
     replicas = [Server("service", store=f"redis://127.0.0.1:{port}/0") for _ in range(2)]
     try:
         print("| float32 Adam, one step | Ray actor, torch fused | ours, memory store | ours, shared memory "
-              "| ours, Redis replica | ours ÷ Ray (memory / shm / Redis) |")
-        print("|---:|---:|---:|---:|---:|---:|")
+              "| ours, shared buffers | ours, Redis replica | ours ÷ Ray (memory / shm / buffers / Redis) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for n in (100, 1_000_000, 10_000_000):
             grad = np.full(n, 0.5, np.float32)
             clients = {"memory": ours(memory.url, n), "shm": ours(memory.url, n, shared_memory=True),
-                       "redis": ours(replicas[0].url, n)}
+                       "buffers": ours(memory.url, n, shared_memory=True), "redis": ours(replicas[0].url, n)}
             fns = {"ray": ray_actor(n), **{k: (lambda g, s=s: s.step(g)) for k, (_, s) in clients.items()}}
+            buffers = clients["buffers"][1].shared_buffers()  # the gradients written where the step reads them
+            buffers["w"][:] = grad
+            fns["buffers"] = lambda g, s=clients["buffers"][1]: s.step(buffers, copy=False)
             repeat = args.repeat if n > 1000 else 20 * args.repeat
             ms = alternating(fns, grad, repeat)
-            ratios = " / ".join(f"{ms[k] / ms['ray']:.2f}×" for k in ("memory", "shm", "redis"))
-            print(f"| {n:,} | {ms['ray']:.3f} ms | {ms['memory']:.3f} ms | {ms['shm']:.3f} ms | {ms['redis']:.3f} ms "
-                  f"| {ratios} |")
+            ratios = " / ".join(f"{ms[k] / ms['ray']:.2f}×" for k in ("memory", "shm", "buffers", "redis"))
+            print(f"| {n:,} | {ms['ray']:.3f} ms | {ms['memory']:.3f} ms | {ms['shm']:.3f} ms | {ms['buffers']:.3f} ms "
+                  f"| {ms['redis']:.3f} ms | {ratios} |")
             assert clients["shm"][0].shared_memory_refused is None, clients["shm"][0].shared_memory_refused
             for client, session in clients.values():
                 session.delete()

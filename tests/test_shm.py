@@ -248,6 +248,38 @@ def test_the_sdk_steps_through_shared_memory_and_falls_back_to_the_wire(sealing,
         off.stop()
 
 
+def test_gradients_in_the_shared_buffers_and_params_as_views_need_no_copies(server_with_regions):
+    """``shared_buffers()`` are where a step reads its gradients: written there, they are sent as
+    they lie; ``copy=False`` answers views of the params' region, updated in place by the next step
+    as torch updates its parameters. The same bits as the wire."""
+    from optim_client import OptimClient
+
+    rng = np.random.default_rng(11)
+    start = rng.standard_normal(1000).astype(np.float32)
+    grads = [rng.standard_normal(1000).astype(np.float32) for _ in range(4)]
+    with OptimClient(server_with_regions.url) as plain, OptimClient(server_with_regions.url, shared_memory=True) as client:
+        wire = plain.create_session(start, "adam", lr=0.01)
+        shared = client.create_session(start, "adam", lr=0.01)
+        buffer = shared.shared_buffers()
+        assert isinstance(buffer, np.ndarray) and buffer.shape == (1000,)
+        first = None
+        for g in grads:
+            expected = wire.step(g)
+            buffer[:] = g
+            params = shared.step(buffer, copy=False)
+            first = params if first is None else first
+            assert params.tobytes() == expected.tobytes()
+        assert first is not params and first.tobytes() == params.tobytes()  # one region, written over
+        assert plain.create_session(start, "adam").shared_buffers() is None  # over the wire
+
+
+@pytest.fixture(scope="module")
+def server_with_regions():
+    proc = ServerProcess("--store", "memory", env={"OPTIM_SHM": "true"})
+    yield proc
+    proc.stop()
+
+
 def sealed_memfd(nbytes: int, seals: int):
     import fcntl
 

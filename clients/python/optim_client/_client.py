@@ -230,10 +230,13 @@ class _SessionBase:
 
 
 class Session(_SessionBase):
-    def step(self, gradients, loss: float | None = None, *, base_step: int | None = None):
+    def step(self, gradients, loss: float | None = None, *, base_step: int | None = None, copy: bool = True):
         """Apply one optimizer step; returns the new params (numpy, mirroring what was sent). A named
         tensor's gradient may be None: that tensor skips this step, as in torch. On an asynchronous
-        session the push states ``base_step`` (default: the step of the params last received)."""
+        session the push states ``base_step`` (default: the step of the params last received).
+
+        Through shared memory, ``copy=False`` returns the params as views of the region the server
+        writes them into: updated in place by the next step, as torch updates parameters."""
         fields = self._push_fields(base_step)
         regions = self._client._regions(self)
         if regions is not None:
@@ -243,9 +246,16 @@ class Session(_SessionBase):
                     regions.step_body(arrays, loss, fields))], headers={
                     "Idempotency-Key": uuid.uuid4().hex, "Content-Type": _shm.MEDIA_TYPE})
                 self.step_count = self._client._send(call)["step"]
-                self._params = regions.params()
+                self._params = regions.params(copy)
                 return self.params
         return self._take(self._client._send(_step_call(self, gradients, loss, fields)))
+
+    def shared_buffers(self):
+        """Arrays (mirroring the params) in the shared memory a step reads its gradients from, or
+        None over the wire. Gradients written there (or accumulated: ``p.grad =
+        torch.from_numpy(buffer)`` before ``backward``) and passed to ``step`` are not copied."""
+        regions = self._client._regions(self)
+        return None if regions is None else _wire.mirror(regions.views(0), self.layout)
 
     def contribute(self, gradients, worker: str, *, weight: float | None = None, round: int | None = None,
                    loss: float | None = None, wait: float | None = None):

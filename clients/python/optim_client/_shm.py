@@ -37,21 +37,32 @@ class SessionRegions:
     def registrations(self) -> list[dict]:
         return [{"name": name, "key": f.key, "byte_size": self.nbytes} for name, f in zip(self.names, self.files)]
 
+    def views(self, which: int) -> list[np.ndarray]:
+        """One array per tensor over region ``which`` (0: gradients, 1: params)."""
+        return _wire.from_binary(np.frombuffer(self.files[which].buf, self.dtype, sum(self.layout.sizes)), self.layout)
+
     def step_body(self, arrays: list[np.ndarray], loss: float | None, fields: dict) -> bytes:
-        """Copies the gradients into the gradients' region; the step's JSON body naming both."""
+        """Copies the gradients into the gradients' region, unless they are its views already
+        (``Session.shared_buffers``); the step's JSON body naming both regions."""
         flat = np.frombuffer(self.files[0].buf, self.dtype, sum(self.layout.sizes))
         offset = 0
         for array, size in zip(arrays, self.layout.sizes):
-            np.copyto(flat[offset:offset + size], array.reshape(-1), casting="same_kind")
+            target = flat[offset:offset + size]
+            if not (array.dtype == self.dtype and array.size == size and array.flags.c_contiguous
+                    and array.ctypes.data == target.ctypes.data):
+                np.copyto(target, array.reshape(-1), casting="same_kind")
             offset += size
         body = {"gradients": {"region": self.names[0]}, "params": {"region": self.names[1]}, **fields}
         if loss is not None:
             body["loss"] = float(loss)
         return orjson.dumps(body)
 
-    def params(self) -> list[np.ndarray]:
+    def params(self, copy: bool = True) -> list[np.ndarray]:
         """The params the server wrote, copied out (the region is written over by the next step) into
-        numpy's memory: a large array of it is faulted in 2 MB at a time, a bytearray 4 KB (4× slower)."""
+        numpy's memory: a large array of it is faulted in 2 MB at a time, a bytearray 4 KB (4× slower).
+        ``copy=False``: views of the region itself."""
+        if not copy:
+            return self.views(1)
         return _wire.from_binary(np.frombuffer(self.files[1].buf, self.dtype, sum(self.layout.sizes)).copy(),
                                  self.layout)
 
@@ -72,7 +83,10 @@ class SealedFile:
         self.key = f"/proc/{os.getpid()}/fd/{self.fd}"
 
     def close(self) -> None:
-        self.buf.close()
+        try:
+            self.buf.close()
+        except BufferError:  # the caller still holds views (shared_buffers, copy=False): unmapped with them
+            pass
         os.close(self.fd)
 
 
@@ -87,7 +101,10 @@ class SharedFile:
 
     def close(self) -> None:
         self.buf = None
-        self._shm.close()
+        try:
+            self._shm.close()
+        except BufferError:  # views still held: the mapping goes with them
+            pass
         try:
             self._shm.unlink()
         except FileNotFoundError:
