@@ -228,8 +228,8 @@ def test_the_sdk_steps_through_shared_memory_and_falls_back_to_the_wire(sealing,
                 s = client.create_session(start, "adamw", lr=0.01)
                 for t, g in enumerate(grads):
                     out = s.step(g, loss=1.0 / (t + 1))
-                results[name] = (out, client.shared_memory_refused, set(client._shared), s.step_count)
-                keys = [f.key for r in client._shared.values() for f in r.files]
+                results[name] = (out, client.shared_memory_refused, set(client._shm.sessions), s.step_count)
+                keys = [f.key for r in client._shm.sessions.values() for f in r.files]
                 if name == "shm":
                     listed = httpx.get(f"{url}/v1/shm/regions").json()
                     assert sorted(r["key"] for r in listed) == sorted(keys)
@@ -271,6 +271,23 @@ def test_gradients_in_the_shared_buffers_and_params_as_views_need_no_copies(serv
             assert params.tobytes() == expected.tobytes()
         assert first is not params and first.tobytes() == params.tobytes()  # one region, written over
         assert plain.create_session(start, "adam").shared_buffers() is None  # over the wire
+
+
+async def test_the_async_client_steps_through_shared_memory_as_the_sync_one(server_with_regions):
+    from optim_client import AsyncOptimClient, OptimClient
+
+    grads = np.linspace(-1, 1, 500, dtype=np.float32)
+    with OptimClient(server_with_regions.url) as plain:
+        expected = plain.create_session(np.zeros(500, np.float32), "rmsprop", lr=0.01).step(grads)
+    async with AsyncOptimClient(server_with_regions.url, shared_memory=True) as client:
+        session = await client.create_session(np.zeros(500, np.float32), "rmsprop", lr=0.01)
+        buffers = await session.shared_buffers()
+        buffers[:] = grads
+        assert (await session.step(buffers, copy=False)).tobytes() == expected.tobytes()
+        assert client.shared_memory_refused is None and len(client._shm.sessions) == 1
+        await session.delete()
+        assert client._shm.sessions == {}
+    assert httpx.get(f"{server_with_regions.url}/v1/shm/regions").json() == []
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _shm, _wire
 from ._transport import WRITABLE_BODY, AsyncHTTPClientTransport, HTTPClientTransport
-from .errors import APIConnectionError, APIStatusError, APITimeoutError, OptimError, for_status
+from .errors import APIConnectionError, APITimeoutError, OptimError, for_status
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -91,7 +91,9 @@ class _NoCookies(CookieJar):
 
 
 class _Base:
-    def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int):
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, max_retries: int,
+                 shared_memory: bool = False):
+        self._shm = _shm.SharedMemory(shared_memory)
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self._headers = {"User-Agent": "optim-client/0.1"}
@@ -99,6 +101,11 @@ class _Base:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self._urls: dict[str, httpx.URL] = {}
+
+    @property
+    def shared_memory_refused(self) -> str | None:
+        """Why the server refused this client's shared-memory regions (then steps go over the wire)."""
+        return self._shm.refused
 
     def _http_options(self) -> dict:
         return {"headers": self._headers, "timeout": self._timeout, "cookies": _NoCookies()}
@@ -173,6 +180,48 @@ def _step_call(session: "_SessionBase", gradients, loss: float | None, fields: d
     return _Call("POST", f"/v1/sessions/{session.id}/step", json=body, headers=headers)
 
 
+def _shm_step_call(session: "_SessionBase", regions: _shm.SessionRegions | None, gradients, loss: float | None,
+                   fields: dict) -> _Call | None:
+    """A step through the session's shared-memory regions, or None to go over the wire."""
+    if regions is None:
+        return None
+    _, arrays = _wire.as_arrays(gradients, session.layout)
+    if any(a is None for a in arrays):  # a tensor without a gradient needs JSON's null
+        return None
+    return _Call("POST", f"/v1/sessions/{session.id}/step", content=[memoryview(regions.step_body(arrays, loss, fields))],
+                 headers={"Idempotency-Key": uuid.uuid4().hex, "Content-Type": _shm.MEDIA_TYPE})
+
+
+def _drive_sync(client, requests):
+    """Runs a sans-IO generator of ``_shm.Request`` through the sync client; its return value."""
+    try:
+        request = next(requests)
+        while True:
+            try:
+                answer = client._send(_Call(request[0], request[1], json=request[2], retry_safe=request[0] != "POST"))
+            except OptimError as e:
+                request = requests.throw(e)
+            else:
+                request = requests.send(answer)
+    except StopIteration as done:
+        return done.value
+
+
+async def _drive_async(client, requests):
+    try:
+        request = next(requests)
+        while True:
+            try:
+                answer = await client._send(_Call(request[0], request[1], json=request[2],
+                                                  retry_safe=request[0] != "POST"))
+            except OptimError as e:
+                request = requests.throw(e)
+            else:
+                request = requests.send(answer)
+    except StopIteration as done:
+        return done.value
+
+
 def _refresh_call(session: "_SessionBase") -> _Call:
     headers = {"Optim-Wire-Dtype": session.layout.wire} if session.layout.wire else {}
     return _Call("GET", f"/v1/sessions/{session.id}/params?encoding=b64", headers=headers)
@@ -215,6 +264,11 @@ class _SessionBase:
         self.last_round = None
         return self._take(answer)
 
+    def _take_shared(self, answer: dict, regions: _shm.SessionRegions, copy: bool) -> Any:
+        self.step_count = answer["step"]
+        self._params = regions.params(copy)
+        return self.params
+
     def _take(self, answer) -> Any:
         if isinstance(answer, httpx.Response):  # binary
             self.step_count = int(answer.headers["etag"].strip('W/"'))
@@ -238,23 +292,17 @@ class Session(_SessionBase):
         Through shared memory, ``copy=False`` returns the params as views of the region the server
         writes them into: updated in place by the next step, as torch updates parameters."""
         fields = self._push_fields(base_step)
-        regions = self._client._regions(self)
-        if regions is not None:
-            _, arrays = _wire.as_arrays(gradients, self.layout)
-            if all(a is not None for a in arrays):  # a tensor without a gradient needs JSON's null
-                call = _Call("POST", f"/v1/sessions/{self.id}/step", content=[memoryview(
-                    regions.step_body(arrays, loss, fields))], headers={
-                    "Idempotency-Key": uuid.uuid4().hex, "Content-Type": _shm.MEDIA_TYPE})
-                self.step_count = self._client._send(call)["step"]
-                self._params = regions.params(copy)
-                return self.params
+        regions = _drive_sync(self._client, self._client._shm.regions(self.id, self.layout))
+        call = _shm_step_call(self, regions, gradients, loss, fields)
+        if call is not None:
+            return self._take_shared(self._client._send(call), regions, copy)
         return self._take(self._client._send(_step_call(self, gradients, loss, fields)))
 
     def shared_buffers(self):
         """Arrays (mirroring the params) in the shared memory a step reads its gradients from, or
         None over the wire. Gradients written there (or accumulated: ``p.grad =
         torch.from_numpy(buffer)`` before ``backward``) and passed to ``step`` are not copied."""
-        regions = self._client._regions(self)
+        regions = _drive_sync(self._client, self._client._shm.regions(self.id, self.layout))
         return None if regions is None else _wire.mirror(regions.views(0), self.layout)
 
     def contribute(self, gradients, worker: str, *, weight: float | None = None, round: int | None = None,
@@ -279,12 +327,21 @@ class Session(_SessionBase):
 
     def delete(self) -> None:
         self._client._send(_Call("DELETE", f"/v1/sessions/{self.id}"))
-        self._client._drop_regions(self.id)
+        _drive_sync(self._client, self._client._shm.drop(self.id))
 
 
 class AsyncSession(_SessionBase):
-    async def step(self, gradients, loss: float | None = None, *, base_step: int | None = None):
-        return self._take(await self._client._send(_step_call(self, gradients, loss, self._push_fields(base_step))))
+    async def step(self, gradients, loss: float | None = None, *, base_step: int | None = None, copy: bool = True):
+        fields = self._push_fields(base_step)
+        regions = await _drive_async(self._client, self._client._shm.regions(self.id, self.layout))
+        call = _shm_step_call(self, regions, gradients, loss, fields)
+        if call is not None:
+            return self._take_shared(await self._client._send(call), regions, copy)
+        return self._take(await self._client._send(_step_call(self, gradients, loss, fields)))
+
+    async def shared_buffers(self):
+        regions = await _drive_async(self._client, self._client._shm.regions(self.id, self.layout))
+        return None if regions is None else _wire.mirror(regions.views(0), self.layout)
 
     async def contribute(self, gradients, worker: str, *, weight: float | None = None, round: int | None = None,
                          loss: float | None = None, wait: float | None = None):
@@ -302,6 +359,7 @@ class AsyncSession(_SessionBase):
 
     async def delete(self) -> None:
         await self._client._send(_Call("DELETE", f"/v1/sessions/{self.id}"))
+        await _drive_async(self._client, self._client._shm.drop(self.id))
 
 
 class OptimClient(_Base):
@@ -313,47 +371,8 @@ class OptimClient(_Base):
         """``shared_memory=True``: on a server of this host with regions on (``OPTIM_SHM``), steps
         pass gradients and params through /dev/shm instead of the socket; elsewhere, or where the
         server refuses a region, they go over the wire (``shared_memory_refused`` says why)."""
-        super().__init__(base_url, api_key, timeout, max_retries)
+        super().__init__(base_url, api_key, timeout, max_retries, shared_memory)
         self._http = httpx.Client(**self._http_options(), transport=transport or HTTPClientTransport())
-        self.shared_memory = shared_memory
-        self.shared_memory_refused: str | None = None
-        self._shared: dict[str, _shm.SessionRegions] = {}
-
-    def _regions(self, session: "Session") -> _shm.SessionRegions | None:
-        """The session's regions, registered on first use; None to step over the wire."""
-        if not self.shared_memory or self.shared_memory_refused or session.layout.wire:
-            return None
-        regions = self._shared.get(session.id)
-        if regions is None:
-            for sealed in (True, False) if _shm.SEALING else (False,):  # a sealed memfd, else a /dev/shm file
-                regions = _shm.SessionRegions(session.layout, sealed)
-                try:
-                    for registration in regions.registrations():
-                        self._send(_Call("POST", "/v1/shm/regions", json=registration, retry_safe=False))
-                    break
-                except APIStatusError as e:  # off (403), or the server cannot see this process's files (422)
-                    self.shared_memory_refused = str(e)
-                    self._unregister(regions)
-                    if e.status_code == 403:
-                        return None
-            else:
-                return None
-            self.shared_memory_refused = None
-            self._shared[session.id] = regions
-        return regions
-
-    def _unregister(self, regions: _shm.SessionRegions) -> None:
-        for name in regions.names:
-            try:
-                self._send(_Call("DELETE", f"/v1/shm/regions/{name}"))
-            except OptimError:  # never registered, or the server is gone: the files go anyway
-                pass
-        regions.close()
-
-    def _drop_regions(self, session_id: str) -> None:
-        regions = self._shared.pop(session_id, None)
-        if regions is not None:
-            self._unregister(regions)
 
     def _send(self, call: _Call):
         for attempt in range(self.max_retries + 1):
@@ -400,8 +419,7 @@ class OptimClient(_Base):
         return self._send(_Call("GET", "/v1/optimizers"))
 
     def close(self) -> None:
-        for session_id in list(self._shared):
-            self._drop_regions(session_id)
+        _drive_sync(self, self._shm.drop_all())
         self._http.close()
 
     def __enter__(self) -> "OptimClient":
@@ -415,8 +433,9 @@ class AsyncOptimClient(_Base):
     """The async twin: ``async with AsyncOptimClient(url) as client: ...``."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
-                 timeout: float = 60.0, max_retries: int = 3, transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(base_url, api_key, timeout, max_retries)
+                 timeout: float = 60.0, max_retries: int = 3, transport: httpx.AsyncBaseTransport | None = None,
+                 shared_memory: bool = False):
+        super().__init__(base_url, api_key, timeout, max_retries, shared_memory)
         self._http = httpx.AsyncClient(**self._http_options(), transport=transport or AsyncHTTPClientTransport())
 
     async def _send(self, call: _Call):
@@ -461,6 +480,7 @@ class AsyncOptimClient(_Base):
         return await self._send(_Call("GET", "/v1/optimizers"))
 
     async def aclose(self) -> None:
+        await _drive_async(self, self._shm.drop_all())
         await self._http.aclose()
 
     async def __aenter__(self) -> "AsyncOptimClient":

@@ -13,12 +13,14 @@ import fcntl
 import mmap
 import os
 import uuid
+from collections.abc import Generator
 from multiprocessing import shared_memory
 
 import numpy as np
 import orjson
 
 from . import _wire
+from .errors import OptimError
 
 MEDIA_TYPE = "application/vnd.optim.shm+json"
 
@@ -112,3 +114,58 @@ class SharedFile:
 
 
 SEALING = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+
+
+# What a registration asks the server, as (method, path, json) for the client to send: the sync and
+# async clients drive the same generators (sans-IO), throwing a refused request's error back in.
+Request = tuple[str, str, dict | None]
+
+
+class SharedMemory:
+    """A client's regions, per session, and why the server refused them if it did."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.refused: str | None = None
+        self.sessions: dict[str, SessionRegions] = {}
+
+    def regions(self, session_id: str, layout: _wire.Layout) -> Generator[Request, object, SessionRegions | None]:
+        """The session's regions, registered on first use (a sealed memfd, else a /dev/shm file);
+        None to step over the wire."""
+        if not self.enabled or self.refused or layout.wire:
+            return None
+        found = self.sessions.get(session_id)
+        if found is not None:
+            return found
+        for sealed in (True, False) if SEALING else (False,):
+            regions = SessionRegions(layout, sealed)
+            try:
+                for body in regions.registrations():
+                    yield "POST", "/v1/shm/regions", body
+            except OptimError as e:  # the server's refusal: off (403), or it cannot open this process's files
+                self.refused = str(e)
+                yield from self.unregister(regions)
+                if getattr(e, "status_code", None) == 403:
+                    return None
+                continue
+            self.refused = None
+            self.sessions[session_id] = regions
+            return regions
+        return None
+
+    def unregister(self, regions: SessionRegions) -> Generator[Request, object, None]:
+        for name in regions.names:
+            try:
+                yield "DELETE", f"/v1/shm/regions/{name}", None
+            except OptimError:  # never registered, or the server is gone: the files go anyway
+                pass
+        regions.close()
+
+    def drop(self, session_id: str) -> Generator[Request, object, None]:
+        regions = self.sessions.pop(session_id, None)
+        if regions is not None:
+            yield from self.unregister(regions)
+
+    def drop_all(self) -> Generator[Request, object, None]:
+        for session_id in list(self.sessions):
+            yield from self.drop(session_id)
