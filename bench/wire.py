@@ -65,6 +65,10 @@ def main() -> int:
         step_ms, echo_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{small.id}/step", body, "application/json"),
                                      lambda: echo_post("/", body, "application/json"), args.repeat * 10)
         rows.append(row("100-param Adam step, JSON, http.client", step_ms, "ASGI echo, same body", echo_ms, 1.5))
+        # the floor issue 20 chose: FastAPI's own one-route echo (history is on, as it is by default)
+        step_f_ms, fastapi_ms = paired_ms(lambda: svc_post(f"/v1/sessions/{small.id}/step", body, "application/json"),
+                                          lambda: fastapi_post("/", body, "application/json"), args.repeat * 10)
+        rows.append(row("100-param Adam step, JSON, http.client", step_f_ms, "one-route FastAPI echo", fastapi_ms, 1.25))
         framework_ms, echo2_ms = paired_ms(lambda: fastapi_post("/", body, "application/json"),
                                            lambda: echo_post("/", body, "application/json"), args.repeat * 10)
         rows.append(row("(context) one-route FastAPI echo, same body", framework_ms, "ASGI echo, same body",
@@ -95,7 +99,25 @@ def main() -> int:
             rows.append(row("(context) SDK step, 100 tensors × 100 float32", sdk_ms, "httpx.post to ASGI echo",
                             httpx_ms, None))
 
+            # end to end: the SDK's binary step against the wire's and the update's floors added up
+            import torch
+            torch.set_num_threads(2)
+            for size, reps, target in ((10_000_000, max(5, args.repeat // 3), 1.5), (n, args.repeat, None),
+                                       (100, args.repeat * 10, None)):
+                g = np.full(size, 0.5, np.float32)
+                payload = g.tobytes()
+                session = client.create_session({"w": np.zeros(size, np.float32)}, optimizer="adam")
+                p = torch.zeros(size, requires_grad=True)
+                p.grad = torch.full((size,), 0.5)
+                fused = torch.optim.Adam([p], fused=True).step
+                sdk_ms, floor_ms = paired_ms(lambda: session.step({"w": g}),
+                                             lambda: (tcp_roundtrip(payload), fused()), reps)
+                rows.append(row(f"SDK binary step, {size:,} float32", sdk_ms, "TCP echo of its bytes + torch fused step",
+                                floor_ms, target))
+                session.delete()
+
         # 4. JSON with 100k floats vs orjson's own decode + encode of that body
+        svc_post = http_post(service.port)  # a fresh connection: the server closed the idle one meanwhile
         k = 100_000
         mid = client.create_session({"w": np.zeros(k, np.float32)}, optimizer="adam")
         body = orjson.dumps({"gradients": {"w": np.full(k, 0.125, np.float32)}}, option=orjson.OPT_SERIALIZE_NUMPY)
