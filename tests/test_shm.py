@@ -5,6 +5,7 @@ falls back to the wire when the server refuses."""
 
 from __future__ import annotations
 
+import json
 import os
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ServerProcess
 from optim_service.app import create_app
@@ -343,3 +345,46 @@ async def test_a_sealed_memfd_is_mapped_and_steps_as_the_binary_body(client, tmp
         os.close(fd)
         os.close(loose)
         os.close(plain)
+
+
+@pytest.fixture(scope="module")
+def shm_app():
+    """A running app with regions on (sync client), a float32 session of 9 parameters, and two
+    registered regions over one file: 'g' (36 bytes) and 'small' (16 bytes)."""
+    from starlette.testclient import TestClient
+
+    f = shared_memory.SharedMemory(create=True, size=64)
+    try:
+        with TestClient(create_app(Settings(store="memory", shm=True)), raise_server_exceptions=False) as client:
+            sid = client.post("/v1/sessions", json={"optimizer": {"type": "adam", "lr": 0.1}, "dtype": "float32",
+                                                    "params": [0.5] * 9}).json()["id"]
+            for name, offset, size in (("g", 0, 36), ("small", 40, 16)):
+                assert client.post("/v1/shm/regions", json={"name": name, "key": "/" + f.name, "offset": offset,
+                                                            "byte_size": size}).status_code == 201
+            yield client, sid, f
+    finally:
+        f.close()
+        f.unlink()
+
+
+REF = st.fixed_dictionaries({"region": st.sampled_from(["g", "small", "nope", "", "g" * 200])}, optional={
+    "offset": st.one_of(st.integers(-5, 80), st.floats(allow_nan=True), st.text(max_size=3)),
+    "byte_size": st.one_of(st.none(), st.integers(-1, 100), st.booleans()),
+    "extra": st.integers()})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(grads=st.one_of(REF, st.text(max_size=5), st.none()), params=st.one_of(st.none(), REF),
+       loss=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+       content=st.floats(width=32, allow_nan=True))
+def test_no_shared_memory_step_makes_a_5xx_and_a_refused_one_changes_nothing(shm_app, grads, params, loss, content):
+    client, sid, f = shm_app
+    np.frombuffer(f.buf, np.float32, 9)[:] = content
+    body = {"gradients": grads, **({"params": params} if params is not None else {}),
+            **({"loss": loss} if loss is not None else {})}
+    before = client.get(f"/v1/sessions/{sid}/state").json()
+    answer = client.post(f"/v1/sessions/{sid}/step", content=json.dumps(body), headers={"Content-Type": SHM})
+    assert answer.status_code in (200, 404, 422), answer.text
+    if answer.status_code != 200:
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert client.get(f"/v1/sessions/{sid}/state").json() == before
