@@ -156,6 +156,7 @@ async def test_every_bad_region_is_a_4xx_that_changes_nothing(client, files, tmp
         ({"gradients": {"region": "small"}}, 422, "expected 36 bytes"),  # the session needs 36
         ({"gradients": {"region": "g", "offset": 4}}, 422, "expected 36 bytes"),
         ({"gradients": {"region": "g", "byte_size": 40}}, 422, "do not fit"),
+        ({"gradients": {"region": "small", "offset": 24}}, 422, "past the end"),
         ({"gradients": {"region": "g"}, "params": {"region": "small"}}, 422, "do not fit"),  # before the step
         ({"gradients": {"region": "g"}, "params": {"region": "nope"}}, 404, "nope"),
         ({"gradients": {"region": "g"}, "extra": 1}, 422, "extra"),

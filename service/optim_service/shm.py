@@ -135,6 +135,9 @@ class Regions:
         size = nbytes if nbytes is not None else ref.get("byte_size") or region.byte_size - offset
         if ref.get("byte_size") is not None and ref["byte_size"] != size:
             raise InvalidRequest(f"{what}: byte_size {ref['byte_size']} but the session's parameters take {size} bytes")
+        if size < 1:
+            raise InvalidRequest(f"{what}: offset {offset} is at or past the end of region {region.name!r} "
+                                 f"({region.byte_size} bytes)")
         if offset < 0 or offset + size > region.byte_size:
             raise InvalidRequest(f"{what}: {size} bytes at offset {offset} do not fit region {region.name!r} "
                                  f"of {region.byte_size} bytes")
