@@ -189,6 +189,21 @@ async def test_regions_are_off_unless_turned_on(tmp_path, files):
         await lifespan.__aexit__(None, None, None)
 
 
+async def test_a_key_holds_at_most_its_share_of_regions(tmp_path, files):
+    app, lifespan, client = await serve(tmp_path, shm=True, shm_regions_per_key=2)
+    try:
+        f = files(64)
+        for i in range(2):
+            assert (await register(client, f"r{i}", f, 32, offset=32 * i)).status_code == 201
+        over = await register(client, "r2", f, 32)
+        assert over.status_code == 429 and "unregister one first" in over.json()["detail"]
+        assert (await client.delete("/v1/shm/regions/r0")).status_code == 204
+        assert (await register(client, "r2", f, 32)).status_code == 201
+    finally:
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
 async def test_regions_belong_to_the_key_that_registered_them(tmp_path, files):
     app, lifespan, client = await serve(tmp_path, shm=True, api_keys=f"{KEY_A},{KEY_B}")
     a, b = ({"Authorization": f"Bearer {k}"} for k in (KEY_A, KEY_B))
@@ -320,6 +335,7 @@ async def test_a_sealed_memfd_is_mapped_and_steps_as_the_binary_body(client, tmp
     wire, shared = await session(client, start), await session(client, start)
     fd, key = sealed_memfd(72, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     loose, loose_key = sealed_memfd(36, 0)
+    frozen, frozen_key = sealed_memfd(36, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
     plain = os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT)  # a regular file, as a store's would be
     os.ftruncate(plain, 36)
     try:
@@ -331,6 +347,8 @@ async def test_a_sealed_memfd_is_mapped_and_steps_as_the_binary_body(client, tmp
                      {"name": "x", "key": f"/proc/{os.getpid()}/fd/{plain}", "byte_size": 36}):
             refused = await client.post("/v1/shm/regions", json=body)
             assert refused.status_code == 422 and "sealed against shrinking" in refused.text, refused.text
+        refused = await client.post("/v1/shm/regions", json={"name": "x", "key": frozen_key, "byte_size": 36})
+        assert refused.status_code == 422 and "F_SEAL_WRITE" in refused.text, refused.text
         for t in range(4):
             grads = np.linspace(-1, 1, 9, dtype=np.float32) * (t + 1)
             view[:9] = grads
@@ -345,6 +363,7 @@ async def test_a_sealed_memfd_is_mapped_and_steps_as_the_binary_body(client, tmp
     finally:
         os.close(fd)
         os.close(loose)
+        os.close(frozen)
         os.close(plain)
 
 

@@ -78,6 +78,10 @@ class RegionExists(OptimServiceError):
     title = "Shared-memory region already registered"
 
 
+class TooManyRegions(OptimServiceError):
+    title = "Too many shared-memory regions"
+
+
 class FeatureOff(OptimServiceError):
     title = "Turned off on this server"
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import FeatureOff, InvalidRequest, RegionExists, RegionNotFound, TooManySessions
+from .errors import FeatureOff, InvalidRequest, RegionExists, RegionNotFound, TooManyRegions
 
 KEY = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # one name in the directory: no path, no dotfile
 SEALED = re.compile(r"/proc/[1-9][0-9]{0,9}/fd/[0-9]{1,10}")  # a memfd, by its holder's descriptor
@@ -71,7 +71,7 @@ class Regions:
             raise RegionExists(f"region {name!r} is already registered: DELETE /v1/shm/regions/{name} first, "
                                "or choose another name")
         if len(owned) >= self.per_owner:
-            raise TooManySessions(f"this API key holds {len(owned)} regions, the most it may: unregister one first")
+            raise TooManyRegions(f"this API key holds {len(owned)} regions, the most it may: unregister one first")
         path = Path(key) if sealed else self.directory / key.lstrip("/")
         try:  # no symlink followed (but /proc's own link to the memfd): the key names the file itself
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | (0 if sealed else os.O_NOFOLLOW))
@@ -193,4 +193,8 @@ def _map_sealed(fd: int, length: int, path: Path) -> mmap.mmap:
     if not seals & fcntl.F_SEAL_SHRINK:
         raise InvalidRequest(f"{path} is not a memfd sealed against shrinking: add F_SEAL_SHRINK (and F_SEAL_GROW) "
                              "with fcntl(F_ADD_SEALS), or register a file of /dev/shm instead")
-    return mmap.mmap(fd, length)
+    try:
+        return mmap.mmap(fd, length)
+    except OSError as e:  # e.g. also sealed against writing: the params could not go in
+        raise InvalidRequest(f"cannot map {path} for reading and writing ({e.strerror}): a region's memfd must "
+                             "stay writable (no F_SEAL_WRITE)") from None

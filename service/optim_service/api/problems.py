@@ -30,6 +30,7 @@ STATUS: dict[type[errors.OptimServiceError], int] = {
     errors.NotAcceptable: 406,
     errors.RegionNotFound: 404,
     errors.RegionExists: 409,
+    errors.TooManyRegions: 429,
     errors.FeatureOff: 403,
     errors.AnswerUndelivered: 409,
 }
