@@ -308,6 +308,29 @@ async def test_the_async_client_steps_through_shared_memory_as_the_sync_one(serv
     assert httpx.get(f"{server_with_regions.url}/v1/shm/regions").json() == []
 
 
+def test_the_torch_drop_in_trains_through_shared_memory_as_torch_does(server_with_regions):
+    import torch
+    from optim_client import OptimClient
+    from optim_client.torch import RemoteOptimizer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    local = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    remote = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    remote.load_state_dict(local.state_dict())
+    local_opt = torch.optim.Adam(local.parameters(), lr=1e-2)
+    with OptimClient(server_with_regions.url, shared_memory=True) as client, \
+            RemoteOptimizer(remote.named_parameters(), optimizer="adam", lr=1e-2, client=client) as opt:
+        for model, optimizer in ((local, local_opt), (remote, opt)):
+            for _ in range(10):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                optimizer.step()
+        assert client.shared_memory_refused is None and len(client._shm.sessions) == 1
+    for a, b in zip(local.parameters(), remote.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def server_with_regions():
     proc = ServerProcess("--store", "memory", env={"OPTIM_SHM": "true"})
