@@ -100,3 +100,43 @@ async def test_a_session_gone_from_the_store_leaves_the_warm_cache():
     with pytest.raises(SessionNotFound):
         await service.load(None, session.id)
     assert session.id not in service._warm._sessions and service._warm._sessions.bytes == 0
+
+
+async def test_with_a_private_store_a_session_stays_warm_past_the_cache_bound_until_the_store_drops_it():
+    """With the memory store a warm session is the stored record itself: it stays warm however
+    large (so a binary step reads its body into a reused working copy, not fresh memory: three
+    clients of 10M-parameter sessions overflowed the 256 MB bound and every step faulted in a fresh
+    120 MB), and the sweep lets go of it once the store has (here: expired)."""
+    import asyncio
+
+    from optim_service.sessions import SessionService
+    from optim_service.settings import Settings
+    from optim_service.store import MemoryStore
+
+    store = MemoryStore(session_ttl_seconds=1)
+    service = SessionService(store, Settings(store="memory", cache_bytes=1024))
+    config = TrainingConfig.model_validate({"optimizer": {"type": "adam"}})
+    sessions = [await service.create(None, config, Layout(("",), ((4096,),), "float32", "array"),
+                                     [np.zeros(4096, np.float32)]) for _ in range(3)]
+    for s in sessions:  # 16 KB of parameters each, beyond a 1 KB bound
+        assert service.binary_memory(None, s.id, 4 * 4096) is not None
+    await service.prune_warm()
+    assert set(service._warm.ids()) == {s.id for s in sessions}  # all still in the store
+    await asyncio.sleep(1.1)
+    await store.sweep()
+    await service.prune_warm()
+    assert service._warm.ids() == []
+
+
+async def test_with_a_shared_store_the_cache_keeps_its_byte_bound(tmp_path):
+    from optim_service.sessions import SessionService
+    from optim_service.settings import Settings
+    from optim_service.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path}/w.db")
+    service = SessionService(store, Settings(store=f"sqlite:///{tmp_path}/w.db", cache_bytes=1024))
+    config = TrainingConfig.model_validate({"optimizer": {"type": "adam"}})
+    session = await service.create(None, config, Layout(("",), ((4096,),), "float32", "array"),
+                                   [np.zeros(4096, np.float32)])
+    assert session.id not in service._warm.ids()  # its state would be a second copy: over the bound
+    await store.close()

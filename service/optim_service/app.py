@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst,
                                           settings.store_timeout_seconds)
                              if keys.enabled else Unlimited())
-        sweeper = asyncio.create_task(_sweep_forever(store, settings.sweep_interval_seconds))
+        sweeper = asyncio.create_task(_sweep_forever(store, app.state.sessions, settings.sweep_interval_seconds))
         try:
             yield
         finally:
@@ -145,12 +145,14 @@ async def _report_store(store, settings: Settings) -> None:
                        redact(settings.store), e or "no answer in time")
 
 
-async def _sweep_forever(store, interval: float) -> None:
-    """Reclaim expired sessions; reads already treat them as gone, this frees their space."""
+async def _sweep_forever(store, sessions: SessionService, interval: float) -> None:
+    """Reclaim expired sessions; reads already treat them as gone, this frees their space (and the
+    warm copies this process kept of them)."""
     while True:
         await asyncio.sleep(interval)
         try:
             await store.sweep()
+            await sessions.prune_warm()
         except Exception:  # a store hiccup must not end the sweeper; the next round retries
             logger.exception("sweeping expired sessions failed")
 

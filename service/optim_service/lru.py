@@ -38,6 +38,9 @@ class ByteBoundedLRU(Generic[V]):
         if entry is not None:
             self.bytes -= entry[1]
 
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
     def clear(self) -> None:
         self._entries.clear()
         self.bytes = 0

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -102,8 +103,10 @@ class WarmSessions:
         """The warm session of this id, of whatever version (its layout never changes)."""
         return self._sessions.get(session_id)
 
-    def remember(self, session: Session) -> None:
-        previous = self._sessions.get(session.id)
+    def remember(self, session: Session, replaced: Session | None = None) -> None:
+        """Keep ``session`` warm; the buffer of the one it replaced (the cache's, or ``replaced``,
+        the step's template, when the cache had let it go) goes to the pool for a later step."""
+        previous = self._sessions.get(session.id) or replaced
         self._sessions.put(session.id, session, len(session.buffer))
         if previous is not None and previous.buffer is not session.buffer and POOL.give(previous.buffer):
             # reused once nothing else holds it; let go of when no step takes it soon
@@ -114,6 +117,9 @@ class WarmSessions:
 
     def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id)
+
+    def ids(self) -> list[str]:
+        return self._sessions.keys()
 
 
 class _SessionLock:
@@ -132,7 +138,9 @@ class SessionService:
         # per session with a step running or waiting (a WeakValueDictionary of locks made a weak
         # reference and its callback on every step, ~9 µs)
         self._locks: dict[str, _SessionLock] = {}
-        self._warm = WarmSessions(settings.cache_bytes)
+        # with a private store a warm session is the stored record itself, costing nothing more: bounded
+        # by the store, it stays warm however large (an evicted one paid fresh memory every step)
+        self._warm = WarmSessions(sys.maxsize if store.private else settings.cache_bytes)
         self._waiting: dict[str, asyncio.Event] = {}  # sessions a contributor waits on to commit
         self._timers: dict[str, asyncio.TimerHandle] = {}  # rounds with a deadline, to commit then
         self._tasks: set[asyncio.Task] = set()
@@ -221,6 +229,13 @@ class SessionService:
                 self._warm.forget(session_id)  # expired or deleted elsewhere: free its decoded copy now
             raise SessionNotFound(f"no session '{session_id}' (it may have been deleted or never existed)")
         return record
+
+    async def prune_warm(self) -> None:
+        """Let go of the warm copies of sessions the store no longer has (expired, or deleted by
+        another process): with a private store nothing else bounds them."""
+        for session_id in self._warm.ids():
+            if await self.store.version(session_id) is None:
+                self._warm.forget(session_id)
 
     async def history(self, owner: str | None, session_id: str) -> list[dict]:
         """Every kept history entry of a session, oldest first."""
@@ -427,7 +442,7 @@ class SessionService:
             session, grad_norm, compute_ms, skipped, line = await self._compute(
                 template, decode, memory, loss, lr_scale or 1.0, contribution.worker)
             claim = self._claim(idempotency, session.version, session.step)
-            if await self._commit(session, record.version, claim, history=line):
+            if await self._commit(session, record.version, claim, history=line, replaced=template):
                 return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau)
         raise StepConflict(
             f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
@@ -458,18 +473,17 @@ class SessionService:
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
         whole = history.one_run(grads) if keep and memory is None and not clipping else None
         norm = history.grad_norm(grads) if keep and whole is None and (memory is not None or not clipping) else None
-        started = time.perf_counter()
         args = (session, grads, self.settings.fused_kernels, template, lr_scale)
         try:
             if sum(session.layout.sizes) < self.settings.thread_offload_elements:
-                grad_norm = _advance(*args)
+                grad_norm, compute_ms = _timed_advance(*args)
             else:  # off the event loop, so that it keeps serving small steps meanwhile
-                grad_norm = await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, _advance, *args)
+                grad_norm, compute_ms = await asyncio.get_running_loop().run_in_executor(
+                    KERNEL_THREAD, _timed_advance, *args)
         except ScheduleOverflow as e:
             raise InvalidRequest(
                 f"{e}; nothing was changed. This session cannot step past step {session.step}: resume its "
                 "GET .../state as a new session with a schedule that stays finite", step=session.step) from None
-        compute_ms = (time.perf_counter() - started) * 1e3
         skipped = grad_norm is SKIPPED
         if keep and norm is None:
             if clipping and not skipped:
@@ -515,13 +529,14 @@ class SessionService:
         return config.rollback_snapshots if config.rollback_snapshots is not None else self.settings.rollback_snapshots
 
     async def _commit(self, session: Session, expected_version: int, claim: Claim | None,
-                      close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
+                      close_round: int | None = None, history: tuple[bytes, int] | None = None,
+                      replaced: Session | None = None) -> bool:
         keep = self._snapshots_kept(session.config)
         if not await self.store.compare_and_set(session.to_record(), expected_version, claim, close_round, history,
                                                 (session.step, keep) if keep else None):
             return False
         session.freeze()
-        self._warm.remember(session)  # its buffer is the stored record's data now
+        self._warm.remember(session, replaced)  # its buffer is the stored record's data now
         self._committed(session.id)
         return True
 
@@ -568,7 +583,8 @@ class SessionService:
         session, grad_norm, compute_ms, skipped, line = await self._compute(
             template, lambda s: mean, None, done.mean_loss())
         claim = self._claim(idempotency, session.version, session.step)
-        if not await self._commit(session, record.version, claim, close_round=done.version, history=line):
+        if not await self._commit(session, record.version, claim, close_round=done.version, history=line,
+                                  replaced=template):
             return None
         self.round_latency(time.time() - done.opened_at)
         return StepResult(session, grad_norm, compute_ms, skipped=skipped, round=done.number)
@@ -763,6 +779,14 @@ def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
             f"session takes pushes at most {config.max_staleness} steps stale: fetch the params and compute it again",
             step=step)
     return tau, config.staleness_scale(tau)
+
+
+def _timed_advance(*args) -> tuple[object, float]:
+    """``_advance`` and its time in ms, taken where it runs: Server-Timing's compute is the update,
+    not also its wait behind other sessions' updates on the kernel thread (that is latency)."""
+    started = time.perf_counter()
+    result = _advance(*args)
+    return result, (time.perf_counter() - started) * 1e3
 
 
 def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: Session, lr_scale: float = 1.0):
