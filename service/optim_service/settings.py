@@ -18,8 +18,9 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     session_ttl_seconds: int = Field(30 * 24 * 3600, ge=0, description="idle sessions expire after this; 0 never")
-    cache_bytes: int = Field(256 << 20, ge=0, description="hot sessions' state kept decoded in this process "
-                             "(and, in front of sqlite/redis, a local copy of it); 0 off")
+    cache_bytes: int = Field(256 << 20, ge=0, description="in front of sqlite/redis, hot sessions' state kept "
+                             "decoded in this process (a local copy of it); 0 off. The memory store's warm "
+                             "sessions are its records themselves, bounded by the store")
     max_sessions: int = Field(100_000, ge=1, description="sessions the service holds at most")
     sweep_interval_seconds: float = Field(60.0, gt=0, description="how often expired sessions are reclaimed")
     api_keys: str | None = Field(None, description="comma-separated; when set every /v1 call needs one")
