@@ -103,10 +103,8 @@ class WarmSessions:
         """The warm session of this id, of whatever version (its layout never changes)."""
         return self._sessions.get(session_id)
 
-    def remember(self, session: Session, replaced: Session | None = None) -> None:
-        """Keep ``session`` warm; the buffer of the one it replaced (the cache's, or ``replaced``,
-        the step's template, when the cache had let it go) goes to the pool for a later step."""
-        previous = self._sessions.get(session.id) or replaced
+    def remember(self, session: Session) -> None:
+        previous = self._sessions.get(session.id)
         self._sessions.put(session.id, session, len(session.buffer))
         if previous is not None and previous.buffer is not session.buffer and POOL.give(previous.buffer):
             # reused once nothing else holds it; let go of when no step takes it soon
@@ -442,7 +440,7 @@ class SessionService:
             session, grad_norm, compute_ms, skipped, line = await self._compute(
                 template, decode, memory, loss, lr_scale or 1.0, contribution.worker)
             claim = self._claim(idempotency, session.version, session.step)
-            if await self._commit(session, record.version, claim, history=line, replaced=template):
+            if await self._commit(session, record.version, claim, history=line):
                 return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau)
         raise StepConflict(
             f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
@@ -529,14 +527,13 @@ class SessionService:
         return config.rollback_snapshots if config.rollback_snapshots is not None else self.settings.rollback_snapshots
 
     async def _commit(self, session: Session, expected_version: int, claim: Claim | None,
-                      close_round: int | None = None, history: tuple[bytes, int] | None = None,
-                      replaced: Session | None = None) -> bool:
+                      close_round: int | None = None, history: tuple[bytes, int] | None = None) -> bool:
         keep = self._snapshots_kept(session.config)
         if not await self.store.compare_and_set(session.to_record(), expected_version, claim, close_round, history,
                                                 (session.step, keep) if keep else None):
             return False
         session.freeze()
-        self._warm.remember(session, replaced)  # its buffer is the stored record's data now
+        self._warm.remember(session)  # its buffer is the stored record's data now
         self._committed(session.id)
         return True
 
@@ -583,8 +580,7 @@ class SessionService:
         session, grad_norm, compute_ms, skipped, line = await self._compute(
             template, lambda s: mean, None, done.mean_loss())
         claim = self._claim(idempotency, session.version, session.step)
-        if not await self._commit(session, record.version, claim, close_round=done.version, history=line,
-                                  replaced=template):
+        if not await self._commit(session, record.version, claim, close_round=done.version, history=line):
             return None
         self.round_latency(time.time() - done.opened_at)
         return StepResult(session, grad_norm, compute_ms, skipped=skipped, round=done.number)

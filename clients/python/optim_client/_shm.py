@@ -39,14 +39,18 @@ class SessionRegions:
     def registrations(self) -> list[dict]:
         return [{"name": name, "key": f.key, "byte_size": self.nbytes} for name, f in zip(self.names, self.files)]
 
+    def _flat(self, which: int) -> np.ndarray:
+        """Region ``which`` (0: gradients, 1: params) as one array of the session's dtype."""
+        return np.frombuffer(self.files[which].buf, self.dtype, sum(self.layout.sizes))
+
     def views(self, which: int) -> list[np.ndarray]:
-        """One array per tensor over region ``which`` (0: gradients, 1: params)."""
-        return _wire.from_binary(np.frombuffer(self.files[which].buf, self.dtype, sum(self.layout.sizes)), self.layout)
+        """One array per tensor over region ``which``."""
+        return _wire.from_binary(self._flat(which), self.layout)
 
     def step_body(self, arrays: list[np.ndarray], loss: float | None, fields: dict) -> bytes:
         """Copies the gradients into the gradients' region, unless they are its views already
         (``Session.shared_buffers``); the step's JSON body naming both regions."""
-        flat = np.frombuffer(self.files[0].buf, self.dtype, sum(self.layout.sizes))
+        flat = self._flat(0)
         offset = 0
         for array, size in zip(arrays, self.layout.sizes):
             target = flat[offset:offset + size]
@@ -63,10 +67,8 @@ class SessionRegions:
         """The params the server wrote, copied out (the region is written over by the next step) into
         numpy's memory: a large array of it is faulted in 2 MB at a time, a bytearray 4 KB (4× slower).
         ``copy=False``: views of the region itself."""
-        if not copy:
-            return self.views(1)
-        return _wire.from_binary(np.frombuffer(self.files[1].buf, self.dtype, sum(self.layout.sizes)).copy(),
-                                 self.layout)
+        flat = self._flat(1)
+        return _wire.from_binary(flat.copy() if copy else flat, self.layout)
 
     def close(self) -> None:
         for f in self.files:
