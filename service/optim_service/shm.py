@@ -14,6 +14,7 @@ unregistering or when the server stops.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -41,6 +42,21 @@ class Region(NamedTuple):
 
     def document(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+
+class Span(NamedTuple):
+    """The bytes a step's reference names: ``size`` of them at ``offset`` into ``region``."""
+
+    region: Region
+    offset: int
+    size: int
+
+    @property
+    def start(self) -> int:  # in the region's file
+        return self.region.offset + self.offset
+
+    def document(self) -> dict:
+        return {"region": self.region.name, "offset": self.offset, "byte_size": self.size}
 
 
 class Regions:
@@ -127,9 +143,9 @@ class Regions:
                 os.close(region.fd)
         self._owned.clear()
 
-    def span(self, owner: str | None, ref: dict, nbytes: int | None, what: str) -> tuple[Region, int, int]:
-        """The region a reference names, where in its file the bytes start, and how many: ``nbytes``,
-        else the reference's ``byte_size``, else the rest of the region."""
+    def span(self, owner: str | None, ref: dict, nbytes: int | None, what: str) -> Span:
+        """The bytes a reference names, checked against its region and the region's file: ``nbytes``
+        of them, else the reference's ``byte_size``, else the rest of the region."""
         region = self.get(owner, ref["region"])
         offset = ref.get("offset", 0)
         size = nbytes if nbytes is not None else ref.get("byte_size") or region.byte_size - offset
@@ -141,42 +157,42 @@ class Regions:
         if offset < 0 or offset + size > region.byte_size:
             raise InvalidRequest(f"{what}: {size} bytes at offset {offset} do not fit region {region.name!r} "
                                  f"of {region.byte_size} bytes")
-        start = region.offset + offset
+        span = Span(region, offset, size)
         if region.mapping is not None:  # sealed: it cannot have shrunk
-            return region, start, size
+            return span
         have = os.fstat(region.fd).st_size
-        if have < start + size:
+        if have < span.start + size:
             raise InvalidRequest(f"{what}: the file of region {region.name!r} was shrunk to {have} bytes; it "
-                                 f"needs {start + size}. Nothing was changed: re-create and re-register it")
-        return region, start, size
+                                 f"needs {span.start + size}. Nothing was changed: re-create and re-register it")
+        return span
 
-    def read(self, owner: str | None, ref: dict, into: np.ndarray | None, limit: int) -> tuple[memoryview, bool]:
-        """The bytes a reference names, and whether they were copied: read into ``into`` (uint8,
-        long enough) or fresh memory, or where they lie in a sealed region's mapping."""
-        region, start, size = self.span(owner, ref, None, "gradients")
-        if size > limit:
-            raise InvalidRequest(f"gradients: {size} bytes, over this server's limit of {limit} per step")
-        if region.mapping is not None:
-            return memoryview(region.mapping)[start:start + size], False
-        buffer = memoryview(into)[:size] if into is not None and len(into) >= size else memoryview(bytearray(size))
-        got = os.preadv(region.fd, [buffer], start)
-        if got != size:  # shrunk between the check and the read
-            raise InvalidRequest(f"gradients: region {region.name!r} gave {got} of {size} bytes (its file was "
-                                 "shrunk); nothing was changed")
-        return buffer, True
 
-    def write(self, owner: str | None, ref: dict, data) -> dict:
-        """``data`` written where a reference names; the reference as the answer states it."""
-        data = memoryview(data).cast("B")
-        region, start, size = self.span(owner, ref, len(data), "params")
-        if region.mapping is not None:
-            memoryview(region.mapping)[start:start + size] = data
-            written = size
-        else:
-            written = os.pwritev(region.fd, [data], start)
-        if written != size:
-            raise InvalidRequest(f"params: region {region.name!r} took {written} of {size} bytes")
-        return {"region": region.name, "offset": ref.get("offset", 0), "byte_size": size}
+def read(span: Span, into: np.ndarray | None, limit: int) -> tuple[memoryview, bool]:
+    """A checked span's bytes, and whether they were copied: read into ``into`` (uint8, long enough)
+    or fresh memory, or where they lie in a sealed region's mapping."""
+    region, size = span.region, span.size
+    if size > limit:
+        raise InvalidRequest(f"gradients: {size} bytes, over this server's limit of {limit} per step")
+    if region.mapping is not None:
+        return memoryview(region.mapping)[span.start:span.start + size], False
+    buffer = memoryview(into)[:size] if into is not None and len(into) >= size else memoryview(bytearray(size))
+    got = os.preadv(region.fd, [buffer], span.start)
+    if got != size:  # shrunk between the check and the read
+        raise InvalidRequest(f"gradients: region {region.name!r} gave {got} of {size} bytes (its file was "
+                             "shrunk); nothing was changed")
+    return buffer, True
+
+
+def write(span: Span, data) -> None:
+    """``data`` (the span's size) written where a span checked before the step lies. After the step
+    there is no refusing: a file shrunk since is written (and so grown) again, and what cannot be
+    written at all raises OSError."""
+    data = memoryview(data).cast("B")
+    region = span.region
+    if region.mapping is not None:
+        memoryview(region.mapping)[span.start:span.start + len(data)] = data
+    elif os.pwritev(region.fd, [data], span.start) != len(data):
+        raise OSError(errno.EIO, "a short write")
 
 
 def _same_file(fd: int, info: os.stat_result) -> bool:

@@ -24,6 +24,7 @@ import orjson
 
 from ..rounds import Contribution
 from ..sessions import StepResult, body_digest
+from .. import shm
 from ..errors import AnswerUndelivered
 from .codecs import BINARY, CODECS, StepBody, negotiate
 from .codecs.dtypes import WIRE_DTYPE_HEADER
@@ -127,13 +128,13 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         extra["round"] = result.round
     if into_region is not None:  # the params into the client's region, and only where they went in the body
         try:
-            written = state.regions.write(caller.owner, into_region, session.params_bytes())
+            shm.write(into_region, session.params_bytes())
         except OSError as e:  # e.g. /dev/shm full: the step stands, its answer can be asked again
             raise AnswerUndelivered(
                 f"step {session.step} was applied, but its params could not be written into region "
-                f"{into_region['region']!r} ({e.strerror}): make room and repeat the request with the same "
+                f"{into_region.region.name!r} ({e.strerror}): make room and repeat the request with the same "
                 "Idempotency-Key to have them written") from None
-        content = orjson.dumps({"step": session.step, "params": written, **extra})
+        content = orjson.dumps({"step": session.step, "params": into_region.document(), **extra})
         out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
     else:
         content = answer.codec.write_params(session, answer.wire, request.encodings, extra)
@@ -146,17 +147,16 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     """A step whose gradients lie in a registered region: they are read (into the step's working
     copy where the binary path would read its body) before anything else, and the region its answer
     should go into is checked now, so that a bad one refuses the step rather than lose its answer.
-    Returns the step's body, that region's reference (None: answer in the body) and the memory the
-    gradients were read into (None: their own)."""
+    Returns the step's body, where its answer goes (None: in the body) and the memory the gradients
+    were read into (None: their own)."""
     req = parse_json(body, SharedMemoryStep, "gradients", state.settings.max_json_depth)
     regions, owner = state.regions, caller.owner
-    grads_ref = req.gradients.model_dump()
-    region, _, size = regions.span(owner, grads_ref, None, "gradients")
-    into = req.params.model_dump() if req.params is not None else None
-    if into is not None:
-        regions.span(owner, into, size, "params")  # the params take as many bytes as the gradients
-    memory = None if region.mapping is not None else caller.sessions.binary_memory(owner, session_id, size)
-    grads, copied = regions.read(owner, grads_ref, memory, state.settings.max_body_bytes)
+    span = regions.span(owner, req.gradients.model_dump(), None, "gradients")
+    into = None  # the params take as many bytes as the gradients
+    if req.params is not None:
+        into = regions.span(owner, req.params.model_dump(), span.size, "params")
+    memory = None if span.region.mapping is not None else caller.sessions.binary_memory(owner, session_id, span.size)
+    grads, copied = shm.read(span, memory, state.settings.max_body_bytes)
 
     def decode(session):
         # a round checks a contribution, then adds it: from the client's live memory, it could change between
@@ -165,7 +165,7 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
 
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
     step = StepBody(decode, req.loss, {}, said)
-    return step, into, memory if memory is not None and len(memory) >= size else None
+    return step, into, memory
 
 
 def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:
