@@ -193,7 +193,7 @@ async def test_a_flat_step_lays_no_per_tensor_arrays_and_leaves_the_state_read_o
     template = _session({"type": "adam", "lr": 0.01}, "float32")
     store = MemoryStore()
     await store.create(template.to_record())
-    service = SessionService(store, Settings(store="memory"))
+    service = SessionService(store, Settings(store="memory", in_place=False))
     grads = {n: np.full(s, 0.5, np.float32) for n, s in SHAPES.items()}
     stepped = (await service.step(None, "s", lambda s: [grads[n] for n in s.layout.names])).session
     assert stepped.arrays.laid() == []

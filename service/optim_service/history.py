@@ -145,14 +145,25 @@ CLIPPED, SKIPPED, HAS_LOSS, HAS_NORM, HAS_WORKER = 1, 2, 4, 8, 16
 _ONE_LR = struct.Struct("<d")
 
 
+def sample(run: np.ndarray, sizes) -> np.ndarray:
+    """The elements of ``run`` (every parameter, 1-D) a line measures, as one small array: an update
+    in place keeps the old ones so (``entry(..., sampled=True)``)."""
+    plan = _plan(sizes)
+    return run[:plan.samples * plan.stride:plan.stride].copy()
+
+
 def entry(step: int, old: np.ndarray, new: np.ndarray, sizes, *, loss, lrs, norm, clip, worker,
-          skipped, grads: np.ndarray | None = None) -> bytes:
-    """One step's line. ``old`` and ``new`` are every parameter as one 1-D run; ``grads``, the
-    gradients as one run, gives the norm in the same pass when ``norm`` is None."""
+          skipped, grads: np.ndarray | None = None, sampled: bool = False) -> bytes:
+    """One step's line. ``old`` and ``new`` are every parameter as one 1-D run (``old`` only its
+    ``sample`` when ``sampled``); ``grads``, the gradients as one run, gives the norm in the same
+    pass when ``norm`` is None."""
     measured, count = b"", 0
     if not skipped:
         plan = _plan(sizes)
-        sums = _measure(old, new, old[:0] if grads is None else grads, plan.stride, plan.samples, plan.starts)
+        stride = plan.stride
+        if sampled:
+            new, stride = sample(new, sizes), 1
+        sums = _measure(old, new, old[:0] if grads is None else grads, stride, plan.samples, plan.starts)
         if grads is not None:
             norm = math.sqrt(sums[-1])
         measured, count = sums.tobytes(), len(sums)

@@ -88,6 +88,8 @@ class Metrics:
         self.store_seconds = Histogram("optim_store_operation_duration_seconds", "Store calls",
                                        ["operation"], buckets=LATENCY_BUCKETS, registry=r)
         self.rounds = Counter("optim_rounds_committed", "Synchronous rounds committed", registry=r)
+        self.in_place = Counter("optim_updates_in_place", "Steps whose update wrote the stored state in place "
+                                "(proven safe); the rest wrote a working copy", registry=r)
         self.contributions = Counter("optim_contributions", "Contributions to rounds, by outcome (accepted into "
                                      "an open round, committed a round, replayed)", ["outcome"], registry=r)
         self.round_seconds = Histogram("optim_round_duration_seconds", "From a round's first contribution to its "

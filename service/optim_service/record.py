@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 
 from .optim import OPTIMIZERS
-from .optim.base import adopt, piece
+from .optim.base import Top, adopt, piece
 from .optim.config import TrainingConfig
 from .store import SessionRecord
 
@@ -276,6 +276,10 @@ class Session:
     buffer: np.ndarray | None = None  # uint8: the memory every array views, when loaded from a record
     slots: Slots | None = None  # where in ``buffer`` each array lives
     arrays: Arrays | None = None  # ``params`` and ``states`` when they view ``buffer``
+    # bounds of max|x| of the state as this process last stepped it (``optim.base.Top``), for the next
+    # step's proof that it may go in place; never stored: None until measured
+    top: Top | None = None
+    unproven_until: int = 0  # the step before which the bound is not measured again (it failed measured)
 
     @cached_property
     def config_json(self) -> bytes:
@@ -307,10 +311,52 @@ class Session:
             clone.buffer = POOL.take(clone.slots.end) if memory is None else memory
         clone.arrays = Arrays(clone.slots, clone.buffer)
         clone.params, clone.states = clone.arrays.lists()
+        clone.top = None
         if copy and relaid:
             for param, state, source in zip(clone.params, clone.states, zip(self.params, self.states)):
                 adopt(param, state, source)
         return clone
+
+    def fork_in_place(self) -> Session:
+        """This session over its own memory, writable: a step that updates the stored state itself
+        (``SessionService`` proves it safe first: nothing else reads that memory, no value can
+        come out non-finite)."""
+        clone = object.__new__(Session)
+        clone.__dict__.update(self.__dict__)
+        for array in self._own_views():
+            array.flags.writeable = True
+        return clone
+
+    def alone(self, record: SessionRecord) -> bool:
+        """Nothing but this session and ``record`` (the store's, as a view of the same memory) refers
+        to its memory: no answer still being sent, no reader's view, no snapshot. Each of those
+        holds a reference to the buffer (a numpy view's base, a memoryview's exporter) or to one
+        of this session's own views, each of which its one container (a list, a NamedTuple, this
+        session) holds once. (Whoever holds this Session itself is the service's own code, which
+        reads it without awaiting in between.)"""
+        buffer = self.buffer
+        if buffer is None or not buffer.flags.owndata:
+            return False
+        held = 2  # this session's and its Arrays' attributes
+        for view in self._own_views()[1:]:
+            if sys.getrefcount(view) > 4:  # its container, the list, the name ``view``, getrefcount's argument
+                return False
+            held += view.base is buffer
+        data = record.data
+        held += isinstance(data, memoryview) and data.obj is buffer
+        return sys.getrefcount(buffer) - 2 == held  # less getrefcount's argument and the name ``buffer``
+
+    def _own_views(self) -> list[np.ndarray]:
+        """The buffer, then every view of it this session keeps (laid arrays, the flat runs and the
+        parameters' run), each once."""
+        flat, every = self.__dict__.get("_flat"), self.__dict__.get("_all")
+        views = [self.buffer, *(self.arrays.laid() if self.arrays is not None else ()),
+                 *((flat[0], *flat[1]) if flat is not None else ()), *((every,) if every is not None else ())]
+        seen: dict[int, np.ndarray] = {}
+        for view in views:
+            if view is not None:
+                seen.setdefault(id(view), view)
+        return list(seen.values())
 
     def source(self) -> tuple[list[np.ndarray], list[tuple], tuple | None]:
         """This session's arrays as ``apply_step`` reads them for a fork made with ``copy=False``."""
@@ -336,11 +382,8 @@ class Session:
         """Make its memory and the arrays laid so far read-only: this session is the stored state
         now, which the next step reads and nothing writes. (The kernels take what they only read
         as read-only arrays: the next step need not make read-only views of these.)"""
-        flat = self.__dict__.get("_flat")
-        for array in (self.buffer, *(self.arrays.laid() if self.arrays is not None else ()),
-                      *((flat[0], *flat[1]) if flat is not None else ())):
-            if array is not None:
-                array.flags.writeable = False
+        for array in self._own_views():
+            array.flags.writeable = False
 
     def buffers(self, i: int) -> dict[str, np.ndarray]:
         state = self.states[i]

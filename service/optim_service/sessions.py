@@ -40,8 +40,9 @@ from .errors import (
 )
 from .finite import first_non_finite, require_finite
 from .lru import ByteBoundedLRU
-from .optim.config import TrainingConfig, apply_step
-from .optim.base import Run, joined
+from .optim.config import TrainingConfig, apply_step, bound_step, measure
+from .optim.base import Run, Top, joined
+from .optim.kernels import max_abs
 from .optim.schedules import ScheduleOverflow
 from .rounds import Contribution, Round, RoundStatus
 from .record import POOL, Layout, Session, from_record, parse_config, read_meta
@@ -64,6 +65,7 @@ class StepResult(NamedTuple):
     staleness: int | None = None
     round: int | None = None  # the round this step committed
     dry_run: bool = False  # computed and answered, written nowhere
+    in_place: bool = False  # the update wrote the stored state itself
 
 
 def new_session_id() -> str:
@@ -140,6 +142,10 @@ class SessionService:
         # by the store, it stays warm however large (an evicted one paid fresh memory every step)
         self._warm = WarmSessions(sys.maxsize if store.private else settings.cache_bytes)
         self._waiting: dict[str, asyncio.Event] = {}  # sessions a contributor waits on to commit
+        # sessions whose stored memory an update in place is writing until it commits, and the future
+        # readers wait on (made by the first); dry runs reading a session's memory, by id
+        self._writing: dict[str, asyncio.Future | None] = {}
+        self._dry_runs: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}  # rounds with a deadline, to commit then
         self._tasks: set[asyncio.Task] = set()
         self.caps = Caps(settings.max_sessions, settings.max_sessions_per_key, settings.max_bytes_per_key,
@@ -221,6 +227,12 @@ class SessionService:
         # the store checks the owner before it reads any tensor: another key's id costs what a
         # missing one does, whatever that session's size
         record = await self.store.get(session_id, owner)
+        while session_id in self._writing:  # an update in place is writing the stored memory: its result
+            waiter = self._writing[session_id]
+            if waiter is None:
+                waiter = self._writing[session_id] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)
+            record = await self.store.get(session_id, owner)
         if record is None:
             warm = self._warm.get(session_id)
             if warm is not None and warm.owner == owner:
@@ -292,7 +304,14 @@ class SessionService:
         if if_match is not None and template.step != if_match:
             raise VersionMismatch(f"If-Match expected step {if_match}, the session is at step {template.step}",
                                   step=template.step)
-        session, grad_norm, compute_ms, skipped, _ = await self._compute(template, decode, memory, loss)
+        self._dry_runs[session_id] = self._dry_runs.get(session_id, 0) + 1
+        try:
+            session, grad_norm, compute_ms, skipped, _ = await self._compute(template, decode, memory, loss)
+        finally:
+            if self._dry_runs[session_id] == 1:
+                del self._dry_runs[session_id]
+            else:
+                self._dry_runs[session_id] -= 1
         return StepResult(session, grad_norm, compute_ms, skipped=skipped, dry_run=True)
 
     async def rollback(self, owner: str | None, session_id: str, to_step: int,
@@ -341,6 +360,8 @@ class SessionService:
             existing = await self.store.get(fork_id, owner)
             if existing is not None:
                 return _fork_of(existing, idempotency), True
+            # a step may have run meanwhile (in place, it wrote the memory that template views)
+            template = self._warm.template(await self._record(owner, session_id))
         config = template.config
         if optimizer:
             if optimizer.get("type", config.optimizer.type) != config.optimizer.type:
@@ -437,14 +458,57 @@ class SessionService:
             lr_scale = tau = None
             if aggregation.mode == "async":
                 tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
-            session, grad_norm, compute_ms, skipped, line = await self._compute(
-                template, decode, memory, loss, lr_scale or 1.0, contribution.worker)
-            claim = self._claim(idempotency, session.version, session.step)
-            if await self._commit(session, record.version, claim, history=line):
-                return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau)
+            args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
+            if self._may_go_in_place(record, template):
+                result = await self._in_place(*args)
+            else:
+                result = await self._apply(*args)
+            if result is not None:
+                return result
         raise StepConflict(
             f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
         )
+
+    async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
+                     in_place: bool = False) -> StepResult | None:
+        """Compute the step and commit it; None when the session changed meanwhile (retry)."""
+        session, grad_norm, compute_ms, skipped, line = await self._compute(
+            template, decode, memory, loss, lr_scale or 1.0, worker, in_place)
+        claim = self._claim(idempotency, session.version, session.step)
+        written = session.buffer is template.buffer
+        if await self._commit(session, record.version, claim, history=line):
+            return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau,
+                              in_place=written)
+        if written:  # written in place, not stored: the warm copy is not the record
+            self._warm.forget(template.id)
+            logger.error("an update in place of %s lost its compare-and-set", template.id)
+        return None
+
+    def _may_go_in_place(self, record: SessionRecord, template: Session) -> bool:
+        """Whether this step may update the stored state itself, if its bound then holds (decided where
+        the update runs): the memory store (whose record is this memory, and whose compare-and-set
+        cannot fail under the session's lock), no snapshot keeping it, no round, and nothing else
+        reading it (an answer being sent, a reader's view, a dry run)."""
+        config = template.config
+        return (self.settings.in_place and self.settings.fused_kernels and self.store.private
+                and config.algorithm.bound is not None and not self._snapshots_kept(config)
+                and config.aggregation.mode != "sync" and template.tensor_steps is None
+                and template.id not in self._dry_runs and template.alone(record))
+
+    async def _in_place(self, record, template, *args) -> StepResult | None:
+        """``_apply`` that may write the stored state: readers wait until it has committed, and it runs
+        to its commit even if the request is cancelled (the memory is the store's record)."""
+        session_id = template.id
+        self._writing[session_id] = None
+
+        async def run():
+            try:
+                return await self._apply(record, template, *args, in_place=True)
+            finally:
+                waiter = self._writing.pop(session_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+        return await asyncio.shield(asyncio.ensure_future(run()))
 
     async def _range_test_goes_on(self, template: Session, loss: float) -> None:
         """A range test stops where the loss diverged (its smoothed value over 4× its best, fastai's
@@ -459,29 +523,38 @@ class SessionService:
                 f"over {self.settings.diagnosis_divergence_factor:g}× its best {best:.3g}); nothing was changed. "
                 "GET .../diagnosis suggests a learning rate")
 
-    async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None):
+    async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None,
+                       in_place: bool = False):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
         the gradient norm, the update's time, whether ``nan_policy: "skip"`` skipped it, and its
-        history line (None with history off)."""
+        history line (None with history off). With ``in_place`` the update may write ``template``'s
+        own memory, where its bound proves it safe (``_timed_advance``)."""
         session = template.fork(copy=False, memory=memory)  # the update writes every element of it
         grads = decode(session)
+        if in_place and any(g is None for g in grads):  # some tensors skip this step: unproven
+            in_place = False
         keep = self.settings.history_steps
         clipping = template.config.clip_grad_norm is not None  # the update's own norm is the line's then
         # the line's pass takes the norm of one run of gradients after the update, unless the update
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
         whole = history.one_run(grads) if keep and memory is None and not clipping else None
         norm = history.grad_norm(grads) if keep and whole is None and (memory is not None or not clipping) else None
-        args = (session, grads, self.settings.fused_kernels, template, lr_scale)
+        out = session
+        args = (session, grads, self.settings.fused_kernels, template, lr_scale, in_place,
+                template.layout.sizes if keep else None)
         try:
             if sum(session.layout.sizes) < self.settings.thread_offload_elements:
-                grad_norm, compute_ms = _timed_advance(*args)
+                session, grad_norm, compute_ms, old = _timed_advance(*args)
             else:  # off the event loop, so that it keeps serving small steps meanwhile
-                grad_norm, compute_ms = await asyncio.get_running_loop().run_in_executor(
-                    KERNEL_THREAD, _timed_advance, *args)
+                box = [args]
+                await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, _offloaded, box)
+                session, grad_norm, compute_ms, old = box.pop()
         except ScheduleOverflow as e:
             raise InvalidRequest(
                 f"{e}; nothing was changed. This session cannot step past step {session.step}: resume its "
                 "GET .../state as a new session with a schedule that stays finite", step=session.step) from None
+        if session is not out:  # the update went in place: the working copy was never written
+            POOL.give(out.buffer)
         skipped = grad_norm is SKIPPED
         if keep and norm is None:
             if clipping and not skipped:
@@ -503,9 +576,9 @@ class SessionService:
             config, layout = template.config, template.layout
             clip = config.clip_grad_norm
             line = (history.entry(
-                template.step + 1, template.all_params(), session.all_params(), layout.sizes,
+                template.step + 1, template.all_params() if old is None else old, session.all_params(), layout.sizes,
                 loss=loss, lrs=_lrs(template, lr_scale), norm=norm, worker=worker, skipped=skipped,
-                clip=clip.max_norm if clip else None, grads=None if skipped else whole), keep)
+                clip=clip.max_norm if clip else None, grads=None if skipped else whole, sampled=old is not None), keep)
         return session, grad_norm, compute_ms, skipped, line
 
     def _check_fits(self, session: Session, config: TrainingConfig) -> None:
@@ -777,24 +850,79 @@ def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
     return tau, config.staleness_scale(tau)
 
 
-def _timed_advance(*args) -> tuple[object, float]:
-    """``_advance`` and its time in ms, taken where it runs: Server-Timing's compute is the update,
-    not also its wait behind other sessions' updates on the kernel thread (that is latency)."""
+def _timed_advance(session: Session, grads, fused: bool, template: Session, lr_scale: float, in_place: bool,
+                   sizes) -> tuple[Session, object, float, np.ndarray | None]:
+    """``_advance`` and its time in ms, taken where it runs: Server-Timing's compute is the update
+    (with the proof that it may go in place), not also its wait behind other sessions' updates on
+    the kernel thread (that is latency). With ``in_place``, where ``template``'s bound holds, the
+    update writes ``template``'s memory instead of ``session``: then the session returned is that
+    one, with the history's sample of the old parameters (``sizes``: the history is on)."""
     started = time.perf_counter()
-    result = _advance(*args)
-    return result, (time.perf_counter() - started) * 1e3
+    top = _in_place_bound(template, grads, lr_scale) if in_place else None
+    old = None
+    if top is None:
+        result = _advance(session, grads, fused, template, lr_scale)
+    else:
+        if sizes is not None:
+            old = history.sample(template.all_params(), sizes)
+        session = template.fork_in_place()
+        try:
+            result = _advance(session, grads, fused, None, lr_scale)
+        except InvalidRequest:
+            result = SKIPPED
+        if result is SKIPPED:  # cannot be, unless a bound is wrong: the stored state is lost
+            raise RuntimeError(f"an update in place of {template.id} came out non-finite: a bound is wrong")
+        session.top = top
+    return session, result, (time.perf_counter() - started) * 1e3, old
 
 
-def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: Session, lr_scale: float = 1.0):
-    """Apply one step to ``session``, a fork of ``template`` that the update writes whole; a
-    non-finite gradient or result is refused (``nan_policy: "error"``) or skipped, with the stored
-    state unchanged (``"skip"``). Returns the gradient norm when clipping."""
+def _offloaded(box: list) -> None:
+    """``_timed_advance`` on the arguments in ``box``, its result left there: the executor's work item,
+    which its thread may hold a moment after the result is in, then holds no session's memory (a
+    step in place checks that nothing else does: ``Session.alone``)."""
+    box.append(_timed_advance(*box.pop()))
+
+
+# after a measured bound fails (a huge state), the steps that do not measure again before trying
+UNPROVEN_BACKOFF = 16
+
+
+def _in_place_bound(template: Session, grads, lr_scale: float) -> Top | None:
+    """The state's maxima after this step if its update provably writes only finite values (then it
+    may go in place): from the maxima the last update in place carried, else measured (one pass
+    over the state, only where the bound could hold at all)."""
+    config, hps, dtype = template.config, template.hyperparameters, template.layout.np_dtype
+    whole = history.one_run(grads)
+    grad_max = max_abs(whole) if whole is not None else max(max_abs(g) for g in grads)
+    step, lr_of = template.step + 1, _lr_of(template)
+    if template.top is not None:
+        top = bound_step(config, hps, template.top, grad_max, step, dtype, lr_scale, lr_of)
+        if top is not None:
+            return top
+    if step < template.unproven_until:
+        return None
+    flat = template.flat()
+    params, states = ([flat[0]], [flat[1]]) if flat is not None else (template.params, template.states)
+    zero = Top(0.0, config.algorithm.state_type(*(None if b is None else 0.0 for b in states[0])))
+    if bound_step(config, hps, zero, grad_max, step, dtype, lr_scale, lr_of) is None:
+        return None  # unproven whatever the state (ε = 0, a flag, a huge gradient): nothing to measure
+    top = bound_step(config, hps, measure(config.algorithm, params, states), grad_max, step, dtype, lr_scale, lr_of)
+    if top is None:
+        template.unproven_until = step + UNPROVEN_BACKOFF
+    return top
+
+
+def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: Session | None,
+             lr_scale: float = 1.0):
+    """Apply one step to ``session``, a fork of ``template`` that the update writes whole (or, with
+    no ``template``, in place); a non-finite gradient or result is refused (``nan_policy: "error"``)
+    or skipped, with the stored state unchanged (``"skip"``). Returns the gradient norm when clipping."""
     step = session.step + 1
     steps = None
     if session.tensor_steps is not None or any(g is None for g in grads):  # some tensors skip steps
         steps = [s + (g is not None) for s, g in zip(session.tensor_steps or [session.step] * len(grads), grads)]
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
-                                   session.states, step, fused, session.flat(), template.source(), steps, lr_scale,
+                                   session.states, step, fused, session.flat(), template and template.source(), steps, lr_scale,
                                    _lr_of(session))
     if not finite:
         if session.config.nan_policy == "skip":

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="how long a step's Idempotency-Key is remembered")
     cas_retries: int = Field(32, ge=1, description="reload-and-recompute attempts when another process wins a step")
     fused_kernels: bool = Field(True, description="numba kernels; false runs the numpy reference")
+    in_place: bool = Field(True, description="update a memory-store session's own state when provably safe "
+                           "(no reader holds it, no value can come out non-finite): fewer memory streams")
     # a hop to a worker thread costs ~0.1 ms; below ~0.5 ms of update, running inline is faster and
     # blocks the loop no longer than a couple of small steps would (bench: 64k elements, 0.12 ms
     # inline against 0.22 offloaded)

@@ -185,6 +185,8 @@ def _observe(metrics, result: StepResult, wire_format: str, started: float) -> N
     steps.inc()
     if outcome == "applied":
         compute.observe(result.compute_ms / 1e3)
+        if result.in_place:
+            metrics.in_place.inc()
     latency.observe(time.perf_counter() - started)
 
 

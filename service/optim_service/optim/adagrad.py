@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -9,7 +10,9 @@ from numba import prange
 from pydantic import model_validator
 
 from . import kernels
-from .base import Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, require_non_negative, zeros
+from .base import (
+    Bool, Bounds, Float, Hyperparameters, Optimizer, Top, decay_scalars, directed, require_non_negative, zeros,
+)
 from .kernels import directed_at, finite
 
 
@@ -72,15 +75,31 @@ def _adagrad(p, g, s, p0, s0, c):
     return bad
 
 
+def scalars(hp: AdagradHyperparameters, step: int) -> Scalars:
+    return Scalars(*decay_scalars(hp), hp.lr / (1 + (step - 1) * hp.lr_decay), hp.eps)
+
+
 def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None) -> int:
-    clr = hp.lr / (1 + (step - 1) * hp.lr_decay)
-    return kernels.apply(_adagrad, param, grad, state, source, Scalars(*decay_scalars(hp), clr, hp.eps))
+    return kernels.apply(_adagrad, param, grad, state, source, scalars(hp, step))
+
+
+def bound(hp: AdagradHyperparameters, step: int, top: Top, g: float, dtype) -> Top:
+    """``_adagrad``'s values, bounded: the sum holds this g², so |g|/(√s + ε) ≤ 1 (``Bounds.ratio``)."""
+    b = Bounds(dtype)
+    sign, wd, decay, clr, eps = b.cast(scalars(hp, step))
+    b.positive(eps)
+    p = b(top.param * decay)
+    g = b(sign * g, wd * p)
+    s = b(top.state.sum, b(g * g))
+    b(math.sqrt(s), eps)
+    b(clr * g)
+    return Top(b(p, b(clr * b.ratio(g, eps))), AdagradState(s))
 
 
 adagrad = Optimizer(
     "adagrad", AdagradHyperparameters, init, update, fused, AdagradState,
     "θ ← θ − η/(1+(t−1)·lr_decay) · g / (√Σg² + ε) (torch.optim.Adagrad)",
-    ("sum",), torch="Adagrad", warm=({},),
+    ("sum",), torch="Adagrad", warm=({},), bound=bound,
     # torch fills every parameter's sum with the constructor's value, whatever its group sets
     constructor_wide=("initial_accumulator_value",),
 )

@@ -11,7 +11,8 @@ from pydantic import Field, model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, lerp_, require_non_negative, zeros,
+    Bool, Bounds, Float, Hyperparameters, Optimizer, Top, Unproven, decay_scalars, directed, lerp_,
+    require_non_negative, zeros,
 )
 from .kernels import directed_at, finite, moments_at
 
@@ -139,18 +140,38 @@ def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, c):
     return bad
 
 
+def scalars(hp: AdamHyperparameters, step: int) -> Scalars:
+    beta1, beta2 = hp.betas
+    return Scalars(*decay_scalars(hp), 1 - beta1, beta2, 1 - beta2, hp.eps, hp.lr / (1 - beta1**step),
+                   math.sqrt(1 - beta2**step))
+
+
 @kernels.torch_lerp(update)
 def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None) -> int:
-    beta1, beta2 = hp.betas
-    return kernels.apply(_adam_amsgrad if hp.amsgrad else _adam, param, grad, state, source, Scalars(
-        *decay_scalars(hp), 1 - beta1, beta2, 1 - beta2, hp.eps, hp.lr / (1 - beta1**step),
-        math.sqrt(1 - beta2**step)))
+    return kernels.apply(_adam_amsgrad if hp.amsgrad else _adam, param, grad, state, source, scalars(hp, step))
+
+
+def bound(hp: AdamHyperparameters, step: int, top: Top, g: float, dtype) -> Top:
+    """``_adam``'s values, bounded: a lerp stays between its ends, the denominator is at least ε."""
+    b = Bounds(dtype)
+    sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt = b.cast(scalars(hp, step))
+    if b1_c >= 0.5:  # torch's other lerp formula: the numpy reference (kernels.torch_lerp)
+        raise Unproven
+    b.positive(eps, bc2_sqrt)
+    p = b(top.param * decay)
+    g = b(sign * g, wd * p)
+    m = b(max(top.state.exp_avg, g))
+    b(g, top.state.exp_avg)  # g − m₀
+    v = b(b2 * top.state.exp_avg_sq, b2_c * b(g * g))
+    second = v if top.state.max_exp_avg_sq is None else b(max(top.state.max_exp_avg_sq, v))
+    b(math.sqrt(second) / bc2_sqrt, eps)
+    return Top(b(p, b(b(step_size * m) / eps)), AdamState(m, v, None if top.state.max_exp_avg_sq is None else second))
 
 
 adam = Optimizer(
     "adam", AdamHyperparameters, init, update, fused, AdamState,
     "m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − η·m̂/(√v̂ + ε) (torch.optim.Adam)",
-    ("exp_avg_sq", "max_exp_avg_sq"), torch="Adam", warm=({}, {"amsgrad": True}),
+    ("exp_avg_sq", "max_exp_avg_sq"), torch="Adam", warm=({}, {"amsgrad": True}), bound=bound,
 )
 adamw = adam._replace(
     name="adamw", hyperparameters=AdamWHyperparameters, torch="AdamW", warm=(),

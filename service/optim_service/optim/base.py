@@ -63,7 +63,8 @@ class Optimizer(NamedTuple):
     the hyperparameters torch reads from the constructor even where a param group sets its own;
     ``check_shape`` refuses a parameter the algorithm cannot take (a message, or None);
     ``elementwise`` is False for an update that reads a whole tensor (a norm, a matrix product), which
-    must never run over several tensors joined.
+    must never run over several tensors joined. ``bound`` proves an update cannot write a non-finite
+    value, so that the service may run it in place (``Bounds``).
     """
 
     name: str
@@ -80,6 +81,9 @@ class Optimizer(NamedTuple):
     constructor_wide: tuple[str, ...] = ()
     check_shape: Callable[[tuple[int, ...]], str | None] | None = None
     elementwise: bool = True  # each element's update reads only that element: tensors may be joined
+    # bound(hp, step, top, g, dtype): the maxima after this update, given ``top`` before it (``Top``)
+    # and max|g|, proven to stay finite, or ``Unproven``; None: the update always goes out of place
+    bound: Callable[..., Top] | None = None
 
 
     def buffer_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -89,6 +93,61 @@ class Optimizer(NamedTuple):
     def param_shaped(self) -> bool:
         """Every buffer has its parameter's shape: each kind can be stored as one run over all tensors."""
         return all(kind == PARAM for kind in self.shapes.values())
+
+
+class Top(NamedTuple):
+    """Upper bounds of max|x| over a session: its parameters, and each buffer (the optimizer's state
+    NamedTuple holding floats, None where no tensor keeps that buffer)."""
+
+    param: float
+    state: tuple
+
+
+class Unproven(Exception):
+    """An update's bound does not hold: it may write a non-finite value, so it goes out of place."""
+
+
+class Bounds:
+    """Interval arithmetic for an update in ``dtype``, upward: each call bounds |x| of a sum of
+    bounded terms, grown by ``SLACK`` for the kernel's rounding (each operation is within 2⁻²⁴ of
+    exact in float32; a bound covers at most a dozen), and raises ``Unproven`` unless it stays under
+    ``limit``, the dtype's largest value over ``MARGIN``. A comparison with NaN is false, so a NaN
+    anywhere is unproven too."""
+
+    SLACK = 1 + 1e-6
+    MARGIN = 1024.0
+
+    def __init__(self, dtype):
+        self.type = np.dtype(dtype).type
+        self.limit = float(np.finfo(self.type).max) / self.MARGIN
+
+    def __call__(self, *terms: float) -> float:
+        x = sum(terms) * self.SLACK
+        if not x <= self.limit:
+            raise Unproven
+        return x
+
+    def cast(self, scalars: tuple) -> list[float]:
+        """|c| for each scalar as the kernel casts it (``f = p.dtype.type``): an lr past float32 is inf
+        there, an eps under its smallest subnormal is 0."""
+        with np.errstate(over="ignore", under="ignore"):
+            return [self(abs(float(self.type(c)))) for c in scalars]
+
+    def ratio(self, g: float, eps: float, weight: float = 1.0) -> float:
+        """|g|/(√s + ε) where s ≥ (weight·g)·g as the kernel rounds it (a sum of squares that holds this
+        gradient's): at most 1/√weight, or t/ε for a |g| under t, whose square may fall into
+        subnormals (where rounding is no longer relative); never more than |g|/ε."""
+        loose = g / eps
+        if not weight >= 1e-30:
+            return self(loose)
+        t = 2 * math.sqrt(float(np.finfo(self.type).tiny) / weight)
+        return self(min(loose, max(1 / math.sqrt(weight), t / eps)))
+
+    @staticmethod
+    def positive(*xs: float) -> None:
+        """A divisor is never 0 (nor NaN)."""
+        if not all(x > 0 for x in xs):
+            raise Unproven
 
 
 def reference_step(update):

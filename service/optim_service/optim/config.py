@@ -6,6 +6,7 @@ can be rebuilt anywhere. ``apply_step`` is the whole per-step pipeline: clip, sc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Annotated, Any, Literal, Union
@@ -14,7 +15,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from . import OPTIMIZERS
-from .base import Hyperparameters, adopt, joined, reference
+from .base import Hyperparameters, Top, Unproven, adopt, joined, reference
+from .kernels import max_abs
 from .aggregation import Aggregation, Each
 from .clipping import ClipGradNorm, clip_coefficient
 from .schedules import Schedule
@@ -214,16 +216,7 @@ def apply_step(
             if grad is None or param.size == 0:  # skipped this step (or nothing to update): kept as it is
                 adopt(param, state, read)
                 continue
-            if config.schedule is not None or lr_scale != 1.0:
-                if id(hp) not in scheduled:
-                    if lr_of is not None:
-                        update = {"lr": lr_of[id(hp)] * lr_scale}
-                    elif config.schedule is not None:
-                        update = config.schedule.overrides(hp, step - 1, lr_scale)
-                    else:
-                        update = {"lr": hp.lr * lr_scale}
-                    scheduled[id(hp)] = hp.model_copy(update=update)
-                hp = scheduled[id(hp)]
+            hp = _scheduled(config, hp, step, lr_scale, lr_of, scheduled)
             t = steps[i] if partial else step
             try:
                 if fused:
@@ -233,6 +226,52 @@ def apply_step(
             except ArithmeticError:  # Python scalar math that overflowed (a huge power): a non-finite step
                 finite = False
     return grad_norm, finite
+
+
+def _scheduled(config: TrainingConfig, hp, step: int, lr_scale: float, lr_of: dict[int, float] | None,
+               scheduled: dict[int, Any]):
+    """``hp`` as step ``step`` uses it: its lr scheduled, scaled, or set by a stateful schedule (each
+    group's made once per step, in ``scheduled``)."""
+    if config.schedule is None and lr_scale == 1.0:
+        return hp
+    if id(hp) not in scheduled:
+        if lr_of is not None:
+            update = {"lr": lr_of[id(hp)] * lr_scale}
+        elif config.schedule is not None:
+            update = config.schedule.overrides(hp, step - 1, lr_scale)
+        else:
+            update = {"lr": hp.lr * lr_scale}
+        scheduled[id(hp)] = hp.model_copy(update=update)
+    return scheduled[id(hp)]
+
+
+def bound_step(config: TrainingConfig, hyperparameters: list[Any], top: Top | None, grad_max: float, step: int,
+               dtype, lr_scale: float = 1.0, lr_of: dict[int, float] | None = None) -> Top | None:
+    """The session's maxima after step ``step`` (every tensor at that step, none skipped) when the
+    update provably writes only finite values, given ``top`` before it and max|g| (clipping only
+    scales the gradients down): then it may run in place. None when unproven, or when the update
+    has no bound, or a kernel does not run it (``fused`` off)."""
+    algorithm = config.algorithm
+    if algorithm.bound is None or top is None or not math.isfinite(grad_max):
+        return None
+    scheduled: dict[int, Any] = {}
+    bounds = []
+    try:
+        for hp in {id(hp): hp for hp in hyperparameters}.values():
+            bounds.append(algorithm.bound(_scheduled(config, hp, step, lr_scale, lr_of, scheduled), step, top,
+                                          grad_max, dtype))
+    except (Unproven, ArithmeticError):  # ArithmeticError: the scalars' own math overflowed (β^t, say)
+        return None
+    return Top(max(b.param for b in bounds), top.state._make(
+        None if values[0] is None else max(values) for values in zip(*(b.state for b in bounds))))
+
+
+def measure(algorithm, params: Sequence[np.ndarray], states: Sequence[tuple]) -> Top:
+    """The maxima ``bound_step`` starts from, measured: max|x| of the parameters and of each buffer
+    over every tensor (inf where one is non-finite)."""
+    fields = [None if all(s[k] is None for s in states) else max(max_abs(s[k]) for s in states if s[k] is not None)
+              for k in range(len(algorithm.state_type._fields))]
+    return Top(max((max_abs(p) for p in params), default=0.0), algorithm.state_type(*fields))
 
 
 def warm_kernels() -> None:

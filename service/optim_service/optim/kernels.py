@@ -26,11 +26,12 @@ Each kernel also reports, in the same pass, whether any gradient or output is no
 from __future__ import annotations
 
 import functools
+import math
 import types
 from typing import Callable, NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .base import flat, flat_input, flat_read, read_from, reference
 
@@ -123,6 +124,31 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
     names = buffers or tuple(f for f, a in zip(state._fields, state) if a is not None)
     return run(k, flat(param), flat_input(grad, param), *(flat(getattr(state, n)) for n in names),
                flat_read(param0), *(flat_read(getattr(state0, n)) for n in names), scalars)
+
+
+# max|x| over a float's bits as an unsigned integer with the sign masked off: finite magnitudes
+# order as their bits do, NaN and ±Inf sit above every finite one, and an integer max vectorises
+# (a float max, minding NaN, did not: 3x slower over 10M)
+def _top_bits(bits, mask):
+    top = bits.dtype.type(0)
+    for i in prange(bits.size):
+        top = max(top, bits[i] & mask)
+    return top
+
+
+_TOP_BITS = Kernel(njit(parallel=True, **_OPTIONS)(_top_bits), njit(**_OPTIONS)(_serial_twin(_top_bits)))
+_BITS = {np.dtype(np.float32): (np.uint32, np.float32), np.dtype(np.float64): (np.uint64, np.float64)}
+
+
+def max_abs(x: np.ndarray) -> float:
+    """max|x| in one pass; inf when any element is NaN or ±Inf."""
+    if x.size == 0:
+        return 0.0
+    unsigned, real = _BITS[x.dtype]
+    bits = np.ascontiguousarray(x).reshape(-1).view(unsigned)
+    top = run(_TOP_BITS, bits, unsigned(np.iinfo(unsigned).max >> 1))
+    value = float(np.array(top, unsigned).view(real))
+    return value if value == value else math.inf
 
 
 def run(k: Kernel, p: np.ndarray, *args) -> int:

@@ -6,6 +6,7 @@ average to g² instead of mixing it with zero (torch's form, ``"zero"``, the def
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -14,7 +15,8 @@ from pydantic import model_validator
 
 from . import kernels
 from .base import (
-    Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, lerp_, reference, require_non_negative, zeros,
+    Bool, Bounds, Float, Hyperparameters, Optimizer, Top, Unproven, decay_scalars, directed, lerp_, reference,
+    require_non_negative, zeros,
 )
 from .kernels import directed_at, ema_sq, finite
 
@@ -124,17 +126,42 @@ def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, c):
     return bad
 
 
+def scalars(hp: RMSpropHyperparameters, step: int) -> Scalars:
+    first_grad = step == 1 and hp.square_avg_init == "first_grad"
+    return Scalars(*decay_scalars(hp), hp.lr, 0.0 if first_grad else hp.alpha, 1.0 if first_grad else 1 - hp.alpha,
+                   hp.eps, hp.momentum)
+
+
 def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int, source=None) -> int:
     if hp.centered:  # no kernel: the reference, and its own finiteness count
         return reference(update, param, grad, state, hp, step, source)
-    first_grad = step == 1 and hp.square_avg_init == "first_grad"
-    scalars = Scalars(*decay_scalars(hp), hp.lr, 0.0 if first_grad else hp.alpha,
-                      1.0 if first_grad else 1 - hp.alpha, hp.eps, hp.momentum)
-    return kernels.apply(_rmsprop_momentum if hp.momentum > 0 else _rmsprop, param, grad, state, source, scalars)
+    return kernels.apply(_rmsprop_momentum if hp.momentum > 0 else _rmsprop, param, grad, state, source,
+                         scalars(hp, step))
+
+
+def bound(hp: RMSpropHyperparameters, step: int, top: Top, g: float, dtype) -> Top:
+    """``_rmsprop``'s and ``_rmsprop_momentum``'s values, bounded: σ² holds (1 − α)·g², so
+    |g|/(σ + ε) ≤ 1/√(1 − α) (``Bounds.ratio``).
+    Centered is unproven: √(σ² − ḡ²) may round below 0."""
+    if hp.centered:
+        raise Unproven
+    b = Bounds(dtype)
+    sign, wd, decay, lr, alpha, alpha_c, eps, momentum = b.cast(scalars(hp, step))
+    b.positive(eps)
+    p = b(top.param * decay)
+    g = b(sign * g, wd * p)
+    v = b(alpha * top.state.square_avg, alpha_c * b(g * g))
+    b(math.sqrt(v), eps)
+    scaled = b.ratio(g, eps, alpha_c)
+    if hp.momentum > 0:
+        buf = b(b(top.state.momentum_buffer * momentum), scaled)
+        return Top(b(p, b(lr * buf)), RMSpropState(v, buf, None))
+    b(lr * g)
+    return Top(b(p, b(lr * scaled)), RMSpropState(v, None, None))
 
 
 rmsprop = Optimizer(
     "rmsprop", RMSpropHyperparameters, init, update, fused, RMSpropState,
     "σ² ← α·σ² + (1−α)·g², θ ← θ − η·g/(σ + ε) (torch.optim.RMSprop; the lessons' form σ⁰=|g⁰|)",
-    ("square_avg",), torch="RMSprop", warm=({}, {"momentum": 0.9}),
+    ("square_avg",), torch="RMSprop", warm=({}, {"momentum": 0.9}), bound=bound,
 )

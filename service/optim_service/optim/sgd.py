@@ -9,7 +9,9 @@ from numba import prange
 from pydantic import model_validator
 
 from . import kernels
-from .base import Bool, Float, Hyperparameters, Optimizer, decay_scalars, directed, require_non_negative, zeros
+from .base import (
+    Bool, Bounds, Float, Hyperparameters, Optimizer, Top, decay_scalars, directed, require_non_negative, zeros,
+)
 from .kernels import directed_at, finite
 
 
@@ -96,17 +98,33 @@ def _sgd_momentum(p, g, buf, p0, buf0, c):
     return bad
 
 
-def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None) -> int:
+def scalars(hp: SGDHyperparameters, step: int) -> Scalars:
     if hp.momentum == 0:
-        return kernels.apply(_sgd, param, grad, state, source, Scalars(*decay_scalars(hp), hp.lr))
+        return Scalars(*decay_scalars(hp), hp.lr)
     first = step == 1
-    return kernels.apply(_sgd_momentum, param, grad, state, source, Scalars(
-        *decay_scalars(hp), hp.lr, 0.0 if first else hp.momentum, 1.0 if first else 1 - hp.dampening, hp.momentum,
-        1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0))
+    return Scalars(*decay_scalars(hp), hp.lr, 0.0 if first else hp.momentum, 1.0 if first else 1 - hp.dampening,
+                   hp.momentum, 1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0)
+
+
+def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None) -> int:
+    return kernels.apply(_sgd_momentum if hp.momentum else _sgd, param, grad, state, source, scalars(hp, step))
+
+
+def bound(hp: SGDHyperparameters, step: int, top: Top, g: float, dtype) -> Top:
+    """``_sgd``'s and ``_sgd_momentum``'s values, bounded."""
+    b = Bounds(dtype)
+    sign, wd, decay, lr, momentum_now, grad_weight, momentum, nesterov, plain = b.cast(scalars(hp, step))
+    p = b(top.param * decay)
+    g = b(sign * g, wd * p)
+    if hp.momentum == 0:
+        return Top(b(p, b(lr * g)), SGDState(None))
+    buf = b(b(top.state.momentum_buffer * momentum_now), b(grad_weight * g))
+    d = b(b(nesterov * b(g, b(momentum * buf))), b(plain * buf))
+    return Top(b(p, b(lr * d)), SGDState(buf))
 
 
 sgd = Optimizer(
     "sgd", SGDHyperparameters, init, update, fused, SGDState,
     "θ ← θ − η·v, v ← λ·v + (1−dampening)·g (torch.optim.SGD)",
-    torch="SGD", warm=({}, {"momentum": 0.9}),
+    torch="SGD", warm=({}, {"momentum": 0.9}), bound=bound,
 )

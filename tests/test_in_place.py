@@ -1,0 +1,314 @@
+"""Updates in place (#20, decision 2): each optimizer's ``bound`` admits an update only when it
+provably writes no non-finite value, and where it admits one, the update in place gives the same
+bits as the update out of place; the service then steps a session's own memory, never one a
+reader still holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from optim_service.optim.config import TrainingConfig, apply_step, bound_step, measure
+
+VARIANTS = [
+    ("adam", {}), ("adam", {"amsgrad": True}), ("adam", {"maximize": True, "weight_decay": 0.1}),
+    ("adamw", {}), ("adamw", {"amsgrad": True, "weight_decay": 0.5}),
+    ("sgd", {}), ("sgd", {"momentum": 0.9}), ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    ("sgd", {"momentum": 0.5, "dampening": 0.3, "maximize": True}),
+    ("adagrad", {}), ("adagrad", {"lr_decay": 0.01, "weight_decay": 0.1}),
+    ("rmsprop", {}), ("rmsprop", {"momentum": 0.9}), ("rmsprop", {"square_avg_init": "first_grad"}),
+]
+NONNEGATIVE = {"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"}
+
+
+def _config(kind: str, variant: dict, lr: float, eps: float | None, **extra) -> TrainingConfig:
+    optimizer = {"type": kind, **variant, "lr": lr}
+    if eps is not None and kind != "sgd":
+        optimizer["eps"] = eps
+    return TrainingConfig.model_validate({"optimizer": optimizer, **extra})
+
+
+def _magnitudes(draw, n: int, top: int) -> np.ndarray:
+    """Values of every scale up to 10^top, zeros among them: where overflow lives."""
+    mantissa = np.array(draw(st.lists(st.floats(-1, 1), min_size=n, max_size=n)))
+    exponent = np.array(draw(st.lists(st.integers(-40, top), min_size=n, max_size=n)))
+    return mantissa * 10.0 ** exponent
+
+
+def _arrays(cfg: TrainingConfig, draw, n: int, dtype, top: int):
+    hp = cfg.hyperparameters_for(["w"])[0]
+    param = np.zeros(n, dtype)
+    state = cfg.algorithm.init(param, hp)
+    with np.errstate(over="ignore"):
+        param[...] = _magnitudes(draw, n, top)
+        for name, buffer in zip(state._fields, state):
+            if buffer is not None:
+                values = _magnitudes(draw, n, top)
+                buffer[...] = np.abs(values) if name in NONNEGATIVE else values
+    return param, state
+
+
+def _bits(arrays) -> list[bytes]:
+    return [a.tobytes() for a in arrays if a is not None]
+
+
+@pytest.mark.parametrize("kind,variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_where_the_bound_admits_an_update_in_place_it_is_the_same_bits_and_finite(kind, variant, dtype, data):
+    draw = data.draw
+    top_exponent = 38 if dtype is np.float32 else 300
+    lr = draw(st.sampled_from([1e-3, 1e-1, 10.0, 1e20, 1e38, 1e300]))
+    eps = draw(st.sampled_from([None, 1e-8, 1e-30, 1e-45, 0.0]))
+    step = draw(st.integers(1, 10**6))
+    cfg = _config(kind, variant, lr, eps)
+    n = draw(st.integers(1, 40))
+    param, state = _arrays(cfg, draw, n, dtype, top_exponent)
+    grad = _magnitudes(draw, n, top_exponent).astype(dtype)
+    if draw(st.booleans()):
+        grad[draw(st.integers(0, n - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    if not (np.isfinite(param).all() and all(np.isfinite(b).all() for b in state if b is not None)):
+        return  # a stored state is always finite (a step that would make it otherwise is refused)
+    hps = cfg.hyperparameters_for(["w"])
+    top = measure(cfg.algorithm, [param], [state])
+    from optim_service.optim.kernels import max_abs
+    after = bound_step(cfg, hps, top, max_abs(grad), step, dtype)
+
+    out_param, out_state = np.empty_like(param), cfg.algorithm.state_type(*(
+        None if b is None else np.empty_like(b) for b in state))
+    _, finite_out = apply_step(cfg, hps, [out_param], [grad], [out_state], step, source=([param], [state], None))
+    if after is None:
+        return
+    assert finite_out, "the bound admitted an update that wrote a non-finite value"
+    _, finite_in = apply_step(cfg, hps, [param], [grad], [state], step)  # in place
+    assert finite_in
+    assert _bits([param, *state]) == _bits([out_param, *out_state])
+    measured = measure(cfg.algorithm, [param], [state])
+    assert measured.param <= after.param
+    for field, value in zip(state._fields, measured.state):
+        if value is not None:
+            assert value <= getattr(after.state, field), field
+
+
+@pytest.mark.parametrize("kind,variant", VARIANTS)
+def test_the_bound_admits_a_real_run_carried_from_step_to_step(kind, variant):
+    """A real run (unit gradients, the usual lr): every step of 2,000 is admitted, on the maxima the
+    previous bound carried or, where those grew past what proves the next step, measured again (as
+    the service does). Adam's bound is loose (|m|/(√v̂ + ε) ≤ |m|/ε), so coupled weight decay feeds
+    the parameters' bound back into the gradient's and it measures every few steps; nothing else
+    measures at all. The state stays under the carried maxima."""
+    rng = np.random.default_rng(0)
+    cfg = _config(kind, variant, 1e-2 if kind in ("sgd", "adagrad") else 1e-3, None)
+    hps = cfg.hyperparameters_for(["w"])
+    param = rng.standard_normal(1000).astype(np.float32)
+    state = cfg.algorithm.init(param, hps[0])
+    top, measured = measure(cfg.algorithm, [param], [state]), 0
+    for step in range(1, 2001):
+        grad = rng.standard_normal(1000).astype(np.float32)
+        after = bound_step(cfg, hps, top, float(np.abs(grad).max()), step, np.float32)
+        if after is None:
+            measured += 1
+            after = bound_step(cfg, hps, measure(cfg.algorithm, [param], [state]), float(np.abs(grad).max()),
+                               step, np.float32)
+        assert after is not None, f"step {step} unproven on measured maxima"
+        top = after
+        _, finite = apply_step(cfg, hps, [param], [grad], [state], step)
+        assert finite
+        now = measure(cfg.algorithm, [param], [state])
+        assert now.param <= top.param and all(m is None or m <= t for m, t in zip(now.state, top.state))
+    coupled_adam = kind == "adam" and variant.get("weight_decay")
+    assert measured <= (2000 // 3 if coupled_adam else 0), measured
+
+
+@pytest.mark.parametrize("variant,why", [
+    ({"type": "adam", "eps": 0.0}, "a zero ε leaves 0/0 possible"),
+    ({"type": "adam", "eps": 1e-46}, "ε rounds to 0 in float32"),
+    ({"type": "adam", "betas": [0.4, 0.999]}, "torch's other lerp: the numpy reference"),
+    ({"type": "rmsprop", "centered": True}, "√(σ² − ḡ²) may round below 0"),
+    ({"type": "lion"}, "no bound"),
+])
+def test_unproven_updates_go_out_of_place(variant, why):
+    cfg = TrainingConfig.model_validate({"optimizer": variant})
+    hps = cfg.hyperparameters_for(["w"])
+    param = np.ones(4, np.float32)
+    top = measure(cfg.algorithm, [param], [cfg.algorithm.init(param, hps[0])])
+    assert bound_step(cfg, hps, top, 1.0, 1, np.float32) is None, why
+
+
+def test_a_huge_or_non_finite_gradient_is_unproven():
+    cfg = TrainingConfig.model_validate({"optimizer": {"type": "adam"}})
+    hps = cfg.hyperparameters_for(["w"])
+    param = np.ones(4, np.float32)
+    top = measure(cfg.algorithm, [param], [cfg.algorithm.init(param, hps[0])])
+    assert bound_step(cfg, hps, top, 1.0, 1, np.float32) is not None
+    assert bound_step(cfg, hps, top, 1e30, 1, np.float32) is None  # g² overflows float32
+    assert bound_step(cfg, hps, top, float("inf"), 1, np.float32) is None
+    assert bound_step(cfg, hps, top, float("nan"), 1, np.float32) is None
+
+
+# -- the service: when a step goes in place, and that nobody sees it happen ---------------------------
+
+import asyncio  # noqa: E402
+
+from optim_service.api.codecs.octet_stream import decode_binary  # noqa: E402
+from optim_service.record import Layout  # noqa: E402
+from optim_service.sessions import SessionService  # noqa: E402
+from optim_service.settings import Settings  # noqa: E402
+from optim_service.store.memory import MemoryStore  # noqa: E402
+
+
+def _service(**settings) -> SessionService:
+    return SessionService(MemoryStore(), Settings(**settings))
+
+
+async def _created(service: SessionService, optimizer: dict, sizes=(3000, 500), **config):
+    cfg = TrainingConfig.model_validate({"optimizer": optimizer, **config})
+    names = tuple(f"t{i}" for i in range(len(sizes)))
+    layout = Layout(names, tuple((n,) for n in sizes), "float32", "dict")
+    rng = np.random.default_rng(1)
+    return await service.create(None, cfg, layout, [rng.standard_normal(n).astype(np.float32) for n in sizes])
+
+
+def _binary(grad: np.ndarray):
+    body = grad.tobytes()
+    return lambda session: decode_binary(body, session.layout)
+
+
+async def _run(service: SessionService, optimizer: dict, steps: int, **config):
+    session = await _created(service, optimizer, **config)
+    rng = np.random.default_rng(2)
+    in_place = []
+    for _ in range(steps):
+        result = await service.step(None, session.id, _binary(rng.standard_normal(3500).astype(np.float32)),
+                                    loss=float(rng.random()))
+        in_place.append(result.in_place)
+    record = await service.store.get(session.id, None)
+    lines = [line[:8] + line[32:] for line in await service.store.get_history(session.id)]  # less the time
+    return bytes(record.data), lines, in_place
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"type": "adam"}, {"type": "adamw", "amsgrad": True}, {"type": "sgd", "momentum": 0.9, "nesterov": True},
+    {"type": "adagrad", "lr_decay": 0.01}, {"type": "rmsprop", "momentum": 0.5}, {"type": "adam", "weight_decay": 0.1},
+])
+@pytest.mark.parametrize("offload", [0, 1 << 30])  # on the kernel thread, or on the event loop
+def test_steps_in_place_store_what_steps_out_of_place_store(optimizer, offload):
+    """Every step after the first goes in place (the first reads the record as created, not memory
+    of its own), and the state and history come out as without in-place updates."""
+    async def both():
+        return (await _run(_service(in_place=False, thread_offload_elements=offload), optimizer, 12),
+                await _run(_service(thread_offload_elements=offload), optimizer, 12))
+    (out_data, out_lines, out_flags), (in_data, in_lines, in_flags) = asyncio.run(both())
+    assert not any(out_flags)
+    assert in_flags[0] is False and all(in_flags[1:]), in_flags
+    assert in_data == out_data
+    assert in_lines == out_lines
+
+
+def test_an_answer_still_being_sent_keeps_the_next_step_out_of_place():
+    """A binary answer is a view of the session's memory until it is sent: the next step must not
+    write that memory meanwhile, and goes out of place; once the view is gone, in place again."""
+    async def scenario():
+        service = _service()
+        session = await _created(service, {"type": "adam"})
+        grad = _binary(np.ones(3500, np.float32))
+        for _ in range(3):
+            answer = await service.step(None, session.id, grad)
+        assert answer.in_place
+        sending = answer.session.params_bytes()  # what the octet-stream codec answers with
+        sent = bytes(sending)
+        held = await service.step(None, session.id, grad)
+        assert not held.in_place and bytes(sending) == sent
+        del sending, answer
+        answer = await service.step(None, session.id, grad)  # on the maxima measured again
+        assert answer.in_place
+        view = answer.session.params[1]  # a reader's hold on one of the session's own views
+        seen = view.copy()
+        assert not (await service.step(None, session.id, grad)).in_place
+        np.testing.assert_array_equal(view, seen)
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("config,settings", [
+    ({"rollback_snapshots": 2}, {}),  # a snapshot is the old record itself
+    ({}, {"fused_kernels": False}),
+    ({}, {"in_place": False}),
+])
+def test_what_keeps_every_step_out_of_place(config, settings):
+    async def scenario():
+        service = _service(**settings)
+        session = await _created(service, {"type": "adam"}, **config)
+        return [(await service.step(None, session.id, _binary(np.ones(3500, np.float32)))).in_place
+                for _ in range(5)]
+    assert not any(asyncio.run(scenario()))
+
+
+def test_an_unproven_step_goes_out_of_place_and_is_refused_as_ever():
+    """A gradient whose square overflows float32 is no proof: out of place, refused, nothing changed;
+    the session then goes on in place."""
+    async def scenario():
+        service = _service()
+        session = await _created(service, {"type": "adam"})
+        for _ in range(3):
+            await service.step(None, session.id, _binary(np.ones(3500, np.float32)))
+        before = bytes((await service.store.get(session.id, None)).data)
+        with pytest.raises(Exception, match="non-finite"):
+            await service.step(None, session.id, _binary(np.full(3500, 1e30, np.float32)))
+        assert bytes((await service.store.get(session.id, None)).data) == before
+        flags = []
+        for _ in range(3):
+            result = await service.step(None, session.id, _binary(np.ones(3500, np.float32)))
+            flags.append(result.in_place)
+        assert flags == [True] * 3 and result.session.step == 6
+    asyncio.run(scenario())
+
+
+def test_a_reader_during_an_update_in_place_sees_one_step_whole():
+    """A large update runs on the kernel thread while the event loop serves others: a reader then
+    waits for the step to commit, and never sees its memory half-written, or step N's number with
+    step N + 1's values."""
+    async def scenario():
+        service = _service(thread_offload_elements=0)
+        session = await _created(service, {"type": "adam"}, sizes=(1 << 20,))
+        grad = _binary(np.ones(1 << 20, np.float32))
+        states = {}
+        for _ in range(3):
+            result = await service.step(None, session.id, grad)
+            states[result.session.step] = bytes(result.session.params_bytes())
+        for _ in range(3):
+            step, seen = asyncio.ensure_future(service.step(None, session.id, grad)), []
+            while not step.done():  # readers all along the step, the update on the kernel thread
+                seen.append(await service.load(None, session.id))
+                await asyncio.sleep(0)
+            result = await step
+            assert result.in_place
+            states[result.session.step] = bytes(result.session.params_bytes())
+            for reader in seen:
+                assert bytes(reader.params_bytes()) == states[reader.step]
+    asyncio.run(scenario())
+
+
+def test_a_step_in_place_cancelled_midway_still_commits():
+    """Its memory is the stored record's: once the update starts, the step runs to its commit, even
+    if the request that made it is cancelled (a client gone)."""
+    async def scenario():
+        service = _service(thread_offload_elements=0)
+        session = await _created(service, {"type": "adam"}, sizes=(1 << 20,))
+        grad = _binary(np.ones(1 << 20, np.float32))
+        for _ in range(3):
+            await service.step(None, session.id, grad)
+        step = asyncio.ensure_future(service.step(None, session.id, grad))
+        await asyncio.sleep(0)
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        seen = await service.load(None, session.id)  # waits for the update to commit
+        assert seen.step == 4
+        check = _service(in_place=False)
+        twin = await _created(check, {"type": "adam"}, sizes=(1 << 20,))
+        for _ in range(4):
+            last = await check.step(None, twin.id, grad)
+        assert bytes(seen.params_bytes()) == bytes(last.session.params_bytes())
+    asyncio.run(scenario())
