@@ -160,7 +160,7 @@ from optim_service.store.memory import MemoryStore  # noqa: E402
 
 
 def _service(**settings) -> SessionService:
-    return SessionService(MemoryStore(), Settings(**settings))
+    return SessionService(MemoryStore(), Settings(**{"in_place_min_bytes": 0, **settings}))
 
 
 async def _created(service: SessionService, optimizer: dict, sizes=(3000, 500), **config):
@@ -233,6 +233,7 @@ def test_an_answer_still_being_sent_keeps_the_next_step_out_of_place():
 
 @pytest.mark.parametrize("config,settings", [
     ({"rollback_snapshots": 2}, {}),  # a snapshot is the old record itself
+    ({}, {"in_place_min_bytes": 1 << 20}),  # small: the proof would cost more than it saves
     ({}, {"fused_kernels": False}),
     ({}, {"in_place": False}),
 ])
@@ -312,3 +313,92 @@ def test_a_step_in_place_cancelled_midway_still_commits():
             last = await check.step(None, twin.id, grad)
         assert bytes(seen.params_bytes()) == bytes(last.session.params_bytes())
     asyncio.run(scenario())
+
+
+# -- max|g| taken while the body is read ---------------------------------------------------------
+
+from optim_service.finite import Scan  # noqa: E402
+from optim_service.optim.kernels import max_abs  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_a_scan_over_a_body_in_parts_is_max_abs_of_the_whole(dtype, data):
+    """Parts of any length (an element may straddle two): the scan's max|x| is the whole's, and inf
+    for a NaN or ±Inf anywhere."""
+    n = data.draw(st.integers(0, 300))
+    values = np.array(data.draw(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32 if dtype is np.float32
+                                                   else 64), min_size=n, max_size=n)), dtype)
+    body = values.tobytes()
+    memory = np.zeros(len(body) + 8, np.uint8)
+    scan, filled = Scan(memory, np.dtype(dtype)), 0
+    while filled < len(body):
+        part = data.draw(st.integers(1, 64))
+        chunk = body[filled:filled + part]
+        memory[filled:filled + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        filled += len(chunk)
+        scan.over(filled)
+    expected = max_abs(values)
+    assert scan.top == expected
+    assert expected == (float(np.abs(values).max()) if n and np.isfinite(values).all() else
+                        (0.0 if not n else float("inf")))
+
+
+def test_a_served_binary_step_goes_in_place_with_max_g_from_the_read(tmp_path):
+    """Through a real server: binary steps go in place (the read took max|g|), their answers are
+    torch's (to float32 parity: torch's vectorised lerp fuses a multiply-add), and two clients stepping one session with answers in flight never get a
+    torn answer (each is one step's params, the same as the other client's for that step)."""
+    import threading
+
+    import httpx
+    import torch
+
+    from conftest import ServerProcess
+
+    server = ServerProcess("--store", "memory", env={"OPTIM_THREAD_OFFLOAD_ELEMENTS": "0",
+                                                      "OPTIM_IN_PLACE_MIN_BYTES": "0"})
+    try:
+        n = 1 << 18
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            created = http.post("/v1/sessions", json={"params": {"w": [0.0] * n}, "optimizer": {"type": "adam"},
+                                                      "dtype": "float32"})
+            assert created.status_code == 201, created.text
+            sid = created.json()["id"]
+            rng = np.random.default_rng(3)
+            param = torch.zeros(n, requires_grad=True)
+            opt = torch.optim.Adam([param])
+            binary = {"Content-Type": "application/octet-stream", "Accept": "application/octet-stream"}
+            for _ in range(4):
+                g = rng.standard_normal(n).astype(np.float32)
+                answer = http.post(f"/v1/sessions/{sid}/step", content=g.tobytes(), headers=binary)
+                param.grad = torch.from_numpy(g)
+                opt.step()
+                np.testing.assert_allclose(np.frombuffer(answer.content, np.float32), param.detach().numpy(),
+                                           rtol=1e-5, atol=1e-6)
+            metrics = http.get("/metrics").text
+            counted = [line for line in metrics.splitlines() if line.startswith("optim_updates_in_place_total")]
+            assert float(counted[0].split()[-1]) >= 3
+
+            answers: dict[int, list[bytes]] = {}
+            ones = np.ones(n, np.float32).tobytes()
+
+            def worker():
+                with httpx.Client(base_url=server.url, timeout=60) as own:
+                    for _ in range(15):
+                        r = own.post(f"/v1/sessions/{sid}/step", content=ones, headers=binary)
+                        answers.setdefault(int(r.headers["etag"].strip('"')), []).append(r.content)
+            threads = [threading.Thread(target=worker) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert sorted(answers) == list(range(5, 35))  # every step once: none lost, none doubled
+        for step in range(5, 35):
+            param.grad = torch.ones(n)
+            opt.step()
+            (body,) = answers[step]
+            np.testing.assert_allclose(np.frombuffer(body, np.float32), param.detach().numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"step {step}")
+    finally:
+        server.stop()

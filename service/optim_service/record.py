@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +200,8 @@ class BufferPool:
     same size: memory already faulted in. A fresh 120 MB buffer costs page faults on first touch,
     and with transparent huge pages (which numpy asks for) sometimes a compaction stall: a 10M Adam
     step took 15 ms, or 60-90 ms (bench/threads.py). A buffer is handed out only when nothing but
-    the pool refers to it (a stored record, a reader's view, a snapshot each hold a reference)."""
+    the pool refers to it (a stored record, a reader's view, a snapshot each hold a reference).
+    Thread-safe: a step on the kernel thread takes its working copy there."""
 
     MIN_BYTES = 1 << 20  # below this, malloc is as fast and the pool would only hold memory
 
@@ -207,11 +209,16 @@ class BufferPool:
         self.max_bytes, self.per_size, self.idle_seconds = max_bytes, per_size, idle_seconds
         self._buffers: list[np.ndarray] = []
         self._given: dict[int, float] = {}  # id(buffer) -> when it came
+        self._lock = threading.Lock()
 
     def give(self, buffer: np.ndarray | None) -> bool:
         """Keep ``buffer`` for reuse; whether it was kept (so a trim is due)."""
         if buffer is None or buffer.nbytes < self.MIN_BYTES or not buffer.flags.owndata:
             return False
+        with self._lock:
+            return self._give(buffer)
+
+    def _give(self, buffer: np.ndarray) -> bool:
         if any(b is buffer for b in self._buffers):
             return False
         same = [b for b in self._buffers if b.nbytes == buffer.nbytes]
@@ -227,6 +234,10 @@ class BufferPool:
         """Let go of buffers no step took within ``idle_seconds``: a session at rest holds its state
         and nothing more."""
         now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
         for buffer in [b for b in self._buffers if now - self._given.get(id(b), now) >= self.idle_seconds]:
             self._drop(buffer)
 
@@ -237,14 +248,19 @@ class BufferPool:
     def take(self, nbytes: int) -> np.ndarray:
         """A writable uint8 buffer of ``nbytes``: a pooled one nobody else holds, else a new one."""
         if nbytes >= self.MIN_BYTES:
-            for i in range(len(self._buffers)):
-                buffer = self._buffers[i]
-                # the pool's list, this name and getrefcount's argument: nobody else's
-                if buffer.nbytes == nbytes and sys.getrefcount(buffer) <= 3:
-                    del self._buffers[i]
-                    self._given.pop(id(buffer), None)
-                    buffer.flags.writeable = True  # it owns its memory: the frozen state it was is gone
-                    return buffer
+            with self._lock:
+                return self._take(nbytes)
+        return np.empty(nbytes, np.uint8)
+
+    def _take(self, nbytes: int) -> np.ndarray:
+        for i in range(len(self._buffers)):
+            buffer = self._buffers[i]
+            # the pool's list, this name and getrefcount's argument: nobody else's
+            if buffer.nbytes == nbytes and sys.getrefcount(buffer) <= 3:
+                del self._buffers[i]
+                self._given.pop(id(buffer), None)
+                buffer.flags.writeable = True  # it owns its memory: the frozen state it was is gone
+                return buffer
         return np.empty(nbytes, np.uint8)
 
 

@@ -38,7 +38,7 @@ from .errors import (
     TooManySessions,
     VersionMismatch,
 )
-from .finite import first_non_finite, require_finite
+from .finite import Scan, first_non_finite, require_finite
 from .lru import ByteBoundedLRU
 from .optim.config import TrainingConfig, apply_step, bound_step, measure
 from .optim.base import Run, Top, joined
@@ -166,6 +166,15 @@ class SessionService:
             return None
         return POOL.take(len(warm.buffer))
 
+    def gradient_scan(self, session_id: str, memory: np.ndarray | None) -> Scan | None:
+        """A ``Scan`` for a binary body read into ``memory`` (``binary_memory``'s), when the step may go
+        in place and so wants max|g|: the read takes it in passing."""
+        warm = self._warm.get(session_id)
+        if (memory is None or warm is None or not self.settings.in_place or warm.config.algorithm.bound is None
+                or len(warm.buffer) < self.settings.in_place_min_bytes):
+            return None
+        return Scan(memory, warm.layout.np_dtype)
+
     async def create(
         self,
         owner: str | None,
@@ -291,13 +300,15 @@ class SessionService:
         memory: np.ndarray | None = None,  # from binary_memory, holding the body that ``decode`` reads
         contribution: Contribution = Contribution(),
         dry_run: bool = False,
+        grad_max: float | None = None,  # max|g| over the gradients, if reading them took it
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
         dropped with the last step that needs it, so idle sessions hold none."""
         if dry_run:  # the would-be step, written nowhere: no lock, claim, history or round
             return await self._dry_run(owner, session_id, decode, loss, if_match, memory)
         async with self._locked(session_id):
-            return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory, contribution)
+            return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
+                                    grad_max)
 
     async def _dry_run(self, owner, session_id, decode, loss, if_match, memory) -> StepResult:
         template = self._warm.template(await self._record(owner, session_id))
@@ -431,7 +442,8 @@ class SessionService:
             if not held.users:
                 del self._locks[session_id]
 
-    async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory, contribution) -> StepResult:
+    async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
+                    grad_max=None) -> StepResult:
         for attempt in range(self.settings.cas_retries):
             record = await self._record(owner, session_id)
             if idempotency is not None:
@@ -460,7 +472,7 @@ class SessionService:
                 tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
             args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
             if self._may_go_in_place(record, template):
-                result = await self._in_place(*args)
+                result = await self._in_place(*args, grad_max=grad_max)
             else:
                 result = await self._apply(*args)
             if result is not None:
@@ -470,10 +482,10 @@ class SessionService:
         )
 
     async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
-                     in_place: bool = False) -> StepResult | None:
+                     in_place: bool = False, grad_max: float | None = None) -> StepResult | None:
         """Compute the step and commit it; None when the session changed meanwhile (retry)."""
         session, grad_norm, compute_ms, skipped, line = await self._compute(
-            template, decode, memory, loss, lr_scale or 1.0, worker, in_place)
+            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, grad_max)
         claim = self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self._commit(session, record.version, claim, history=line):
@@ -487,15 +499,17 @@ class SessionService:
     def _may_go_in_place(self, record: SessionRecord, template: Session) -> bool:
         """Whether this step may update the stored state itself, if its bound then holds (decided where
         the update runs): the memory store (whose record is this memory, and whose compare-and-set
-        cannot fail under the session's lock), no snapshot keeping it, no round, and nothing else
-        reading it (an answer being sent, a reader's view, a dry run)."""
+        cannot fail under the session's lock), a state large enough to gain by it, no snapshot
+        keeping it, no round, and nothing else reading it (an answer being sent, a reader's view,
+        a dry run)."""
         config = template.config
         return (self.settings.in_place and self.settings.fused_kernels and self.store.private
+                and len(template.buffer) >= self.settings.in_place_min_bytes
                 and config.algorithm.bound is not None and not self._snapshots_kept(config)
                 and config.aggregation.mode != "sync" and template.tensor_steps is None
                 and template.id not in self._dry_runs and template.alone(record))
 
-    async def _in_place(self, record, template, *args) -> StepResult | None:
+    async def _in_place(self, record, template, *args, grad_max: float | None = None) -> StepResult | None:
         """``_apply`` that may write the stored state: readers wait until it has committed, and it runs
         to its commit even if the request is cancelled (the memory is the store's record)."""
         session_id = template.id
@@ -503,7 +517,7 @@ class SessionService:
 
         async def run():
             try:
-                return await self._apply(record, template, *args, in_place=True)
+                return await self._apply(record, template, *args, in_place=True, grad_max=grad_max)
             finally:
                 waiter = self._writing.pop(session_id, None)
                 if waiter is not None and not waiter.done():
@@ -524,13 +538,12 @@ class SessionService:
                 "GET .../diagnosis suggests a learning rate")
 
     async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None,
-                       in_place: bool = False):
+                       in_place: bool = False, grad_max: float | None = None):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
         the gradient norm, the update's time, whether ``nan_policy: "skip"`` skipped it, and its
         history line (None with history off). With ``in_place`` the update may write ``template``'s
         own memory, where its bound proves it safe (``_timed_advance``)."""
-        session = template.fork(copy=False, memory=memory)  # the update writes every element of it
-        grads = decode(session)
+        grads = decode(template)  # (a decoder reads the layout only: the working copy's is the same)
         if in_place and any(g is None for g in grads):  # some tensors skip this step: unproven
             in_place = False
         keep = self.settings.history_steps
@@ -539,11 +552,10 @@ class SessionService:
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
         whole = history.one_run(grads) if keep and memory is None and not clipping else None
         norm = history.grad_norm(grads) if keep and whole is None and (memory is not None or not clipping) else None
-        out = session
-        args = (session, grads, self.settings.fused_kernels, template, lr_scale, in_place,
+        args = (template, memory, grads, self.settings.fused_kernels, lr_scale, in_place, grad_max,
                 template.layout.sizes if keep else None)
         try:
-            if sum(session.layout.sizes) < self.settings.thread_offload_elements:
+            if sum(template.layout.sizes) < self.settings.thread_offload_elements:
                 session, grad_norm, compute_ms, old = _timed_advance(*args)
             else:  # off the event loop, so that it keeps serving small steps meanwhile
                 box = [args]
@@ -551,10 +563,8 @@ class SessionService:
                 session, grad_norm, compute_ms, old = box.pop()
         except ScheduleOverflow as e:
             raise InvalidRequest(
-                f"{e}; nothing was changed. This session cannot step past step {session.step}: resume its "
-                "GET .../state as a new session with a schedule that stays finite", step=session.step) from None
-        if session is not out:  # the update went in place: the working copy was never written
-            POOL.give(out.buffer)
+                f"{e}; nothing was changed. This session cannot step past step {template.step}: resume its "
+                "GET .../state as a new session with a schedule that stays finite", step=template.step) from None
         skipped = grad_norm is SKIPPED
         if keep and norm is None:
             if clipping and not skipped:
@@ -850,17 +860,20 @@ def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
     return tau, config.staleness_scale(tau)
 
 
-def _timed_advance(session: Session, grads, fused: bool, template: Session, lr_scale: float, in_place: bool,
-                   sizes) -> tuple[Session, object, float, np.ndarray | None]:
-    """``_advance`` and its time in ms, taken where it runs: Server-Timing's compute is the update
-    (with the proof that it may go in place), not also its wait behind other sessions' updates on
-    the kernel thread (that is latency). With ``in_place``, where ``template``'s bound holds, the
-    update writes ``template``'s memory instead of ``session``: then the session returned is that
-    one, with the history's sample of the old parameters (``sizes``: the history is on)."""
+def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: float, in_place: bool,
+                   grad_max: float | None, sizes) -> tuple[Session, object, float, np.ndarray | None]:
+    """The step ``template`` takes (``_advance``) and its time in ms, taken where it runs: Server-Timing's
+    compute is the update (with the proof that it may go in place), not also its wait behind other
+    sessions' updates on the kernel thread (that is latency). It writes a working copy (in
+    ``memory`` if given), or, with ``in_place`` where ``template``'s bound holds (given ``grad_max``,
+    max|g|, when the body's read took it), ``template``'s own memory; returns the session written, the
+    result, the time and, in place, the history's sample of the old parameters (``sizes``: the
+    history is on)."""
     started = time.perf_counter()
-    top = _in_place_bound(template, grads, lr_scale) if in_place else None
+    top = _in_place_bound(template, grads, lr_scale, grad_max) if in_place else None
     old = None
     if top is None:
+        session = template.fork(copy=False, memory=memory)  # the update writes every element of it
         result = _advance(session, grads, fused, template, lr_scale)
     else:
         if sizes is not None:
@@ -887,13 +900,15 @@ def _offloaded(box: list) -> None:
 UNPROVEN_BACKOFF = 16
 
 
-def _in_place_bound(template: Session, grads, lr_scale: float) -> Top | None:
+def _in_place_bound(template: Session, grads, lr_scale: float, grad_max: float | None = None) -> Top | None:
     """The state's maxima after this step if its update provably writes only finite values (then it
     may go in place): from the maxima the last update in place carried, else measured (one pass
-    over the state, only where the bound could hold at all)."""
+    over the state, only where the bound could hold at all). ``grad_max``: max|g|, if the body's
+    read took it; else a pass over the gradients takes it."""
     config, hps, dtype = template.config, template.hyperparameters, template.layout.np_dtype
-    whole = history.one_run(grads)
-    grad_max = max_abs(whole) if whole is not None else max(max_abs(g) for g in grads)
+    if grad_max is None:
+        whole = history.one_run(grads)
+        grad_max = max_abs(whole) if whole is not None else max(max_abs(g) for g in grads)
     step, lr_of = template.step + 1, _lr_of(template)
     if template.top is not None:
         top = bound_step(config, hps, template.top, grad_max, step, dtype, lr_scale, lr_of)

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     fused_kernels: bool = Field(True, description="numba kernels; false runs the numpy reference")
     in_place: bool = Field(True, description="update a memory-store session's own state when provably safe "
                            "(no reader holds it, no value can come out non-finite): fewer memory streams")
+    in_place_min_bytes: int = Field(1 << 23, ge=0, description="sessions whose state is smaller step out of place: "
+                                    "there the proof costs more than the memory it saves")
     # a hop to a worker thread costs ~0.1 ms; below ~0.5 ms of update, running inline is faster and
     # blocks the loop no longer than a couple of small steps would (bench: 64k elements, 0.12 ms
     # inline against 0.22 offloaded)

@@ -10,6 +10,7 @@ and working in place is what keeps a 10M-parameter step at a few copies of memor
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Annotated, Any, Callable, NamedTuple
@@ -117,9 +118,14 @@ class Bounds:
     SLACK = 1 + 1e-6
     MARGIN = 1024.0
 
-    def __init__(self, dtype):
-        self.type = np.dtype(dtype).type
-        self.limit = float(np.finfo(self.type).max) / self.MARGIN
+    def __new__(cls, dtype):  # one per dtype: a bound is computed on every large step
+        dtype = np.dtype(dtype)
+        if dtype not in _BOUNDS:
+            self = _BOUNDS[dtype] = super().__new__(cls)
+            self.limit = float(np.finfo(dtype).max) / cls.MARGIN
+            self.tiny = float(np.finfo(dtype).tiny)
+            self.code = {4: "f", 8: "d"}[dtype.itemsize]
+        return _BOUNDS[dtype]
 
     def __call__(self, *terms: float) -> float:
         x = sum(terms) * self.SLACK
@@ -128,10 +134,9 @@ class Bounds:
         return x
 
     def cast(self, scalars: tuple) -> list[float]:
-        """|c| for each scalar as the kernel casts it (``f = p.dtype.type``): an lr past float32 is inf
-        there, an eps under its smallest subnormal is 0."""
-        with np.errstate(over="ignore", under="ignore"):
-            return [self(abs(float(self.type(c)))) for c in scalars]
+        """|c| for each scalar as the kernel casts it (``f = p.dtype.type``), rounded to nearest: an lr
+        past float32 is inf there, an eps under its smallest subnormal is 0."""
+        return [self(abs(c)) for c in array(self.code, scalars)]
 
     def ratio(self, g: float, eps: float, weight: float = 1.0) -> float:
         """|g|/(√s + ε) where s ≥ (weight·g)·g as the kernel rounds it (a sum of squares that holds this
@@ -140,7 +145,7 @@ class Bounds:
         loose = g / eps
         if not weight >= 1e-30:
             return self(loose)
-        t = 2 * math.sqrt(float(np.finfo(self.type).tiny) / weight)
+        t = 2 * math.sqrt(self.tiny / weight)
         return self(min(loose, max(1 / math.sqrt(weight), t / eps)))
 
     @staticmethod
@@ -148,6 +153,9 @@ class Bounds:
         """A divisor is never 0 (nor NaN)."""
         if not all(x > 0 for x in xs):
             raise Unproven
+
+
+_BOUNDS: dict[np.dtype, Bounds] = {}
 
 
 def reference_step(update):

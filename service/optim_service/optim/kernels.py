@@ -138,17 +138,32 @@ def _top_bits(bits, mask):
 
 _TOP_BITS = Kernel(njit(parallel=True, **_OPTIONS)(_top_bits), njit(**_OPTIONS)(_serial_twin(_top_bits)))
 _BITS = {np.dtype(np.float32): (np.uint32, np.float32), np.dtype(np.float64): (np.uint64, np.float64)}
+_MASKS = {unsigned: unsigned(np.iinfo(unsigned).max >> 1) for unsigned, _ in _BITS.values()}
+
+
+def magnitude_bits(x: np.ndarray) -> np.ndarray:
+    """``x``'s elements as unsigned integers of their width (the same memory, 1-D)."""
+    return np.ascontiguousarray(x).reshape(-1).view(_BITS[x.dtype][0])
+
+
+def top_bits(bits: np.ndarray, serial: bool = False) -> int:
+    """The largest magnitude among ``bits`` (``magnitude_bits``), as bits: ``magnitude`` reads it."""
+    if bits.size == 0:
+        return 0
+    mask = _MASKS[bits.dtype.type]
+    return int(_TOP_BITS.serial(bits, mask) if serial else run(_TOP_BITS, bits, mask))
+
+
+def magnitude(top: int, dtype) -> float:
+    """The float whose magnitude bits are ``top``: inf for any NaN or ±Inf."""
+    unsigned, real = _BITS[np.dtype(dtype)]
+    value = float(np.array(top, unsigned).view(real))
+    return value if value == value else math.inf
 
 
 def max_abs(x: np.ndarray) -> float:
     """max|x| in one pass; inf when any element is NaN or ±Inf."""
-    if x.size == 0:
-        return 0.0
-    unsigned, real = _BITS[x.dtype]
-    bits = np.ascontiguousarray(x).reshape(-1).view(unsigned)
-    top = run(_TOP_BITS, bits, unsigned(np.iinfo(unsigned).max >> 1))
-    value = float(np.array(top, unsigned).view(real))
-    return value if value == value else math.inf
+    return magnitude(top_bits(magnitude_bits(x)), x.dtype)
 
 
 def run(k: Kernel, p: np.ndarray, *args) -> int:
