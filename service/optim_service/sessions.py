@@ -471,10 +471,11 @@ class SessionService:
             if aggregation.mode == "async":
                 tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
             args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
-            if self._may_go_in_place(record, template):
+            provable = self._provable(template)
+            if provable and template.id not in self._dry_runs and template.alone(record):
                 result = await self._in_place(*args, grad_max=grad_max)
-            else:
-                result = await self._apply(*args)
+            else:  # a proof still carries the maxima to the next step, which may then go in place
+                result = await self._apply(*args, bound=provable, grad_max=grad_max)
             if result is not None:
                 return result
         raise StepConflict(
@@ -482,32 +483,30 @@ class SessionService:
         )
 
     async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
-                     in_place: bool = False, grad_max: float | None = None) -> StepResult | None:
+                     in_place: bool = False, bound: bool = False, grad_max: float | None = None) -> StepResult | None:
         """Compute the step and commit it; None when the session changed meanwhile (retry)."""
         session, grad_norm, compute_ms, skipped, line = await self._compute(
-            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, grad_max)
+            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place, grad_max)
         claim = self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self._commit(session, record.version, claim, history=line):
             return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau,
                               in_place=written)
-        if written:  # written in place, not stored: the warm copy is not the record
+        if written:  # written in place, not stored (the session was deleted meanwhile): drop the copy
             self._warm.forget(template.id)
-            logger.error("an update in place of %s lost its compare-and-set", template.id)
+            logger.warning("an update in place of %s found its session gone", template.id)
         return None
 
-    def _may_go_in_place(self, record: SessionRecord, template: Session) -> bool:
-        """Whether this step may update the stored state itself, if its bound then holds (decided where
-        the update runs): the memory store (whose record is this memory, and whose compare-and-set
-        cannot fail under the session's lock), a state large enough to gain by it, no snapshot
-        keeping it, no round, and nothing else reading it (an answer being sent, a reader's view,
-        a dry run)."""
+    def _provable(self, template: Session) -> bool:
+        """Whether this step may update the stored state itself, if nothing else reads it
+        (``Session.alone``) and its bound then holds (decided where the update runs): the memory
+        store (whose record is this memory, and whose compare-and-set cannot fail under the
+        session's lock), a state large enough to gain by it, no snapshot keeping it, no round."""
         config = template.config
         return (self.settings.in_place and self.settings.fused_kernels and self.store.private
                 and len(template.buffer) >= self.settings.in_place_min_bytes
                 and config.algorithm.bound is not None and not self._snapshots_kept(config)
-                and config.aggregation.mode != "sync" and template.tensor_steps is None
-                and template.id not in self._dry_runs and template.alone(record))
+                and config.aggregation.mode != "sync" and template.tensor_steps is None)
 
     async def _in_place(self, record, template, *args, grad_max: float | None = None) -> StepResult | None:
         """``_apply`` that may write the stored state: readers wait until it has committed, and it runs
@@ -538,21 +537,21 @@ class SessionService:
                 "GET .../diagnosis suggests a learning rate")
 
     async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None,
-                       in_place: bool = False, grad_max: float | None = None):
+                       in_place: bool = False, bound: bool = False, grad_max: float | None = None):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
         the gradient norm, the update's time, whether ``nan_policy: "skip"`` skipped it, and its
-        history line (None with history off). With ``in_place`` the update may write ``template``'s
-        own memory, where its bound proves it safe (``_timed_advance``)."""
+        history line (None with history off). With ``bound`` the update is proven finite where it
+        can be, and with ``in_place`` it then writes ``template``'s own memory (``_timed_advance``)."""
         grads = decode(template)  # (a decoder reads the layout only: the working copy's is the same)
-        if in_place and any(g is None for g in grads):  # some tensors skip this step: unproven
-            in_place = False
+        if bound and any(g is None for g in grads):  # some tensors skip this step: unproven
+            in_place = bound = False
         keep = self.settings.history_steps
         clipping = template.config.clip_grad_norm is not None  # the update's own norm is the line's then
         # the line's pass takes the norm of one run of gradients after the update, unless the update
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
         whole = history.one_run(grads) if keep and memory is None and not clipping else None
         norm = history.grad_norm(grads) if keep and whole is None and (memory is not None or not clipping) else None
-        args = (template, memory, grads, self.settings.fused_kernels, lr_scale, in_place, grad_max,
+        args = (template, memory, grads, self.settings.fused_kernels, lr_scale, bound, in_place, grad_max,
                 template.layout.sizes if keep else None)
         try:
             if sum(template.layout.sizes) < self.settings.thread_offload_elements:
@@ -860,21 +859,23 @@ def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
     return tau, config.staleness_scale(tau)
 
 
-def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: float, in_place: bool,
+def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: float, bound: bool, in_place: bool,
                    grad_max: float | None, sizes) -> tuple[Session, object, float, np.ndarray | None]:
     """The step ``template`` takes (``_advance``) and its time in ms, taken where it runs: Server-Timing's
     compute is the update (with the proof that it may go in place), not also its wait behind other
     sessions' updates on the kernel thread (that is latency). It writes a working copy (in
-    ``memory`` if given), or, with ``in_place`` where ``template``'s bound holds (given ``grad_max``,
-    max|g|, when the body's read took it), ``template``'s own memory; returns the session written, the
-    result, the time and, in place, the history's sample of the old parameters (``sizes``: the
-    history is on)."""
+    ``memory`` if given), or, with ``in_place`` where ``template``'s bound holds (proven with
+    ``bound``, given ``grad_max``, max|g|, when the body's read took it), ``template``'s own memory;
+    returns the session written, the result, the time and, in place, the history's sample of the
+    old parameters (``sizes``: the history is on). A proven step carries its maxima either way."""
     started = time.perf_counter()
-    top = _in_place_bound(template, grads, lr_scale, grad_max) if in_place else None
+    top = _in_place_bound(template, grads, lr_scale, grad_max) if bound else None
     old = None
-    if top is None:
+    if top is None or not in_place:
         session = template.fork(copy=False, memory=memory)  # the update writes every element of it
         result = _advance(session, grads, fused, template, lr_scale)
+        if top is not None and result is not SKIPPED:
+            session.top = top
     else:
         if sizes is not None:
             old = history.sample(template.all_params(), sizes)
