@@ -3,8 +3,10 @@
 Like optax, an optimizer is data, not a class hierarchy: ``Optimizer`` bundles a validated
 hyperparameter model with two functions over a small per-tensor NamedTuple state whose field names
 are torch's buffer names (``exp_avg``, ``square_avg``, ...). Unlike optax, ``update`` writes into the
-arrays it is given, as torch's functional core does: the session layer always hands it private copies,
-and working in place is what keeps a 10M-parameter step at a few copies of memory.
+arrays it is given, as torch's functional core does: the session layer hands it a private working
+copy, or the stored state itself where the optimizer's ``bound`` proves the update cannot write a
+non-finite value (``Bounds``), and working in place is what keeps a 10M-parameter step at a few
+copies of memory.
 """
 
 from __future__ import annotations
