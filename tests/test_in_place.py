@@ -402,3 +402,40 @@ def test_a_served_binary_step_goes_in_place_with_max_g_from_the_read(tmp_path):
                                        err_msg=f"step {step}")
     finally:
         server.stop()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(optimizer=st.sampled_from([o for _, o in [
+           ("adam", {"type": "adam"}), ("adamw", {"type": "adamw", "amsgrad": True}),
+           ("adam wd", {"type": "adam", "weight_decay": 0.5, "eps": 1e-30}), ("sgd", {"type": "sgd", "momentum": 0.9}),
+           ("adagrad", {"type": "adagrad", "eps": 1e-45}), ("rmsprop", {"type": "rmsprop", "momentum": 0.5})]]),
+       steps=st.lists(st.sampled_from(["normal", "huge", "nan", "zero", "tiny", "big"]), min_size=1, max_size=8))
+def test_any_run_of_steps_stores_and_refuses_the_same_in_place_or_not(optimizer, steps):
+    """A run of steps, some of them refused (a NaN, a gradient whose square overflows), stores the
+    same bytes and refuses the same steps with updates in place as without: a refused step changes
+    nothing either way."""
+    scale = {"normal": 1.0, "huge": 1e30, "zero": 0.0, "tiny": 1e-40, "big": 1e15}
+
+    async def run(service):
+        session = await _created(service, optimizer)
+        rng, seen = np.random.default_rng(4), []
+        for kind in steps:
+            grad = rng.standard_normal(3500).astype(np.float32)
+            if kind == "nan":
+                grad[17] = np.nan
+            else:
+                with np.errstate(over="ignore"):
+                    grad = (grad * np.float32(scale[kind])).astype(np.float32)
+            try:
+                await service.step(None, session.id, _binary(grad))
+                outcome = "applied"
+            except Exception as e:  # a refusal: the same one either way
+                outcome = type(e).__name__
+            seen.append((outcome, bytes((await service.store.get(session.id, None)).data)))
+        return seen
+
+    async def both():
+        return await run(_service(in_place=False)), await run(_service())
+    without, with_ = asyncio.run(both())
+    assert [o for o, _ in with_] == [o for o, _ in without]
+    assert all(a == b for (_, a), (_, b) in zip(with_, without))
