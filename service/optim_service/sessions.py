@@ -301,6 +301,7 @@ class SessionService:
         contribution: Contribution = Contribution(),
         dry_run: bool = False,
         grad_max: float | None = None,  # max|g| over the gradients, if reading them took it
+        volatile: bool = False,  # the gradients lie in memory a client can still write (a mapped region)
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
         dropped with the last step that needs it, so idle sessions hold none."""
@@ -308,7 +309,7 @@ class SessionService:
             return await self._dry_run(owner, session_id, decode, loss, if_match, memory)
         async with self._locked(session_id):
             return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
-                                    grad_max)
+                                    grad_max, volatile)
 
     async def _dry_run(self, owner, session_id, decode, loss, if_match, memory) -> StepResult:
         template = self._warm.template(await self._record(owner, session_id))
@@ -443,7 +444,7 @@ class SessionService:
                 del self._locks[session_id]
 
     async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
-                    grad_max=None) -> StepResult:
+                    grad_max=None, volatile=False) -> StepResult:
         for attempt in range(self.settings.cas_retries):
             record = await self._record(owner, session_id)
             if idempotency is not None:
@@ -471,7 +472,8 @@ class SessionService:
             if aggregation.mode == "async":
                 tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
             args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
-            provable = self._provable(template)
+            # gradients a client can change between the proof and the update prove nothing
+            provable = not volatile and self._provable(template)
             if provable and template.id not in self._dry_runs and template.alone(record):
                 result = await self._in_place(*args, grad_max=grad_max)
             else:  # a proof still carries the maxima to the next step, which may then go in place

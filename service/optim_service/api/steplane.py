@@ -96,8 +96,9 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     wait = prefers_wait(headers.get("prefer"))
     said = contribution_headers(headers)
     body = await read_body(length, receive, into=memory, scan=scan)
+    volatile = False  # the gradients lie in memory a client can still write
     if ctype == SHARED_MEMORY:
-        request, into_region, memory = read_shared_step(body, caller, session_id, state)
+        request, into_region, memory, volatile = read_shared_step(body, caller, session_id, state)
     else:
         request, into_region = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth), None
     said.update(request.contribution)  # the body's own fields win over headers
@@ -105,7 +106,8 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
                                         if_match=expected, idempotency=idempotency, memory=memory,
                                         contribution=Contribution(**said) if said else Contribution(),
-                                        dry_run=dry_run, grad_max=scan.top if scan is not None else None)
+                                        dry_run=dry_run, grad_max=scan.top if scan is not None else None,
+                                        volatile=volatile)
     if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
         result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
     session = result.session
@@ -148,8 +150,9 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     """A step whose gradients lie in a registered region: they are read (into the step's working
     copy where the binary path would read its body) before anything else, and the region its answer
     should go into is checked now, so that a bad one refuses the step rather than lose its answer.
-    Returns the step's body, where its answer goes (None: in the body) and the memory the gradients
-    were read into (None: their own)."""
+    Returns the step's body, where its answer goes (None: in the body), the memory the gradients
+    were read into (None: their own) and whether they stay in the client's memory (mapped, not
+    copied: what the update reads may differ from what a check before it read)."""
     req = parse_json(body, SharedMemoryStep, "gradients", state.settings.max_json_depth)
     regions, owner = state.regions, caller.owner
     span = regions.span(owner, req.gradients.model_dump(), None, "gradients")
@@ -166,7 +169,7 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
 
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
     step = StepBody(decode, req.loss, {}, said)
-    return step, into, memory
+    return step, into, memory, not copied
 
 
 def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:
