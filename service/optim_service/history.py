@@ -25,6 +25,8 @@ import numpy as np
 import orjson
 from numba import njit
 
+from .optim.kernels import magnitude, magnitude_bits, magnitude_mask
+
 SAMPLE = 4096  # parameters sampled for the ratios and the sketch, across all tensors
 SKETCH = 16  # numbers in the update's direction sketch
 ENTRY_BYTES = 400  # a generous size of one entry before its per-tensor ratios, for the byte budget
@@ -104,6 +106,7 @@ def warm() -> None:
     """Compile (or load) the compiled passes for both dtypes, at start-up rather than on a first step."""
     for dtype in (np.float32, np.float64):
         grad_norm([np.ones(2, dtype)])
+        grad_norm_and_max([np.ones(2, dtype)])
         entry(1, np.zeros(2, dtype), np.ones(2, dtype), (1, 1), loss=None, lrs=[0.1], norm=None,
               clip=None, worker=None, skipped=False, grads=np.ones(2, dtype))
 
@@ -115,6 +118,29 @@ def _sum_of_squares(x) -> float:
         v = np.float64(x[i])
         total += v * v
     return total
+
+
+@njit(cache=True, nogil=True, fastmath=SUMS)
+def _squares_and_top(x, bits, mask):
+    """Σx² and the largest magnitude as bits (``kernels.magnitude_bits``), in one pass: an integer max
+    vectorises beside the sum where a float one did not (13 ms over 10M, against 3.9)."""
+    total, top = 0.0, bits.dtype.type(0)
+    for i in range(x.size):
+        v = np.float64(x[i])
+        total += v * v
+        top = max(top, bits[i] & mask)
+    return total, top
+
+
+def grad_norm_and_max(grads) -> tuple[float, float]:
+    """``grad_norm`` and max|g| (inf where one is NaN or ±Inf) in the same pass: an update in place needs
+    the second, and a binary step's line takes the first before the update anyway."""
+    total, top = 0.0, 0.0
+    for g in ([whole] if (whole := one_run(grads)) is not None else [g for g in grads if g is not None]):
+        bits = magnitude_bits(g)
+        squares, most = _squares_and_top(g.reshape(-1), bits, magnitude_mask(bits))
+        total, top = total + squares, max(top, magnitude(most, g.dtype))
+    return math.sqrt(total), top
 
 
 def one_run(grads) -> np.ndarray | None:

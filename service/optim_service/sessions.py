@@ -38,7 +38,7 @@ from .errors import (
     TooManySessions,
     VersionMismatch,
 )
-from .finite import Scan, first_non_finite, require_finite
+from .finite import first_non_finite, require_finite
 from .lru import ByteBoundedLRU
 from .optim.config import TrainingConfig, apply_step, bound_step, measure
 from .optim.base import Run, Top, joined
@@ -108,18 +108,24 @@ class WarmSessions:
     def remember(self, session: Session) -> None:
         previous = self._sessions.get(session.id)
         self._sessions.put(session.id, session, len(session.buffer))
-        if previous is not None and previous.buffer is not session.buffer and POOL.give(previous.buffer):
-            # reused once nothing else holds it; let go of when no step takes it soon
-            try:
-                asyncio.get_running_loop().call_later(POOL.idle_seconds + 0.05, POOL.trim)
-            except RuntimeError:  # no loop (a test driving sessions by hand): trimmed at the next give
-                POOL.trim()
+        if previous is not None and previous.buffer is not session.buffer:
+            recycle(previous.buffer)
 
     def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id)
 
     def ids(self) -> list[str]:
         return self._sessions.keys()
+
+
+def recycle(buffer: np.ndarray) -> None:
+    """Give ``buffer`` to the pool, reused once nothing else holds it, let go of when no step takes
+    it soon: a finished working copy, or the memory an update in place read its gradients from."""
+    if POOL.give(buffer):
+        try:
+            asyncio.get_running_loop().call_later(POOL.idle_seconds + 0.05, POOL.trim)
+        except RuntimeError:  # no loop (a test driving sessions by hand): trimmed at the next give
+            POOL.trim()
 
 
 class _SessionLock:
@@ -165,15 +171,6 @@ class SessionService:
         if warm.config.aggregation.mode == "sync":  # a contribution's gradients outlive its request, in the round
             return None
         return POOL.take(len(warm.buffer))
-
-    def gradient_scan(self, session_id: str, memory: np.ndarray | None) -> Scan | None:
-        """A ``Scan`` for a binary body read into ``memory`` (``binary_memory``'s), when the step may go
-        in place and so wants max|g|: the read takes it in passing."""
-        warm = self._warm.get(session_id)
-        if (memory is None or warm is None or not self.settings.in_place or warm.config.algorithm.bound is None
-                or len(warm.buffer) < self.settings.in_place_min_bytes):
-            return None
-        return Scan(memory, warm.layout.np_dtype)
 
     async def create(
         self,
@@ -300,7 +297,6 @@ class SessionService:
         memory: np.ndarray | None = None,  # from binary_memory, holding the body that ``decode`` reads
         contribution: Contribution = Contribution(),
         dry_run: bool = False,
-        grad_max: float | None = None,  # max|g| over the gradients, if reading them took it
         volatile: bool = False,  # the gradients lie in memory a client can still write (a mapped region)
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
@@ -309,7 +305,7 @@ class SessionService:
             return await self._dry_run(owner, session_id, decode, loss, if_match, memory)
         async with self._locked(session_id):
             return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
-                                    grad_max, volatile)
+                                    volatile)
 
     async def _dry_run(self, owner, session_id, decode, loss, if_match, memory) -> StepResult:
         template = self._warm.template(await self._record(owner, session_id))
@@ -444,7 +440,7 @@ class SessionService:
                 del self._locks[session_id]
 
     async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
-                    grad_max=None, volatile=False) -> StepResult:
+                    volatile=False) -> StepResult:
         for attempt in range(self.settings.cas_retries):
             record = await self._record(owner, session_id)
             if idempotency is not None:
@@ -475,9 +471,9 @@ class SessionService:
             # gradients a client can change between the proof and the update prove nothing
             provable = not volatile and self._provable(template)
             if provable and template.id not in self._dry_runs and template.alone(record):
-                result = await self._in_place(*args, grad_max=grad_max)
+                result = await self._in_place(*args)
             else:  # a proof still carries the maxima to the next step, which may then go in place
-                result = await self._apply(*args, bound=provable, grad_max=grad_max)
+                result = await self._apply(*args, bound=provable)
             if result is not None:
                 return result
         raise StepConflict(
@@ -485,10 +481,10 @@ class SessionService:
         )
 
     async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
-                     in_place: bool = False, bound: bool = False, grad_max: float | None = None) -> StepResult | None:
+                     in_place: bool = False, bound: bool = False) -> StepResult | None:
         """Compute the step and commit it; None when the session changed meanwhile (retry)."""
         session, grad_norm, compute_ms, skipped, line = await self._compute(
-            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place, grad_max)
+            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place)
         claim = self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self._commit(session, record.version, claim, history=line):
@@ -510,7 +506,7 @@ class SessionService:
                 and config.algorithm.bound is not None and not self._snapshots_kept(config)
                 and config.aggregation.mode != "sync" and template.tensor_steps is None)
 
-    async def _in_place(self, record, template, *args, grad_max: float | None = None) -> StepResult | None:
+    async def _in_place(self, record, template, *args) -> StepResult | None:
         """``_apply`` that may write the stored state: readers wait until it has committed, and it runs
         to its commit even if the request is cancelled (the memory is the store's record)."""
         session_id = template.id
@@ -518,7 +514,7 @@ class SessionService:
 
         async def run():
             try:
-                return await self._apply(record, template, *args, in_place=True, grad_max=grad_max)
+                return await self._apply(record, template, *args, in_place=True)
             finally:
                 waiter = self._writing.pop(session_id, None)
                 if waiter is not None and not waiter.done():
@@ -539,7 +535,7 @@ class SessionService:
                 "GET .../diagnosis suggests a learning rate")
 
     async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None,
-                       in_place: bool = False, bound: bool = False, grad_max: float | None = None):
+                       in_place: bool = False, bound: bool = False):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
         the gradient norm, the update's time, whether ``nan_policy: "skip"`` skipped it, and its
         history line (None with history off). With ``bound`` the update is proven finite where it
@@ -552,7 +548,12 @@ class SessionService:
         # the line's pass takes the norm of one run of gradients after the update, unless the update
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
         whole = history.one_run(grads) if keep and memory is None and not clipping else None
-        norm = history.grad_norm(grads) if keep and whole is None and (memory is not None or not clipping) else None
+        norm = grad_max = None
+        if keep and whole is None and (memory is not None or not clipping):
+            if bound:  # the same pass takes max|g|, which the proof needs
+                norm, grad_max = history.grad_norm_and_max(grads)
+            else:
+                norm = history.grad_norm(grads)
         args = (template, memory, grads, self.settings.fused_kernels, lr_scale, bound, in_place, grad_max,
                 template.layout.sizes if keep else None)
         try:
@@ -566,6 +567,8 @@ class SessionService:
             raise InvalidRequest(
                 f"{e}; nothing was changed. This session cannot step past step {template.step}: resume its "
                 "GET .../state as a new session with a schedule that stays finite", step=template.step) from None
+        if memory is not None and session.buffer is not memory:  # the body's memory was not the working copy
+            recycle(memory)
         skipped = grad_norm is SKIPPED
         if keep and norm is None:
             if clipping and not skipped:
@@ -867,7 +870,7 @@ def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: floa
     compute is the update (with the proof that it may go in place), not also its wait behind other
     sessions' updates on the kernel thread (that is latency). It writes a working copy (in
     ``memory`` if given), or, with ``in_place`` where ``template``'s bound holds (proven with
-    ``bound``, given ``grad_max``, max|g|, when the body's read took it), ``template``'s own memory;
+    ``bound``, given ``grad_max``, max|g|, when the history's pass took it), ``template``'s own memory;
     returns the session written, the result, the time and, in place, the history's sample of the
     old parameters (``sizes``: the history is on). A proven step carries its maxima either way."""
     started = time.perf_counter()
@@ -906,8 +909,8 @@ UNPROVEN_BACKOFF = 16
 def _in_place_bound(template: Session, grads, lr_scale: float, grad_max: float | None = None) -> Top | None:
     """The state's maxima after this step if its update provably writes only finite values (then it
     may go in place): from the maxima the last update in place carried, else measured (one pass
-    over the state, only where the bound could hold at all). ``grad_max``: max|g|, if the body's
-    read took it; else a pass over the gradients takes it."""
+    over the state, only where the bound could hold at all). ``grad_max``: max|g|, if the history's
+    pass took it; else a pass over the gradients takes it."""
     config, hps, dtype = template.config, template.hyperparameters, template.layout.np_dtype
     if grad_max is None:
         whole = history.one_run(grads)

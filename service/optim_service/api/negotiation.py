@@ -13,7 +13,6 @@ from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
 from ..errors import InvalidRequest, UnsupportedMediaType
-from ..finite import Scan
 from .limits import check_json_depth
 from .jsonbody import loads_with_tensors
 
@@ -36,13 +35,12 @@ def require_content_type(content_type: str | None, *allowed: str) -> str:
     return ctype
 
 
-async def read_body(content_length: str | None, receive, into: np.ndarray | None = None,
-                    scan: Scan | None = None) -> bytes | bytearray | memoryview:
+async def read_body(content_length: str | None, receive,
+                    into: np.ndarray | None = None) -> bytes | bytearray | memoryview:
     """The body, read straight into one buffer of its declared length (the body-limit middleware has
     vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
     that arrives whole in one message, as every small step does, is taken as it is. Given ``into``
-    (uint8 memory at least that long), the body is read into its start and a view of it returned,
-    and ``scan`` (over ``into``) takes each part's largest magnitude as it comes in.
+    (uint8 memory at least that long), the body is read into its start and a view of it returned.
 
     Plain loops, not an async generator: one left unfinished (the early return) is closed through
     the event loop's finaliser hook, which cost every small step a wake-up of the loop and a task."""
@@ -63,8 +61,6 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
             raise InvalidRequest("the body is longer than its Content-Length")
         buf[filled:filled + len(chunk)] = chunk
         filled += len(chunk)
-        if scan is not None:
-            scan.over(filled)
         if not more:
             break
         chunk, more = await _next_chunk(receive)

@@ -89,13 +89,12 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     dry_run = bool(query) and dry_run_asked(query)
     key = None if dry_run else idempotency_key(headers.get("idempotency-key"))
     expected = if_match(headers.get("if-match"))
-    length, memory, scan = headers.get("content-length"), None, None
+    length, memory = headers.get("content-length"), None
     if ctype == BINARY and length and length.isdigit() and WIRE_DTYPE_HEADER not in headers:
         memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
-        scan = caller.sessions.gradient_scan(session_id, memory)
     wait = prefers_wait(headers.get("prefer"))
     said = contribution_headers(headers)
-    body = await read_body(length, receive, into=memory, scan=scan)
+    body = await read_body(length, receive, into=memory)
     volatile = False  # the gradients lie in memory a client can still write
     if ctype == SHARED_MEMORY:
         request, into_region, memory, volatile = read_shared_step(body, caller, session_id, state)
@@ -106,8 +105,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
                                         if_match=expected, idempotency=idempotency, memory=memory,
                                         contribution=Contribution(**said) if said else Contribution(),
-                                        dry_run=dry_run, grad_max=scan.top if scan is not None else None,
-                                        volatile=volatile)
+                                        dry_run=dry_run, volatile=volatile)
     if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
         result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
     session = result.session

@@ -146,12 +146,16 @@ def magnitude_bits(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1).view(_BITS[x.dtype][0])
 
 
-def top_bits(bits: np.ndarray, serial: bool = False) -> int:
+def magnitude_mask(bits: np.ndarray):
+    """What masks the sign off ``bits``."""
+    return _MASKS[bits.dtype.type]
+
+
+def top_bits(bits: np.ndarray) -> int:
     """The largest magnitude among ``bits`` (``magnitude_bits``), as bits: ``magnitude`` reads it."""
     if bits.size == 0:
         return 0
-    mask = _MASKS[bits.dtype.type]
-    return int(_TOP_BITS.serial(bits, mask) if serial else run(_TOP_BITS, bits, mask))
+    return int(run(_TOP_BITS, bits, magnitude_mask(bits)))
 
 
 def magnitude(top: int, dtype) -> float:
