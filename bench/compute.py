@@ -60,8 +60,9 @@ class TorchLion(torch.optim.Optimizer):
 
 def ours(kind: str, hp: dict, n: int, fused: bool, in_place: bool = True):
     """One step of our update over 10M elements as the service runs it, as a callable. In place
-    where the bound proves it safe (the five optimizers with one; max|g| is the body's read's, and
-    the maxima the last step's): it writes the stored state itself. Otherwise out of place: it
+    where the bound proves it safe (the five optimizers with one; max|g| comes with the gradient
+    norm a binary step's history line takes anyway, outside the update, and the maxima are the last
+    step's): it writes the stored state itself. Otherwise out of place: it
     reads the stored state and writes the step's working copy (``apply_step(..., source=...)``),
     and that copy is the next step's stored state. Both sets are touched before timing: the page
     faults of a fresh working copy are the fork's, which bench/stores.py times with the whole step."""
