@@ -20,4 +20,3 @@ def require_finite(array: np.ndarray, what: str, dtype: str) -> None:
             f"{what}: non-finite value {float(array[index])} at index {list(index)} "
             f"(NaN and ±Inf are refused; a finite JSON number may also overflow {dtype})"
         )
-

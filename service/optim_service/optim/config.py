@@ -289,3 +289,5 @@ def warm_kernels() -> None:
                     param = np.zeros(size, dtype)
                     state = algorithm.init(param, config.optimizer)
                     algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)
+        for size in (1, PARALLEL_MIN_ELEMENTS):  # what an update in place measures the state with
+            max_abs(np.zeros(size, dtype))
