@@ -105,3 +105,60 @@ async def test_a_refused_binary_step_says_where_and_changes_nothing(client, grad
     assert await state(client, sid) == before
     r = await client.post(f"/v1/sessions/{sid}/step", content=np.array([0.5, 0.5], "<f4").tobytes(), headers=OCTETS)
     assert r.status_code == 200 and r.json()["step"] == 1
+
+
+def test_a_large_binary_body_goes_straight_into_the_steps_memory():
+    """Past its first part, a binary step's body is written into the step's memory by the HTTP
+    parser itself (``connection.BodySink``): sent in uneven pieces, slowly, it makes the same step
+    as a JSON body; a client gone halfway changes nothing and the server goes on."""
+    import base64
+    import socket
+    import time
+
+    import httpx
+
+    from conftest import ServerProcess
+
+    server = ServerProcess("--store", "memory")
+    try:
+        n = 1 << 18
+        rng = np.random.default_rng(5)
+        grad = rng.standard_normal(n).astype(np.float32)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            ids = [http.post("/v1/sessions", json={"params": {"w": [0.5] * n}, "optimizer": {"type": "adam"}}).json()["id"]
+                   for _ in range(2)]
+            warm = np.zeros(n, np.float32).tobytes()
+            for sid in ids:  # warm, so that the step reads its body into memory of its own
+                assert http.post(f"/v1/sessions/{sid}/step", content=warm,
+                                 headers={"Content-Type": "application/octet-stream"}).status_code == 200
+            exact = {"w": {"shape": [n], "b64": base64.b64encode(grad.tobytes()).decode()}}
+            by_json = http.post(f"/v1/sessions/{ids[1]}/step", json={"gradients": exact},
+                                headers={"Accept": "application/octet-stream"}).content
+
+            body = grad.tobytes()
+            head = (f"POST /v1/sessions/{ids[0]}/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                    f"Accept: application/octet-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(head.encode() + body[:1001])
+                at = 1001
+                while at < len(body):
+                    piece = int(rng.integers(1, 200_000))
+                    sock.sendall(body[at:at + piece])
+                    at += piece
+                    time.sleep(0.001)
+                answer = b""
+                while chunk := sock.recv(1 << 20):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            assert answer.split(b"\r\n\r\n", 1)[1] == by_json
+
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:  # gone halfway
+                sock.sendall(head.encode() + body[: len(body) // 2])
+                time.sleep(0.3)
+            state = http.get(f"/v1/sessions/{ids[0]}").json()
+            assert state["step"] == 2
+            again = http.post(f"/v1/sessions/{ids[0]}/step", content=body,
+                              headers={"Content-Type": "application/octet-stream"})
+            assert again.status_code == 200 and again.headers["etag"] == '"3"'
+    finally:
+        server.stop()

@@ -454,3 +454,4 @@ def test_gradients_a_client_can_still_write_prove_nothing():
         del result
         assert (await service.step(None, session.id, grad)).in_place
     asyncio.run(scenario())
+

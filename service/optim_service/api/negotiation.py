@@ -35,12 +35,13 @@ def require_content_type(content_type: str | None, *allowed: str) -> str:
     return ctype
 
 
-async def read_body(content_length: str | None, receive,
-                    into: np.ndarray | None = None) -> bytes | bytearray | memoryview:
+async def read_body(content_length: str | None, receive, into: np.ndarray | None = None,
+                    sink=None) -> bytes | bytearray | memoryview:
     """The body, read straight into one buffer of its declared length (the body-limit middleware has
     vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
     that arrives whole in one message, as every small step does, is taken as it is. Given ``into``
-    (uint8 memory at least that long), the body is read into its start and a view of it returned.
+    (uint8 memory at least that long), the body is read into its start and a view of it returned;
+    with ``sink`` too (the server's ``connection.SINK``), the parser writes the rest there itself.
 
     Plain loops, not an async generator: one left unfinished (the early return) is closed through
     the event loop's finaliser hook, which cost every small step a wake-up of the loop and a task."""
@@ -62,6 +63,14 @@ async def read_body(content_length: str | None, receive,
         buf[filled:filled + len(chunk)] = chunk
         filled += len(chunk)
         if not more:
+            break
+        if sink is not None and into is not None:  # the rest straight into buf; the messages come empty
+            written = sink(buf, filled)
+            try:
+                while more:
+                    _, more = await _next_chunk(receive)
+            finally:
+                filled, written.view = written.filled, None  # the memory is the step's again
             break
         chunk, more = await _next_chunk(receive)
     if filled != size:

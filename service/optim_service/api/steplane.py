@@ -27,6 +27,7 @@ from ..sessions import StepResult, body_digest
 from .. import shm
 from ..errors import AnswerUndelivered
 from .codecs import BINARY, CODECS, StepBody, negotiate
+from .connection import SINK
 from .codecs.dtypes import WIRE_DTYPE_HEADER
 from .codecs.octet_stream import decode_binary
 from .deps import Tenant, caller_of
@@ -54,7 +55,8 @@ class StepLane:
         state = scope["app"].state
         try:
             caller = await caller_of(state, headers.get("authorization"))
-            reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"])
+            reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"],
+                                     scope.get("extensions", {}).get(SINK))
         except Exception as exc:
             handler = _handler_for(scope["app"].exception_handlers, exc)
             if handler is None:
@@ -80,7 +82,7 @@ class StepReply(Response):
 
 
 async def serve_step(session_id: str, headers: Mapping[str, str], receive, caller: Tenant, state: State,
-                     query: bytes = b"") -> StepReply:
+                     query: bytes = b"", sink=None) -> StepReply:
     """Read a step in any codec's format, apply it through the session service, and answer it in
     the format ``Accept`` asks."""
     started = time.perf_counter()
@@ -94,7 +96,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
     wait = prefers_wait(headers.get("prefer"))
     said = contribution_headers(headers)
-    body = await read_body(length, receive, into=memory)
+    body = await read_body(length, receive, into=memory, sink=sink)
     volatile = False  # the gradients lie in memory a client can still write
     if ctype == SHARED_MEMORY:
         request, into_region, memory, volatile = read_shared_step(body, caller, session_id, state)
