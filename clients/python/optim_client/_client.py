@@ -192,13 +192,19 @@ def _shm_step_call(session: "_SessionBase", regions: _shm.SessionRegions | None,
                  headers={"Idempotency-Key": uuid.uuid4().hex, "Content-Type": _shm.MEDIA_TYPE})
 
 
+def _shm_call(request) -> _Call:
+    """A ``_shm.Request`` (method, path, JSON body) as a call: retried freely unless it registers."""
+    method, path, body = request
+    return _Call(method, path, json=body, retry_safe=method != "POST")
+
+
 def _drive_sync(client, requests):
     """Runs a sans-IO generator of ``_shm.Request`` through the sync client; its return value."""
     try:
         request = next(requests)
         while True:
             try:
-                answer = client._send(_Call(request[0], request[1], json=request[2], retry_safe=request[0] != "POST"))
+                answer = client._send(_shm_call(request))
             except OptimError as e:
                 request = requests.throw(e)
             else:
@@ -212,8 +218,7 @@ async def _drive_async(client, requests):
         request = next(requests)
         while True:
             try:
-                answer = await client._send(_Call(request[0], request[1], json=request[2],
-                                                  retry_safe=request[0] != "POST"))
+                answer = await client._send(_shm_call(request))
             except OptimError as e:
                 request = requests.throw(e)
             else:
