@@ -178,6 +178,16 @@ def _binary(grad: np.ndarray):
     return lambda session: decode_binary(body, session.layout)
 
 
+async def _stepped(service: SessionService, steps: int, sizes=(3000, 500)):
+    """An Adam session of ``service`` that has taken ``steps`` steps of ones (every one after the
+    first in place), and that gradient; no result is kept, so none holds the session's memory."""
+    session = await _created(service, {"type": "adam"}, sizes=sizes)
+    grad = _binary(np.ones(sum(sizes), np.float32))
+    for _ in range(steps):
+        await service.step(None, session.id, grad)
+    return session, grad
+
+
 async def _run(service: SessionService, optimizer: dict, steps: int, **config):
     session = await _created(service, optimizer, **config)
     rng = np.random.default_rng(2)
@@ -214,10 +224,8 @@ def test_an_answer_still_being_sent_keeps_the_next_step_out_of_place():
     write that memory meanwhile, and goes out of place; once the view is gone, in place again."""
     async def scenario():
         service = _service()
-        session = await _created(service, {"type": "adam"})
-        grad = _binary(np.ones(3500, np.float32))
-        for _ in range(3):
-            answer = await service.step(None, session.id, grad)
+        session, grad = await _stepped(service, 2)
+        answer = await service.step(None, session.id, grad)
         assert answer.in_place
         sending = answer.session.params_bytes()  # what the octet-stream codec answers with
         sent = bytes(sending)
@@ -253,16 +261,14 @@ def test_an_unproven_step_goes_out_of_place_and_is_refused_as_ever():
     the session then goes on in place."""
     async def scenario():
         service = _service()
-        session = await _created(service, {"type": "adam"})
-        for _ in range(3):
-            await service.step(None, session.id, _binary(np.ones(3500, np.float32)))
+        session, grad = await _stepped(service, 3)
         before = bytes((await service.store.get(session.id, None)).data)
         with pytest.raises(Exception, match="non-finite"):
             await service.step(None, session.id, _binary(np.full(3500, 1e30, np.float32)))
         assert bytes((await service.store.get(session.id, None)).data) == before
         flags = []
         for _ in range(3):
-            result = await service.step(None, session.id, _binary(np.ones(3500, np.float32)))
+            result = await service.step(None, session.id, grad)
             flags.append(result.in_place)
         assert flags == [True] * 3 and result.session.step == 6
     asyncio.run(scenario())
@@ -298,10 +304,7 @@ def test_a_step_in_place_cancelled_midway_still_commits():
     if the request that made it is cancelled (a client gone)."""
     async def scenario():
         service = _service(thread_offload_elements=0)
-        session = await _created(service, {"type": "adam"}, sizes=(1 << 20,))
-        grad = _binary(np.ones(1 << 20, np.float32))
-        for _ in range(3):
-            await service.step(None, session.id, grad)
+        session, grad = await _stepped(service, 3, sizes=(1 << 20,))
         step = asyncio.ensure_future(service.step(None, session.id, grad))
         await asyncio.sleep(0)
         step.cancel()
@@ -443,10 +446,8 @@ def test_gradients_a_client_can_still_write_prove_nothing():
     carries no maxima; the next step from server-owned memory measures them again."""
     async def scenario():
         service = _service()
-        session = await _created(service, {"type": "adam"})
-        grad = _binary(np.ones(3500, np.float32))
-        for _ in range(3):
-            result = await service.step(None, session.id, grad)
+        session, grad = await _stepped(service, 2)
+        result = await service.step(None, session.id, grad)
         assert result.in_place and result.session.top is not None
         del result
         result = await service.step(None, session.id, grad, volatile=True)
