@@ -250,7 +250,7 @@ def bound_step(config: TrainingConfig, hyperparameters: list[Any], top: Top | No
     """The session's maxima after step ``step`` (every tensor at that step, none skipped) when the
     update provably writes only finite values, given ``top`` before it and max|g| (clipping only
     scales the gradients down): then it may run in place. None when unproven, or when the update
-    has no bound, or a kernel does not run it (``fused`` off)."""
+    has no bound. (The bounds are the kernels': the caller runs the step fused.)"""
     algorithm = config.algorithm
     if algorithm.bound is None or top is None or not math.isfinite(grad_max):
         return None
