@@ -123,6 +123,56 @@ async def test_async_sdk_steps_a_large_session_holding_one_answer(server):
         assert 4 * n <= peak < 2 * 4 * n
 
 
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def test_answers_reuse_memory_no_array_views_and_never_memory_one_does(server):
+    """A binary answer is read into memory of an earlier one that nothing views any more (a fresh
+    buffer costs page faults on top of the copy); an answer the caller keeps is never written."""
+    n = 300_000
+    lr, grad = np.float32(0.5), np.linspace(-1, 1, n, dtype=np.float32)
+    with OptimClient(server.url) as client:
+        session = client.create_session(np.zeros(n, np.float32), optimizer="sgd", lr=0.5)
+        kept, expected, p = [], [], np.zeros(n, np.float32)
+        for _ in range(4):  # every answer kept: each in memory of its own, and each still as it came
+            kept.append(session.step(grad))
+            p = p - lr * grad
+            expected.append(p.copy())
+        assert len({_address(a) for a in kept}) == 4
+        for answer, want in zip(kept, expected):
+            np.testing.assert_array_equal(answer, want)
+        del kept, answer
+        seen = []
+        for _ in range(6):  # only the last answer held, as a training loop holds it
+            out = session.step(grad)
+            p = p - lr * grad
+            np.testing.assert_array_equal(out, p)
+            seen.append(_address(out))
+        assert len(set(seen[1:])) == 2 and seen[1] == seen[3] == seen[5], seen
+        tracemalloc.start()
+        out = session.step(grad)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 4 * n / 4  # no answer-sized allocation: the memory of two steps ago
+        np.testing.assert_array_equal(out, p - lr * grad)
+
+
+async def test_async_answers_reuse_memory_no_array_views(server):
+    n = 300_000
+    grad = np.ones(n, np.float32)
+    async with AsyncOptimClient(server.url) as client:
+        session = await client.create_session(np.zeros(n, np.float32), optimizer="sgd", lr=1.0)
+        held = await session.step(grad)
+        seen = []
+        for k in range(2, 8):
+            out = await session.step(grad)
+            assert out[0] == -k and held[0] == -(k - 1)  # the answer still held is not written
+            held = out
+            seen.append(_address(out))
+        assert len(set(seen[1:])) == 2 and seen[1] == seen[3] == seen[5], seen
+
+
 @pytest.fixture
 async def ahttp():
     async with httpx.AsyncClient(transport=AsyncHTTPClientTransport(), timeout=5) as client:

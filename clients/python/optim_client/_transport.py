@@ -12,6 +12,8 @@ No body is copied on its way: a request's pieces (the SDK sends a step's arrays 
 one after another, and a body of known length is read into one writable buffer (the sync twin
 straight from the socket, the async one from its stream's buffer), which is also handed over as
 ``extensions[WRITABLE_BODY]``: the SDK's arrays view it, where reading ``content`` would copy it again.
+A request may name that buffer (``extensions[BODY_INTO]``): memory reused from an earlier answer
+costs only the copy, where a fresh one costs its first-touch page faults too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ MAX_HEAD = 1 << 16
 MAX_IDLE = 20  # kept-alive connections per host for the async twin, as httpx's own pool keeps
 STREAM_LIMIT = 1 << 20  # the async reader's buffer: 64 KiB (asyncio's default) wakes it 64 times per 4 MB
 WRITABLE_BODY = "optim_client.writable_body"
+BODY_INTO = "optim_client.body_into"  # a request extension: ``length -> bytearray`` the body is read into
 
 
 def _writes(request: httpx.Request, body: list) -> list:
@@ -111,7 +114,7 @@ class HTTPClientTransport(httpx.BaseTransport):
             for data in _writes(request, list(request.stream)):
                 sock.sendall(data)
             sock.settimeout(timeouts.get("read"))
-            response, keep_alive = _receive(reader, _Answer(request))
+            response, keep_alive = _receive(reader, _Answer(request), _into(request))
         except socket.timeout as e:
             _close(conn)
             raise httpx.ReadTimeout(str(e), request=request) from e
@@ -143,7 +146,11 @@ def _connect(request: httpx.Request, timeout: float | None) -> socket.socket:
     return sock
 
 
-def _receive(reader, answer: _Answer) -> tuple[httpx.Response, bool]:
+def _into(request: httpx.Request):
+    return request.extensions.get(BODY_INTO) or bytearray
+
+
+def _receive(reader, answer: _Answer, into=bytearray) -> tuple[httpx.Response, bool]:
     lines, size = [], 0
     while not lines or lines[-1] not in (b"\r\n", b"\n"):
         line = reader.readline(MAX_HEAD + 1)
@@ -161,7 +168,7 @@ def _receive(reader, answer: _Answer) -> tuple[httpx.Response, bool]:
             if not chunk:
                 break
         return answer.response()
-    body = bytearray(length)  # the one copy, from the kernel to memory the caller may keep and write
+    body = into(length)  # the one copy, from the kernel to memory the caller may keep and write
     view, got = memoryview(body), 0
     while got < length:
         n = reader.readinto(view[got:])
@@ -198,7 +205,7 @@ class AsyncHTTPClientTransport(httpx.AsyncBaseTransport):
             for data in _writes(request, [chunk async for chunk in request.stream]):
                 writer.write(data)
             await asyncio.wait_for(writer.drain(), timeouts.get("write"))
-            response, keep_alive = await _areceive(reader, _Answer(request), timeouts.get("read"))
+            response, keep_alive = await _areceive(reader, _Answer(request), timeouts.get("read"), _into(request))
         except asyncio.TimeoutError as e:
             raise httpx.ReadTimeout("timed out", request=request) from e
         except (OSError, httptools.HttpParserError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
@@ -242,7 +249,7 @@ async def _aconnect(request: httpx.Request, timeout: float | None):
     return reader, writer
 
 
-async def _areceive(reader: asyncio.StreamReader, answer: _Answer, timeout: float | None):
+async def _areceive(reader: asyncio.StreamReader, answer: _Answer, timeout: float | None, into=bytearray):
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
     length = answer.read_head(head)
     if length is None:
@@ -252,7 +259,7 @@ async def _areceive(reader: asyncio.StreamReader, answer: _Answer, timeout: floa
             if not chunk:
                 break
         return answer.response()
-    return answer.response(await asyncio.wait_for(_read_into(reader, bytearray(length)), timeout))
+    return answer.response(await asyncio.wait_for(_read_into(reader, into(length)), timeout))
 
 
 async def _read_into(reader: asyncio.StreamReader, body: bytearray) -> bytearray:

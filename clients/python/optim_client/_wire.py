@@ -41,6 +41,11 @@ class Layout:
         return tuple(math.prod(shape) for shape in self.shapes)
 
     @property
+    def nbytes(self) -> int:
+        """The params' size on the wire: a binary answer's length."""
+        return sum(self.sizes) * np_dtype(self.travels).itemsize
+
+    @property
     def named(self) -> bool:
         return self.names != ("",)
 
