@@ -108,9 +108,10 @@ async def test_a_refused_binary_step_says_where_and_changes_nothing(client, grad
 
 
 def test_a_large_binary_body_goes_straight_into_the_steps_memory():
-    """Past its first part, a binary step's body is written into the step's memory by the HTTP
-    parser itself (``connection.BodySink``): sent in uneven pieces, slowly, it makes the same step
-    as a JSON body; a client gone halfway changes nothing and the server goes on."""
+    """Past its first part, a binary step's body is read from the socket into the step's memory
+    (``connection.BodySink``), around the HTTP parser: sent in uneven pieces, slowly, it makes the
+    same step as a JSON body; a request sent right behind it on the connection is parsed as its
+    own; a client gone halfway changes nothing and the server goes on."""
     import base64
     import socket
     import time
@@ -152,13 +153,25 @@ def test_a_large_binary_body_goes_straight_into_the_steps_memory():
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             assert answer.split(b"\r\n\r\n", 1)[1] == by_json
 
+            # two steps pipelined: the second's head lies in the socket right behind the first's body
+            keep = head.replace("Connection: close", "Connection: keep-alive").encode()
+            then = f"GET /v1/sessions/{ids[0]} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(keep + body + keep + body + then)
+                answer = b""
+                while chunk := sock.recv(1 << 20):
+                    answer += chunk
+            assert answer.count(b"HTTP/1.1 200") == 3, answer[:300]
+            first, second, third = answer.split(b"HTTP/1.1 200")[1:]
+            assert b'etag: "3"' in first and b'etag: "4"' in second and b'"step":4' in third
+
             with socket.create_connection(("127.0.0.1", server.port)) as sock:  # gone halfway
                 sock.sendall(head.encode() + body[: len(body) // 2])
                 time.sleep(0.3)
             state = http.get(f"/v1/sessions/{ids[0]}").json()
-            assert state["step"] == 2
+            assert state["step"] == 4
             again = http.post(f"/v1/sessions/{ids[0]}/step", content=body,
                               headers={"Content-Type": "application/octet-stream"})
-            assert again.status_code == 200 and again.headers["etag"] == '"3"'
+            assert again.status_code == 200 and again.headers["etag"] == '"5"'
     finally:
         server.stop()

@@ -191,3 +191,34 @@ def test_keep_alive_still_serves_request_after_request(limited):
             time.sleep(0.6)  # each pause shorter than the limits, together longer
         sid = http.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0] * 10_000}).json()["id"]
         assert http.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5] * 10_000}).status_code == 200
+
+
+def test_a_large_binary_body_read_into_the_steps_memory_keeps_the_idle_limit(limited):
+    """Past its first part a warm session's binary body is read straight into the step's memory:
+    the idle limit still holds there. A sender that pauses under the limit each time finishes, even
+    over several times the limit in all; one that stops gets 408 and the session is unchanged."""
+    n = 1 << 18
+    sid = httpx.post(f"{limited.url}/v1/sessions", headers=AUTH,
+                     json={"optimizer": {"type": "sgd", "lr": 0.5}, "params": [0.0] * n}).json()["id"]
+    body = b"\0\0\x80\x3f" * n  # float32 1.0
+    octets = {**AUTH, "Content-Type": "application/octet-stream"}
+    assert httpx.post(f"{limited.url}/v1/sessions/{sid}/step", content=body, headers=octets).status_code == 200
+    head = (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k1\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+
+    sock, started = connect(limited), time.monotonic()
+    sock.sendall(head + body[:300_000])
+    for at in range(300_000, len(body), 100_000):  # 0.3 s apart, 2.4 s in all against a 1 s limit
+        time.sleep(0.3)
+        sock.sendall(body[at:at + 100_000])
+    status, headers, answer = read_answer(sock)
+    assert status == 200 and time.monotonic() - started > 2 and headers["etag"] == '"2"'
+
+    sock = connect(limited)
+    sock.sendall(head + body[:600_000])
+    started = time.monotonic()
+    status, headers, answer = read_answer(sock)
+    assert status == 408 and "stalled" in problem(408, headers, answer)["detail"]
+    assert time.monotonic() - started < 3
+    after = httpx.get(f"{limited.url}/v1/sessions/{sid}/params", headers=AUTH).json()
+    assert after["step"] == 2 and after["params"][0] == -1.0

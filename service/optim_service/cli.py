@@ -100,7 +100,7 @@ def _serve(args) -> int:
         workers=settings.workers, log_level=settings.log_level,
         log_config=logging_config(settings.log_level), access_log=False,  # ours has the request id
         server_header=False,  # no "server: uvicorn": it tells a scanner what to try, and costs every answer
-        http="optim_service.api.connection:LimitedHttpProtocol",  # limits before any request is read
+        http="optim_service.api.connection:HttpProtocol",  # limits before any request is read
     )
     return 0
 

@@ -16,8 +16,9 @@ setting (SECURITY.md lists them):
 The HTTP parser's own 400s are problem+json like every other error.
 
 It also offers a large body a way around uvicorn's buffer (``BodySink``): once the step has memory for
-it, the rest of the body goes there straight from the parser, where uvicorn would copy each part
-twice more and wake the app every 64 KB.
+it, the rest of the body is read from the socket straight into that memory (the protocol is an
+``asyncio.BufferedProtocol``), where the event loop, the parser and uvicorn would copy each part
+three times more and wake the app every 64 KB.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -49,7 +51,8 @@ def problem_bytes(status: int, title: str, detail: str) -> bytes:
 
 
 class BodySink:
-    """The rest of one request's body, written into ``view`` from byte ``filled`` on as it is parsed."""
+    """The rest of one request's body, read into ``view`` from byte ``filled`` to its end. The app sets
+    ``view`` to None when it lets go of the memory; the bytes still due are then read and dropped."""
 
     __slots__ = ("view", "filled")
 
@@ -58,11 +61,7 @@ class BodySink:
 
 
 SINK = "optim.body_sink"  # the scope's extension: sink(view, filled) -> BodySink, for this request's body
-
-
-def _sink_into(cycle, view: memoryview, filled: int) -> BodySink:
-    cycle.optim_sink = sink = BodySink(view, filled)
-    return sink
+READ_SIZE = 1 << 18  # what one read takes outside a sink, as uvloop's own buffer does
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -75,6 +74,52 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._phase = _IDLE
         self._header_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._scratch = memoryview(bytearray(READ_SIZE))
+        self._sink: BodySink | None = None  # while set, the socket's next bytes are its body's rest
+        self._sink_left = 0
+        self._last_byte = 0.0
+        self.reads_into_memory = False  # HttpProtocol's reads go through get_buffer: only then a sink works
+
+    # -- reads: into the sink's memory, else a reused buffer the parser reads ---------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        sink = self._sink
+        if sink is None:
+            return self._scratch
+        if sink.view is None:  # the app let go: the rest is read, and dropped, to keep the framing
+            return self._scratch[:min(READ_SIZE, self._sink_left)]
+        return sink.view[sink.filled:sink.filled + self._sink_left]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        sink = self._sink
+        if sink is None:
+            self.data_received(self._scratch[:nbytes])
+            return
+        self._unset_keepalive_if_required()
+        self._sink_left -= nbytes
+        if sink.view is not None:
+            sink.filled += nbytes
+        if self._sink_left:
+            self._last_byte = self.loop.time()  # the idle timer, armed once, checks this when it fires
+            if self._timer is None:
+                self._arm(self._body_idle, self._body_idle_expired)
+            return
+        # the parser framed this body by its length but did not read its rest: the next request
+        # starts a fresh parser, and this one ends here
+        self._sink = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.on_message_complete()
+
+    def _sink_into(self, cycle, view: memoryview, filled: int) -> BodySink | None:
+        """Called by the app (``SINK``) with everything parsed so far received: the body's remaining
+        ``len(view) - filled`` bytes are the next on the socket."""
+        if (self._sink is not None or cycle is not self.cycle or cycle.body or not cycle.more_body
+                or cycle.response_complete or self.transport.is_closing()):
+            return None  # not this request's body, or not all of it handed over: the app reads on
+        self._sink, self._sink_left = BodySink(view, filled), len(view) - filled
+        self._last_byte = self.loop.time()
+        return self._sink
 
     # -- the connection --------------------------------------------------------------------------
 
@@ -124,19 +169,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self._phase = _BODY
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope:
-            self.scope.setdefault("extensions", {})[SINK] = functools.partial(_sink_into, self.cycle)
+        if self.reads_into_memory and self.cycle is not None and self.cycle.scope is self.scope:
+            self.scope.setdefault("extensions", {})[SINK] = functools.partial(self._sink_into, self.cycle)
         if self._phase == _BODY and not self.transport.is_closing():
             self._arm(self._body_idle, self._body_idle_expired)
-
-    def on_body(self, body: bytes) -> None:
-        sink = getattr(self.cycle, "optim_sink", None)
-        if sink is None or sink.view is None or self.cycle.response_complete or sink.filled + len(body) > len(sink.view):
-            super().on_body(body)  # (the parser frames the body by its length: a sink never overflows)
-            return
-        sink.view[sink.filled:sink.filled + len(body)] = body
-        sink.filled += len(body)
-        self.cycle.message_event.set()
 
     def on_message_complete(self) -> None:
         self._cancel_timer()
@@ -169,6 +205,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._timer = None
         if self._phase != _BODY or self.transport.is_closing():
             return
+        if self._sink is not None and (idle := self.loop.time() - self._last_byte) < self._body_idle:
+            self._arm(self._body_idle - idle, self._body_idle_expired)
+            return
         if self.flow.read_paused:  # the app has not asked for more yet: not the client's delay
             self._arm(self._body_idle, self._body_idle_expired)
             return
@@ -194,3 +233,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class HttpProtocol(asyncio.BufferedProtocol):
+    """What the server runs: ``LimitedHttpProtocol`` reading into memory it chooses. uvloop calls
+    ``get_buffer`` only on a protocol that is not an ``asyncio.Protocol``, which uvicorn's is; this
+    one is not, and hands every event on."""
+
+    def __init__(self, *args, **kwargs):
+        self.http = http = LimitedHttpProtocol(*args, **kwargs)
+        http.reads_into_memory = True
+        self.connection_made, self.connection_lost, self.eof_received = (
+            http.connection_made, http.connection_lost, http.eof_received)
+        self.pause_writing, self.resume_writing = http.pause_writing, http.resume_writing
+        self.get_buffer, self.buffer_updated = http.get_buffer, http.buffer_updated

@@ -41,7 +41,7 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
     vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
     that arrives whole in one message, as every small step does, is taken as it is. Given ``into``
     (uint8 memory at least that long), the body is read into its start and a view of it returned;
-    with ``sink`` too (the server's ``connection.SINK``), the parser writes the rest there itself.
+    with ``sink`` too (the server's ``connection.SINK``), the server reads the rest there itself.
 
     Plain loops, not an async generator: one left unfinished (the early return) is closed through
     the event loop's finaliser hook, which cost every small step a wake-up of the loop and a task."""
@@ -64,8 +64,8 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
         filled += len(chunk)
         if not more:
             break
-        if sink is not None and into is not None:  # the rest straight into buf; the messages come empty
-            written = sink(buf, filled)
+        written = sink(buf, filled) if sink is not None and into is not None else None
+        if written is not None:  # the rest straight into buf; one empty message says it is there
             try:
                 while more:
                     _, more = await _next_chunk(receive)
