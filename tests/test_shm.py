@@ -291,6 +291,25 @@ def test_gradients_in_the_shared_buffers_and_params_as_views_need_no_copies(serv
         assert plain.create_session(start, "adam").shared_buffers() is None  # over the wire
 
 
+def test_params_copied_out_of_the_region_reuse_memory_no_array_views(server_with_regions):
+    """``step(grads)`` copies the params out of the region into memory of an earlier answer that
+    nothing views any more, never into one the caller keeps."""
+    from optim_client import OptimClient
+
+    grad = np.ones(1000, np.float32)
+    with OptimClient(server_with_regions.url, shared_memory=True) as client:
+        session = client.create_session(np.zeros(1000, np.float32), "sgd", lr=1.0)
+        kept = [session.step(grad) for _ in range(3)]
+        assert [a[0] for a in kept] == [-1, -2, -3]  # each as it came, though the region moved on
+        del kept
+        seen = []
+        for k in range(4, 10):
+            out = session.step(grad)
+            assert out[0] == -k
+            seen.append(out.__array_interface__["data"][0])
+        assert len(set(seen[1:])) == 2 and seen[1] == seen[3] == seen[5], seen
+
+
 async def test_the_async_client_steps_through_shared_memory_as_the_sync_one(server_with_regions):
     from optim_client import AsyncOptimClient, OptimClient
 

@@ -160,11 +160,11 @@ def _create_call(params, optimizer: str, dtype, hyperparameters: dict, **options
 
 
 class _AnswerMemory:
-    """The memory a session's binary answers are read into, reused once nothing views it any more.
-    A fresh buffer costs its first-touch page faults on top of the copy: 40 MB took 16–20 ms, and on
-    this project's VM at times 100 ms, where reused memory took 7–13. A loop that keeps only the last
-    answer (``params = session.step(g)``) alternates between two buffers; one that keeps every answer
-    gets fresh memory each time, as before."""
+    """The memory a session's binary answers are read into (or, over shared memory, its params are
+    copied into), reused once nothing views it any more. A fresh buffer costs its first-touch page
+    faults on top of the copy: 40 MB took 16–20 ms, and on this project's VM at times 100 ms, where
+    reused memory took 7–13. A loop that keeps only the last answer (``params = session.step(g)``)
+    alternates between two buffers; one that keeps every answer gets fresh memory each time."""
 
     KEEP = 2  # the answer the caller (and the session) holds, and the one being read
 
@@ -300,7 +300,7 @@ class _SessionBase:
 
     def _take_shared(self, answer: dict, regions: _shm.SessionRegions, copy: bool) -> Any:
         self.step_count = answer["step"]
-        self._params = regions.params(copy)
+        self._params = regions.params(copy, self._answers)
         return self.params
 
     def _take(self, answer) -> Any:
