@@ -79,9 +79,18 @@ def new_session_id() -> str:
 def body_digest(content_type: str, body: bytes) -> str:
     """What an Idempotency-Key recognises its request by. BLAKE3 is as collision-proof as SHA-256
     and ~4× faster here (4 MB: 0.7 ms against 2.7, on the critical path of every keyed step)."""
-    digest = blake3.blake3(content_type.encode() + b"\0")
+    digest = body_hasher(content_type)
     digest.update(body)  # no concatenated copy of a large body
-    return "blake3=" + digest.hexdigest()
+    return digest_of(digest)
+
+
+def body_hasher(content_type: str):
+    """``body_digest`` a piece at a time: ``update`` it with the body's pieces, then ``digest_of``."""
+    return blake3.blake3(content_type.encode() + b"\0")
+
+
+def digest_of(hasher) -> str:
+    return "blake3=" + hasher.hexdigest()
 
 
 class WarmSessions:

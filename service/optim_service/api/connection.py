@@ -51,16 +51,17 @@ def problem_bytes(status: int, title: str, detail: str) -> bytes:
 
 
 class BodySink:
-    """The rest of one request's body, read into ``view`` from byte ``filled`` to its end. The app sets
-    ``view`` to None when it lets go of the memory; the bytes still due are then read and dropped."""
+    """The rest of one request's body, read into ``view`` from byte ``filled`` to its end, each piece
+    fed to ``hasher`` (when one is given) as it lands. The app sets ``view`` to None when it lets go
+    of the memory; the bytes still due are then read and dropped."""
 
-    __slots__ = ("view", "filled")
+    __slots__ = ("view", "filled", "hasher")
 
-    def __init__(self, view: memoryview, filled: int):
-        self.view, self.filled = view, filled
+    def __init__(self, view: memoryview, filled: int, hasher=None):
+        self.view, self.filled, self.hasher = view, filled, hasher
 
 
-SINK = "optim.body_sink"  # the scope's extension: sink(view, filled) -> BodySink, for this request's body
+SINK = "optim.body_sink"  # the scope's extension: sink(view, filled, hasher) -> BodySink | None
 READ_SIZE = 1 << 18  # what one read takes outside a sink, as uvloop's own buffer does
 
 
@@ -98,6 +99,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         self._sink_left -= nbytes
         if sink.view is not None:
+            if sink.hasher is not None:
+                sink.hasher.update(sink.view[sink.filled:sink.filled + nbytes])
             sink.filled += nbytes
         if self._sink_left:
             self._last_byte = self.loop.time()  # the idle timer, armed once, checks this when it fires
@@ -111,13 +114,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.on_message_complete()
 
-    def _sink_into(self, cycle, view: memoryview, filled: int) -> BodySink | None:
+    def _sink_into(self, cycle, view: memoryview, filled: int, hasher=None) -> BodySink | None:
         """Called by the app (``SINK``) with everything parsed so far received: the body's remaining
         ``len(view) - filled`` bytes are the next on the socket."""
         if (self._sink is not None or cycle is not self.cycle or cycle.body or not cycle.more_body
                 or cycle.response_complete or self.transport.is_closing()):
             return None  # not this request's body, or not all of it handed over: the app reads on
-        self._sink, self._sink_left = BodySink(view, filled), len(view) - filled
+        self._sink, self._sink_left = BodySink(view, filled, hasher), len(view) - filled
         self._last_byte = self.loop.time()
         return self._sink
 

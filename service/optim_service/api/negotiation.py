@@ -36,7 +36,7 @@ def require_content_type(content_type: str | None, *allowed: str) -> str:
 
 
 async def read_body(content_length: str | None, receive, into: np.ndarray | None = None,
-                    sink=None) -> bytes | bytearray | memoryview:
+                    sink=None, hasher=None) -> bytes | bytearray | memoryview:
     """The body, read straight into one buffer of its declared length (the body-limit middleware has
     vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
     that arrives whole in one message, as every small step does, is taken as it is. Given ``into``
@@ -44,13 +44,17 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
     with ``sink`` too (the server's ``connection.SINK``), the server reads the rest there itself.
 
     Plain loops, not an async generator: one left unfinished (the early return) is closed through
-    the event loop's finaliser hook, which cost every small step a wake-up of the loop and a task."""
+    the event loop's finaliser hook, which cost every small step a wake-up of the loop and a task.
+    Given ``hasher``, every byte of the body is fed to it, in order, as it arrives."""
     declared = content_length or ""
+    update = hasher.update if hasher is not None else _nothing
     chunk, more = await _next_chunk(receive)
+    update(chunk)
     if not declared.isdigit():
         chunks = [chunk]
         while more:
             chunk, more = await _next_chunk(receive)
+            update(chunk)
             chunks.append(chunk)
         return b"".join(chunks)
     size = int(declared)
@@ -64,7 +68,7 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
         filled += len(chunk)
         if not more:
             break
-        written = sink(buf, filled) if sink is not None and into is not None else None
+        written = sink(buf, filled, hasher) if sink is not None and into is not None else None
         if written is not None:  # the rest straight into buf; one empty message says it is there
             try:
                 while more:
@@ -73,9 +77,14 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
                 filled, written.view = written.filled, None  # the memory is the step's again
             break
         chunk, more = await _next_chunk(receive)
+        update(chunk)
     if filled != size:
         raise InvalidRequest(f"the body ended after {filled} of its {size} declared bytes")
     return buf
+
+
+def _nothing(_) -> None:
+    return None
 
 
 async def _next_chunk(receive) -> tuple[bytes, bool]:
