@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ import numpy as np
 import orjson
 
 from common import HEADER, Server, TcpEcho, median_ms, paired_ms, row
-from optim_client import OptimClient
+from optim_client import AsyncOptimClient, OptimClient
 
 
 def http_post(port: int):
@@ -30,6 +32,21 @@ def http_post(port: int):
         return data
 
     return post
+
+
+async def _async_paired(url: str, grad, floor, repeat: int, warmup: int = 5) -> tuple[float, float]:
+    async with AsyncOptimClient(url) as client:
+        session = await client.create_session({"w": np.zeros(grad.size, np.float32)}, optimizer="adam")
+        ours, floors = [], []
+        for i in range(warmup + repeat):
+            started = time.perf_counter()
+            await session.step({"w": grad})
+            ours.append((time.perf_counter() - started) * 1e3)
+            started = time.perf_counter()
+            floor()
+            floors.append((time.perf_counter() - started) * 1e3)
+        await session.delete()
+    return statistics.median(ours[warmup:]), statistics.median(floors[warmup:])
 
 
 def main() -> int:
@@ -114,6 +131,11 @@ def main() -> int:
                                              lambda: (tcp_roundtrip(payload), fused()), reps)
                 rows.append(row(f"SDK binary step, {size:,} float32", sdk_ms, "TCP echo of its bytes + torch fused step",
                                 floor_ms, target))
+                if size == 10_000_000:  # the async twin, alternately with the same floor in its event loop
+                    async_ms, floor2_ms = asyncio.run(_async_paired(service.url, g, lambda: (tcp_roundtrip(payload),
+                                                                                             fused()), reps))
+                    rows.append(row(f"(context) async SDK binary step, {size:,} float32", async_ms,
+                                    "TCP echo of its bytes + torch fused step", floor2_ms, None))
                 session.delete()
 
         # 4. JSON with 100k floats vs orjson's own decode + encode of that body

@@ -9,8 +9,8 @@ the client's API stay httpx's. Connections are kept alive (one per thread and ho
 twin, a pool per host for the async one); one the server closed while idle is noticed before use.
 
 No body is copied on its way: a request's pieces (the SDK sends a step's arrays as they are) go out
-one after another, and a body of known length is read into one writable buffer (the sync twin
-straight from the socket, the async one from its stream's buffer), which is also handed over as
+one after another, and a body of known length is read straight from the socket into one writable
+buffer (the async twin's protocol reads into memory it chooses), which is also handed over as
 ``extensions[WRITABLE_BODY]``: the SDK's arrays view it, where reading ``content`` would copy it again.
 A request may name that buffer (``extensions[BODY_INTO]``): memory reused from an earlier answer
 costs only the copy, where a fresh one costs its first-touch page faults too.
@@ -30,7 +30,8 @@ import httpx
 JOIN_BELOW = 1 << 16  # a request body this small goes out joined to its head, in one write
 MAX_HEAD = 1 << 16
 MAX_IDLE = 20  # kept-alive connections per host for the async twin, as httpx's own pool keeps
-STREAM_LIMIT = 1 << 20  # the async reader's buffer: 64 KiB (asyncio's default) wakes it 64 times per 4 MB
+STREAM_LIMIT = 1 << 18  # what the async twin reads at a time outside a body of known length
+WRITE_SIZE = 1 << 22  # what it hands its transport at a time
 WRITABLE_BODY = "optim_client.writable_body"
 BODY_INTO = "optim_client.body_into"  # a request extension: ``length -> bytearray`` the body is read into
 
@@ -190,86 +191,184 @@ def _dropped(sock: socket.socket) -> bool:
 
 
 class AsyncHTTPClientTransport(httpx.AsyncBaseTransport):
-    """The async twin, on asyncio streams. The read timeout bounds each of the head and the body."""
+    """The async twin, on one ``_Connection`` per exchange. The read timeout bounds each of the head
+    and the body."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        self._idle: dict[tuple, list[_Connection]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
         key = (request.url.scheme, request.url.host, request.url.port)
         conn = self._checkout(key) or await _aconnect(request, timeouts.get("connect"))
-        reader, writer = conn
         keep_alive = False
         try:
-            for data in _writes(request, [chunk async for chunk in request.stream]):
-                writer.write(data)
-            await asyncio.wait_for(writer.drain(), timeouts.get("write"))
-            response, keep_alive = await _areceive(reader, _Answer(request), timeouts.get("read"), _into(request))
+            await asyncio.wait_for(conn.send(_writes(request, [chunk async for chunk in request.stream])),
+                                   timeouts.get("write"))
+            response, keep_alive = await _areceive(conn, _Answer(request), timeouts.get("read"), _into(request))
         except asyncio.TimeoutError as e:
             raise httpx.ReadTimeout("timed out", request=request) from e
-        except (OSError, httptools.HttpParserError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+        except (OSError, httptools.HttpParserError) as e:
             raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from e
         finally:  # a failed or cancelled exchange leaves the connection in an unknown state
             idle = self._idle.setdefault(key, [])
             if keep_alive and len(idle) < MAX_IDLE:
                 idle.append(conn)
             else:
-                writer.close()
+                conn.transport.close()
         return response
 
-    def _checkout(self, key: tuple):
+    def _checkout(self, key: tuple) -> _Connection | None:
         idle = self._idle.get(key, [])
         while idle:
-            reader, writer = idle.pop()
-            # the socket itself, not the reader: the loop may not yet have run to see the server's FIN
-            if not reader.at_eof() and not writer.is_closing() and not _dropped(writer.get_extra_info("socket")):
-                return reader, writer
-            writer.close()
+            conn = idle.pop()
+            # the socket itself too: the loop may not yet have run to see the server's FIN
+            if not (conn.closed or conn.pending or conn.transport.is_closing()
+                    or _dropped(conn.transport.get_extra_info("socket"))):
+                return conn
+            conn.transport.close()
         return None
 
     async def aclose(self) -> None:
         for conns in self._idle.values():
-            for _, writer in conns:
-                writer.close()
+            for conn in conns:
+                conn.transport.close()
         self._idle = {}
 
 
-async def _aconnect(request: httpx.Request, timeout: float | None):
+class _Connection(asyncio.BufferedProtocol):
+    """One connection of the async twin, reading into memory it chooses: an answer's head (and a
+    body of unknown length) through a reused buffer, a body of known length straight into the memory
+    it is answered in. asyncio's streams copied each byte of it three times more: into the stream's
+    buffer, out of it as bytes, and into that memory."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending = bytearray()  # read and not yet taken
+        self.closed = False
+        self._scratch = memoryview(bytearray(STREAM_LIMIT))  # a view: TLS reads into slices of it
+        self._into: memoryview | None = None  # while set, the socket's bytes go here
+        self._filled = 0
+        self._wake: asyncio.Future | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0)  # paused while anything waits to be sent: see send
+
+    def get_buffer(self, sizehint: int):
+        return self._scratch if self._into is None else self._into[self._filled:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into is None:
+            self.pending += self._scratch[:nbytes]
+        else:
+            self._filled += nbytes
+            if self._filled == len(self._into):
+                self._into = None  # whole: what comes next is not this body's
+        self._notify()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._notify()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._writable.set()
+        self._notify()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def send(self, pieces: list) -> None:
+        """Each piece written a slice at a time, the next once the socket took the last: the
+        transport keeps a copy of what the socket does not take at once (all but a few MB of a 40 MB
+        body, in fresh memory), and a slice's rest is small."""
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            for start in range(0, len(view), WRITE_SIZE):
+                self.transport.write(view[start:start + WRITE_SIZE] if len(view) > WRITE_SIZE else view)
+                if not self._writable.is_set():
+                    await self._writable.wait()
+                if self.closed:
+                    raise ConnectionError("the server closed the connection while the request was sent")
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _more(self) -> None:
+        """Until the next read (or the connection's end)."""
+        self._wake = asyncio.get_running_loop().create_future()
+        try:
+            await self._wake
+        finally:
+            self._wake = None
+
+    async def read_head(self) -> bytes:
+        while (end := self.pending.find(b"\r\n\r\n")) < 0:
+            if len(self.pending) > MAX_HEAD:
+                return bytes(self.pending)  # read_head refuses it
+            if self.closed:
+                raise ConnectionError("the server closed the connection before answering")
+            await self._more()
+        head = bytes(self.pending[:end + 4])
+        del self.pending[:end + 4]
+        return head
+
+    async def read_some(self) -> bytes:
+        """What has arrived of a body of unknown length; b"" at the connection's end."""
+        while not self.pending and not self.closed:
+            await self._more()
+        chunk = bytes(self.pending)
+        self.pending.clear()
+        return chunk
+
+    async def read_into(self, body: bytearray) -> bytearray:
+        """``body`` filled: from what has arrived, then straight from the socket."""
+        n = min(len(self.pending), len(body))
+        body[:n] = self.pending[:n]
+        del self.pending[:n]
+        if n == len(body):
+            return body
+        self._into, self._filled = memoryview(body), n
+        try:
+            while self._into is not None:
+                if self.closed:
+                    raise ConnectionError(f"the server closed the connection after {self._filled} of "
+                                          f"{len(body)} bytes")
+                await self._more()
+        finally:
+            self._into = None  # (no view of the body outlives its read)
+        return body
+
+
+async def _aconnect(request: httpx.Request, timeout: float | None) -> _Connection:
     context = ssl.create_default_context() if request.url.scheme == "https" else None
+    host, port = _address(request.url)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            *_address(request.url), ssl=context, limit=STREAM_LIMIT,
-            server_hostname=request.url.host if context else None), timeout)
+        transport, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+            _Connection, host, port, ssl=context, server_hostname=host if context else None), timeout)
     except asyncio.TimeoutError as e:
         raise httpx.ConnectTimeout("timed out", request=request) from e
     except OSError as e:
         raise httpx.ConnectError(str(e), request=request) from e
-    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return reader, writer
+    transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
 
 
-async def _areceive(reader: asyncio.StreamReader, answer: _Answer, timeout: float | None, into=bytearray):
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    length = answer.read_head(head)
+async def _areceive(conn: _Connection, answer: _Answer, timeout: float | None, into=bytearray):
+    length = answer.read_head(await asyncio.wait_for(conn.read_head(), timeout))
     if length is None:
         while not answer.done:
-            chunk = await asyncio.wait_for(reader.read(JOIN_BELOW), timeout)
+            chunk = await asyncio.wait_for(conn.read_some(), timeout)
             answer.feed(chunk)
             if not chunk:
                 break
         return answer.response()
-    return answer.response(await asyncio.wait_for(_read_into(reader, into(length)), timeout))
-
-
-async def _read_into(reader: asyncio.StreamReader, body: bytearray) -> bytearray:
-    """``body`` filled from the stream: one buffer of the body's size, where ``readexactly`` would
-    make a bytes object that a writable array then had to copy."""
-    view, got = memoryview(body), 0
-    while got < len(body):
-        chunk = await reader.read(len(body) - got)
-        if not chunk:
-            raise ConnectionError(f"the server closed the connection after {got} of {len(body)} bytes")
-        view[got:got + len(chunk)] = chunk
-        got += len(chunk)
-    return body
+    return answer.response(await asyncio.wait_for(conn.read_into(into(length)), timeout))
