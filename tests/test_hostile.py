@@ -167,6 +167,24 @@ def test_idle_and_slow_connections_are_dropped_and_capped(limited):
     assert rss_kib(limited) - before < 16 << 10
 
 
+def test_a_kept_alive_connection_holds_no_read_buffer_of_its_own(limited):
+    """Reads go through one buffer per event loop, as uvloop's own do: 30 connections kept alive
+    after a request hold a few KiB each, not a 256 KiB buffer each."""
+    def kept_alive() -> socket.socket:
+        sock = connect(limited)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        return sock
+
+    warm = [kept_alive() for _ in range(3)]
+    before = rss_kib(limited)
+    socks = [kept_alive() for _ in range(30)]
+    grown = rss_kib(limited) - before
+    for sock in warm + socks:
+        sock.close()
+    assert grown < 30 * 64, f"{grown} KiB for 30 connections"
+
+
 def test_bytes_that_are_no_http_get_a_problem(limited):
     sock = connect(limited)
     sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n")

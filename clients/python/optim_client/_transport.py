@@ -32,6 +32,17 @@ MAX_HEAD = 1 << 16
 MAX_IDLE = 20  # kept-alive connections per host for the async twin, as httpx's own pool keeps
 STREAM_LIMIT = 1 << 18  # what the async twin reads at a time outside a body of known length
 WRITE_SIZE = 1 << 22  # what it hands its transport at a time
+_THREAD = threading.local()
+
+
+def _scratch() -> memoryview:
+    """Where the async twin's reads outside a body of known length go: one buffer per thread (its
+    event loop's), not 256 KiB per connection; a read's bytes are taken before the next read. A
+    view: TLS reads into slices of it, and a bytearray's slice would be a copy."""
+    scratch = getattr(_THREAD, "scratch", None)
+    if scratch is None:
+        scratch = _THREAD.scratch = memoryview(bytearray(STREAM_LIMIT))
+    return scratch
 WRITABLE_BODY = "optim_client.writable_body"
 BODY_INTO = "optim_client.body_into"  # a request extension: ``length -> bytearray`` the body is read into
 
@@ -246,7 +257,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.pending = bytearray()  # read and not yet taken
         self.closed = False
-        self._scratch = memoryview(bytearray(STREAM_LIMIT))  # a view: TLS reads into slices of it
         self._into: memoryview | None = None  # while set, the socket's bytes go here
         self._filled = 0
         self._wake: asyncio.Future | None = None
@@ -258,11 +268,11 @@ class _Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=0)  # paused while anything waits to be sent: see send
 
     def get_buffer(self, sizehint: int):
-        return self._scratch if self._into is None else self._into[self._filled:]
+        return _scratch() if self._into is None else self._into[self._filled:]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._into is None:
-            self.pending += self._scratch[:nbytes]
+            self.pending += _scratch()[:nbytes]
         else:
             self._filled += nbytes
             if self._filled == len(self._into):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 
 import httptools
 import orjson
@@ -63,6 +64,16 @@ class BodySink:
 
 SINK = "optim.body_sink"  # the scope's extension: sink(view, filled, hasher) -> BodySink | None
 READ_SIZE = 1 << 18  # what one read takes outside a sink, as uvloop's own buffer does
+_THREAD = threading.local()
+
+
+def _scratch() -> memoryview:
+    """Where reads outside a sink go: one buffer per thread (its event loop's), as uvloop keeps one
+    per loop, not 256 KiB resident per connection. A read's bytes are parsed before the next read."""
+    scratch = getattr(_THREAD, "scratch", None)
+    if scratch is None:
+        scratch = _THREAD.scratch = memoryview(bytearray(READ_SIZE))
+    return scratch
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -75,7 +86,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._phase = _IDLE
         self._header_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._scratch = memoryview(bytearray(READ_SIZE))
         self._sink: BodySink | None = None  # while set, the socket's next bytes are its body's rest
         self._sink_left = 0
         self._last_byte = 0.0
@@ -86,15 +96,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         sink = self._sink
         if sink is None:
-            return self._scratch
+            return _scratch()
         if sink.view is None:  # the app let go: the rest is read, and dropped, to keep the framing
-            return self._scratch[:min(READ_SIZE, self._sink_left)]
+            return _scratch()[:min(READ_SIZE, self._sink_left)]
         return sink.view[sink.filled:sink.filled + self._sink_left]
 
     def buffer_updated(self, nbytes: int) -> None:
         sink = self._sink
         if sink is None:
-            self.data_received(self._scratch[:nbytes])
+            self.data_received(_scratch()[:nbytes])
             return
         self._unset_keepalive_if_required()
         self._sink_left -= nbytes
