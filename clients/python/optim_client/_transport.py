@@ -302,7 +302,7 @@ class _Connection(asyncio.BufferedProtocol):
         for piece in pieces:
             view = memoryview(piece).cast("B")
             for start in range(0, len(view), WRITE_SIZE):
-                self.transport.write(view[start:start + WRITE_SIZE] if len(view) > WRITE_SIZE else view)
+                self.transport.write(view[start:start + WRITE_SIZE])
                 if not self._writable.is_set():
                     await self._writable.wait()
                 if self.closed:

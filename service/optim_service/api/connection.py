@@ -106,7 +106,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if sink is None:
             self.data_received(_scratch()[:nbytes])
             return
-        self._unset_keepalive_if_required()
         self._sink_left -= nbytes
         if sink.view is not None:
             if sink.hasher is not None:
