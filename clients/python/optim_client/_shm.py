@@ -31,7 +31,7 @@ class SessionRegions:
     def __init__(self, layout: _wire.Layout, sealed: bool):
         self.layout = layout
         self.dtype = _wire.np_dtype(layout.dtype)
-        self.nbytes = sum(layout.sizes) * self.dtype.itemsize
+        self.nbytes = layout.nbytes  # (never a narrower wire dtype: regions() refuses those)
         tag = uuid.uuid4().hex[:12]
         self.names = (f"g-{tag}", f"p-{tag}")
         self.files = [(SealedFile if sealed else SharedFile)(self.nbytes) for _ in self.names]
@@ -63,15 +63,13 @@ class SessionRegions:
             body["loss"] = float(loss)
         return orjson.dumps(body)
 
-    def params(self, copy: bool = True, into=None) -> list[np.ndarray]:
+    def params(self, copy: bool, into) -> list[np.ndarray]:
         """The params the server wrote, copied out (the region is written over by the next step) into
-        ``into(nbytes)`` (memory of an earlier answer nothing views any more, ``_AnswerMemory``) or
-        else numpy's. ``copy=False``: views of the region itself."""
+        ``into(nbytes)`` (memory of an earlier answer nothing views any more, ``_AnswerMemory``).
+        ``copy=False``: views of the region itself."""
         flat = self._flat(1)
         if not copy:
             return _wire.from_binary(flat, self.layout)
-        if into is None:
-            return _wire.from_binary(flat.copy(), self.layout)
         out = np.frombuffer(into(self.nbytes), self.dtype)
         np.copyto(out, flat)
         return _wire.from_binary(out, self.layout)
