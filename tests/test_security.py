@@ -171,6 +171,14 @@ async def test_body_limit_by_content_length_and_while_streaming():
 
         r = await client.post("/v1/sessions", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+        assert r.headers["connection"] == "close"  # the rest of the body is not read
+
+        sid = (await client.post("/v1/sessions", json=BODY)).json()["id"]
+        for content in (b"\0" * 5000, chunks()):  # a step's body: declared, then streamed
+            r = await client.post(f"/v1/sessions/{sid}/step", content=content,
+                                  headers={"content-type": "application/octet-stream"})
+            assert r.status_code == 413 and "4096 bytes" in r.json()["detail"], r.text
+        assert (await client.get(f"/v1/sessions/{sid}")).json()["step"] == 0
 
 
 def rss_kib(pid: int) -> int:

@@ -19,7 +19,6 @@ from starlette.middleware.cors import CORSMiddleware
 from . import __version__, history
 from .api import problems
 from .api.auth import KeyRing
-from .api.limits import BodyLimitMiddleware
 from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions, shm
 from .api.steplane import StepLane
@@ -82,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
             allow_methods=["GET", "POST", "DELETE"], allow_headers=list(CORS_REQUEST_HEADERS),
             expose_headers=list(CORS_RESPONSE_HEADERS), max_age=600))
-    outer += [Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes), Middleware(StepLane)]
+    outer.append(Middleware(StepLane))
     app = ServiceApp(
         outer,
         title="optim-service",

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
-from ..errors import InvalidRequest, UnsupportedMediaType
+from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from .limits import check_json_depth
 from .jsonbody import loads_with_tensors
 
@@ -35,11 +35,14 @@ def require_content_type(content_type: str | None, *allowed: str) -> str:
     return ctype
 
 
-async def read_body(content_length: str | None, receive, into: np.ndarray | None = None,
+async def read_body(content_length: str | None, receive, limit: int, into: np.ndarray | None = None,
                     sink=None, hasher=None) -> bytes | bytearray | memoryview:
-    """The body, read straight into one buffer of its declared length (the body-limit middleware has
-    vetted that length) rather than collected in pieces and joined: a 4 MB step saves a copy. A body
-    that arrives whole in one message, as every small step does, is taken as it is. Given ``into``
+    """The body, read straight into one buffer of its declared length rather than collected in pieces
+    and joined: a 4 MB step saves a copy. A body over ``limit`` bytes (``max_body_bytes``) is a 413
+    that closes the connection: at once when its Content-Length says so, else when the bytes received
+    pass it. Every route reads its body here, so this is the body limit (a middleware for it cost
+    every request a layer). A body that arrives whole in one message, as every small step does, is
+    taken as it is. Given ``into``
     (uint8 memory at least that long), the body is read into its start and a view of it returned;
     with ``sink`` too (the server's ``connection.SINK``), the server reads the rest there itself.
 
@@ -47,15 +50,20 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
     the event loop's finaliser hook, which cost every small step a wake-up of the loop and a task.
     Given ``hasher``, every byte of the body is fed to it, in order, as it arrives."""
     declared = content_length or ""
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
     update = hasher.update if hasher is not None else _nothing
     chunk, more = await _next_chunk(receive)
     update(chunk)
-    if not declared.isdigit():
-        chunks = [chunk]
-        while more:
+    if not declared.isdigit():  # chunked: counted as it arrives
+        chunks, received = [chunk], len(chunk)
+        while more and received <= limit:
             chunk, more = await _next_chunk(receive)
             update(chunk)
             chunks.append(chunk)
+            received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
         return b"".join(chunks)
     size = int(declared)
     if into is None and not more and len(chunk) == size:
@@ -85,6 +93,12 @@ async def read_body(content_length: str | None, receive, into: np.ndarray | None
 
 def _nothing(_) -> None:
     return None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the body is over this service's limit of {limit} bytes; send large tensors as "
+                           "application/octet-stream, or ask the operator to raise OPTIM_MAX_BODY_BYTES",
+                           headers={"Connection": "close"})  # not read on: the rest is not wanted
 
 
 async def _next_chunk(receive) -> tuple[bytes, bool]:

@@ -2,7 +2,7 @@
 
 A small JSON step's server time is all Python glue, a little of it in each layer (README,
 "Performance"). So ``StepLane``, the innermost of the service's middlewares (request ids, the access
-log, CORS and the body limit still apply; ``ServiceApp`` puts them around FastAPI's whole stack),
+log and CORS still apply; ``ServiceApp`` puts them around FastAPI's whole stack),
 reads the headers once, answers with two ASGI messages, and maps errors through the app's own
 exception handlers: no Starlette ``Request`` or ``Response``, router, dependency injection or
 background task. Every other request, and a step with another method (405), goes on to FastAPI,
@@ -98,7 +98,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     said = contribution_headers(headers)
     # a raw body's digest is taken as it arrives, where the socket's pace leaves time (40 MB: 5 ms)
     hasher = body_hasher(ctype + _fields(said)) if key and ctype == BINARY else None
-    body = await read_body(length, receive, into=memory, sink=sink, hasher=hasher)
+    body = await read_body(length, receive, state.settings.max_body_bytes, into=memory, sink=sink, hasher=hasher)
     volatile = False  # the gradients lie in memory a client can still write
     if ctype == SHARED_MEMORY:
         request, into_region, memory, volatile = read_shared_step(body, caller, session_id, state)
