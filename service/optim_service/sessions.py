@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -144,6 +143,46 @@ class _SessionLock:
 
     def __init__(self):
         self.lock, self.users = asyncio.Lock(), 0
+
+
+class _Turn:
+    """A session's lock held for one ``async with``; the lock is dropped with the last step that
+    needs it, so idle sessions hold none. A class, where an asynccontextmanager's generator and
+    wrapper cost every small step a few µs."""
+
+    __slots__ = ("locks", "session_id", "timeout", "held")
+
+    def __init__(self, locks: dict[str, _SessionLock], session_id: str, timeout: float):
+        self.locks, self.session_id, self.timeout = locks, session_id, timeout
+
+    async def __aenter__(self) -> None:
+        held = self.locks.get(self.session_id)
+        if held is None:
+            held = self.locks[self.session_id] = _SessionLock()
+        held.users += 1
+        try:  # a step behind a stalled one gives up within one store timeout, not one per step ahead
+            if held.lock.locked():
+                async with asyncio.timeout(self.timeout):
+                    await held.lock.acquire()
+            else:  # free: taken at once, without a timer to arm and cancel
+                await held.lock.acquire()
+        except BaseException as e:
+            self._leave(held)
+            if isinstance(e, TimeoutError):
+                raise SessionBusy(
+                    f"the steps ahead of this one on session '{self.session_id}' did not finish within "
+                    f"{self.timeout:g} s; nothing was changed, retry shortly", headers={"Retry-After": "1"}) from None
+            raise
+        self.held = held
+
+    async def __aexit__(self, *exc) -> None:
+        self.held.lock.release()
+        self._leave(self.held)
+
+    def _leave(self, held: _SessionLock) -> None:
+        held.users -= 1
+        if not held.users:
+            del self.locks[self.session_id]
 
 
 class SessionService:
@@ -419,34 +458,9 @@ class SessionService:
             return _fork_of(existing, idempotency), True
         return clone, False
 
-    @asynccontextmanager
-    async def _locked(self, session_id: str):
-        """This process's turn on a session, after the steps ahead of it; the lock is dropped with
-        the last step that needs it, so idle sessions hold none."""
-        held = self._locks.get(session_id)
-        if held is None:
-            held = self._locks[session_id] = _SessionLock()
-        held.users += 1
-        try:
-            try:  # a step behind a stalled one gives up within one store timeout, not one per step ahead
-                if held.lock.locked():
-                    async with asyncio.timeout(self.settings.store_timeout_seconds):
-                        await held.lock.acquire()
-                else:  # free: taken at once, without a timer to arm and cancel
-                    await held.lock.acquire()
-            except TimeoutError:
-                raise SessionBusy(
-                    f"the steps ahead of this one on session '{session_id}' did not finish within "
-                    f"{self.settings.store_timeout_seconds:g} s; nothing was changed, retry shortly",
-                    headers={"Retry-After": "1"}) from None
-            try:
-                yield
-            finally:
-                held.lock.release()
-        finally:
-            held.users -= 1
-            if not held.users:
-                del self._locks[session_id]
+    def _locked(self, session_id: str) -> _Turn:
+        """This process's turn on a session, after the steps ahead of it (``async with``)."""
+        return _Turn(self._locks, session_id, self.settings.store_timeout_seconds)
 
     async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
                     volatile=False) -> StepResult:
