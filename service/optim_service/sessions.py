@@ -351,9 +351,45 @@ class SessionService:
         dropped with the last step that needs it, so idle sessions hold none."""
         if dry_run:  # the would-be step, written nowhere: no lock, claim, history or round
             return await self._dry_run(owner, session_id, decode, loss, if_match, memory)
-        async with self._locked(session_id):
-            return await self._step(owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
-                                    volatile)
+        async with self._locked(session_id):  # its body here, not a call: a layer less each way
+            for attempt in range(self.settings.cas_retries):
+                record = await self._record(owner, session_id)
+                if idempotency is not None:
+                    replay = await self._replay(record, *idempotency)
+                    if replay is not None:
+                        return replay
+                if attempt and memory is not None:  # the first attempt wrote over the gradients
+                    raise StepConflict("the session changed under this step; retry it")
+                template = self._warm.template(record)
+                if if_match is not None and template.step != if_match:
+                    raise VersionMismatch(
+                        f"If-Match expected step {if_match}, the session is at step {template.step}",
+                        step=template.step,
+                    )
+                schedule = template.config.schedule
+                if schedule is not None and schedule.type == "lr_range_test" and loss is not None:
+                    await self._range_test_goes_on(template, loss)
+                aggregation = template.config.aggregation
+                if aggregation.mode == "sync":
+                    result = await self._contribute(record, template, decode, loss, idempotency, contribution)
+                    if result is not None:
+                        return result
+                    continue  # another process took the round on: reload
+                lr_scale = tau = None
+                if aggregation.mode == "async":
+                    tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
+                args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
+                # gradients a client can change between the proof and the update prove nothing
+                provable = not volatile and self._provable(template)
+                if provable and template.id not in self._dry_runs and template.alone(record):
+                    result = await self._in_place(*args)
+                else:  # a proof still carries the maxima to the next step, which may then go in place
+                    result = await self._apply(*args, bound=provable)
+                if result is not None:
+                    return result
+            raise StepConflict(
+                f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
+            )
 
     async def _dry_run(self, owner, session_id, decode, loss, if_match, memory) -> StepResult:
         template = self._warm.template(await self._record(owner, session_id))
@@ -461,47 +497,6 @@ class SessionService:
     def _locked(self, session_id: str) -> _Turn:
         """This process's turn on a session, after the steps ahead of it (``async with``)."""
         return _Turn(self._locks, session_id, self.settings.store_timeout_seconds)
-
-    async def _step(self, owner, session_id, decode, loss, if_match, idempotency, memory, contribution,
-                    volatile=False) -> StepResult:
-        for attempt in range(self.settings.cas_retries):
-            record = await self._record(owner, session_id)
-            if idempotency is not None:
-                replay = await self._replay(record, *idempotency)
-                if replay is not None:
-                    return replay
-            if attempt and memory is not None:  # the first attempt wrote over the gradients
-                raise StepConflict("the session changed under this step; retry it")
-            template = self._warm.template(record)
-            if if_match is not None and template.step != if_match:
-                raise VersionMismatch(
-                    f"If-Match expected step {if_match}, the session is at step {template.step}",
-                    step=template.step,
-                )
-            schedule = template.config.schedule
-            if schedule is not None and schedule.type == "lr_range_test" and loss is not None:
-                await self._range_test_goes_on(template, loss)
-            aggregation = template.config.aggregation
-            if aggregation.mode == "sync":
-                result = await self._contribute(record, template, decode, loss, idempotency, contribution)
-                if result is not None:
-                    return result
-                continue  # another process took the round on: reload
-            lr_scale = tau = None
-            if aggregation.mode == "async":
-                tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
-            args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
-            # gradients a client can change between the proof and the update prove nothing
-            provable = not volatile and self._provable(template)
-            if provable and template.id not in self._dry_runs and template.alone(record):
-                result = await self._in_place(*args)
-            else:  # a proof still carries the maxima to the next step, which may then go in place
-                result = await self._apply(*args, bound=provable)
-            if result is not None:
-                return result
-        raise StepConflict(
-            f"the session kept changing under this step ({self.settings.cas_retries} attempts); retry"
-        )
 
     async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
                      in_place: bool = False, bound: bool = False) -> StepResult | None:
