@@ -4,32 +4,18 @@ measurably cheaper than several (bench/wire.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.datastructures import State
 
 from ..sessions import SessionService
-from .auth import authenticate
+from .auth import Tenant, caller_of
 
-
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    """Who is calling (None when API keys are off) and the sessions they act on."""
-
-    owner: str | None
-    sessions: SessionService
+__all__ = ["Caller", "Sessions", "Tenant", "caller_of"]
 
 
 async def get_sessions(request: Request) -> SessionService:
     return request.app.state.sessions
-
-
-async def caller_of(state: State, authorization: str | None) -> Tenant:
-    """Authenticates and rate-limits a request with this Authorization header (401/429), then names
-    its tenant. ``state`` is the app's."""
-    return Tenant(await authenticate(state, authorization), state.sessions)
 
 
 async def get_caller(request: Request) -> Tenant:
