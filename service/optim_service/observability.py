@@ -192,12 +192,12 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500
 
-        async def send_with_id(message):
+        def send_with_id(message):  # returns send's awaitable: a coroutine of its own cost a step ~5 µs a message
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
