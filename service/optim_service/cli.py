@@ -101,7 +101,7 @@ def _serve(args) -> int:
         log_config=logging_config(settings.log_level), access_log=False,  # ours has the request id
         proxy_headers=False,  # nothing here reads the client's address: one layer less on every request
         server_header=False,  # no "server: uvicorn": it tells a scanner what to try, and costs every answer
-        http="optim_service.api.connection:HttpProtocol",  # limits before any request is read
+        http="optim_service.api.connection:LimitedHttpProtocol",  # limits before any request is read
     )
     return 0
 

@@ -16,9 +16,11 @@ setting (SECURITY.md lists them):
 The HTTP parser's own 400s are problem+json like every other error.
 
 It also offers a large body a way around uvicorn's buffer (``BodySink``): once the step has memory for
-it, the rest of the body is read from the socket straight into that memory (the protocol is an
-``asyncio.BufferedProtocol``), where the event loop, the parser and uvicorn would copy each part
-three times more and wake the app every 64 KB.
+it, the rest of the body is read from the socket straight into that memory (``_SinkReader``, an
+``asyncio.BufferedProtocol``, takes the transport until the body is in), where the event loop, the
+parser and uvicorn would copy each part three times more and wake the app every 64 KB. Every other
+read goes through ``data_received``, as uvicorn's own: a buffered protocol's two calls a read cost
+a small request ~15 µs.
 """
 
 from __future__ import annotations
@@ -63,17 +65,45 @@ class BodySink:
 
 
 SINK = "optim.body_sink"  # the scope's extension: sink(view, filled, hasher) -> BodySink | None
-READ_SIZE = 1 << 18  # what one read takes outside a sink, as uvloop's own buffer does
+DROP_SIZE = 1 << 16  # what one read takes of a body the app let go of
 _THREAD = threading.local()
 
 
 def _scratch() -> memoryview:
-    """Where reads outside a sink go: one buffer per thread (its event loop's), as uvloop keeps one
-    per loop, not 256 KiB resident per connection. A read's bytes are parsed before the next read."""
+    """Where the rest of a body the app let go of is read, to be dropped: one buffer per thread (its
+    event loop's), not one per connection."""
     scratch = getattr(_THREAD, "scratch", None)
     if scratch is None:
-        scratch = _THREAD.scratch = memoryview(bytearray(READ_SIZE))
+        scratch = _THREAD.scratch = memoryview(bytearray(DROP_SIZE))
     return scratch
+
+
+class _SinkReader(asyncio.BufferedProtocol):
+    """The transport's protocol while a ``BodySink`` takes the rest of a body (uvloop calls
+    ``get_buffer`` only on a protocol that is not an ``asyncio.Protocol``, which uvicorn's is); it
+    hands every other event to the HTTP protocol, which takes the transport back with the body's
+    last byte."""
+
+    def __init__(self, http: LimitedHttpProtocol):
+        self.http = http
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.http._sink_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.http._sink_updated(nbytes)
+
+    def connection_lost(self, exc) -> None:
+        self.http.connection_lost(exc)
+
+    def eof_received(self):
+        return self.http.eof_received()
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -85,27 +115,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._max_connections = s.max_connections
         self._phase = _IDLE
         self._header_bytes = 0
+        # one timer serves every limit a connection arms (``_arm``): pending until ``_fires``, it
+        # calls ``_on_due`` if still armed at ``_due``
         self._timer: asyncio.TimerHandle | None = None
+        self._fires = self._due = 0.0
+        self._on_due = None
         self._sink: BodySink | None = None  # while set, the socket's next bytes are its body's rest
         self._sink_left = 0
         self._last_byte = 0.0
-        self.reads_into_memory = False  # HttpProtocol's reads go through get_buffer: only then a sink works
 
-    # -- reads: into the sink's memory, else a reused buffer the parser reads ---------------------
+    # -- a body sink's reads, into its memory (``_SinkReader`` has the transport meanwhile) -------
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def _sink_buffer(self) -> memoryview:
         sink = self._sink
-        if sink is None:
-            return _scratch()
         if sink.view is None:  # the app let go: the rest is read, and dropped, to keep the framing
-            return _scratch()[:min(READ_SIZE, self._sink_left)]
+            return _scratch()[:min(DROP_SIZE, self._sink_left)]
         return sink.view[sink.filled:sink.filled + self._sink_left]
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def _sink_updated(self, nbytes: int) -> None:
         sink = self._sink
-        if sink is None:
-            self.data_received(_scratch()[:nbytes])
-            return
         self._sink_left -= nbytes
         if sink.view is not None:
             if sink.hasher is not None:
@@ -113,12 +141,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             sink.filled += nbytes
         if self._sink_left:
             self._last_byte = self.loop.time()  # the idle timer, armed once, checks this when it fires
-            if self._timer is None:
+            if self._on_due is None:
                 self._arm(self._body_idle, self._body_idle_expired)
             return
         # the parser framed this body by its length but did not read its rest: the next request
         # starts a fresh parser, and this one ends here
         self._sink = None
+        self.transport.set_protocol(self)
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.on_message_complete()
@@ -131,6 +160,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return None  # not this request's body, or not all of it handed over: the app reads on
         self._sink, self._sink_left = BodySink(view, filled, hasher), len(view) - filled
         self._last_byte = self.loop.time()
+        self.transport.set_protocol(_SinkReader(self))
         return self._sink
 
     # -- the connection --------------------------------------------------------------------------
@@ -145,7 +175,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._start_request()  # a connection that never sends a byte is dropped like a slow one
 
     def connection_lost(self, exc) -> None:
-        self._cancel_timer()
+        self._on_due = None
+        if self._timer is not None:  # not left pending, holding this connection until it fires
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -181,7 +214,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self._phase = _BODY
         super().on_headers_complete()
-        if self.reads_into_memory and self.cycle is not None and self.cycle.scope is self.scope:
+        if self.cycle is not None and self.cycle.scope is self.scope:
             self.scope.setdefault("extensions", {})[SINK] = functools.partial(self._sink_into, self.cycle)
         if self._phase == _BODY and not self.transport.is_closing():
             self._arm(self._body_idle, self._body_idle_expired)
@@ -203,7 +236,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                      f"bytes or {self._max_headers} fields (OPTIM_MAX_HEADER_BYTES, OPTIM_MAX_HEADERS)")
 
     def _headers_expired(self) -> None:
-        self._timer = None
         if self._phase != _HEADERS or self.transport.is_closing():
             return
         if self._header_bytes == 0:  # nothing asked, nothing to answer
@@ -214,7 +246,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                      "(OPTIM_HEADER_TIMEOUT_SECONDS)")
 
     def _body_idle_expired(self) -> None:
-        self._timer = None
         if self._phase != _BODY or self.transport.is_closing():
             return
         if self._sink is not None and (idle := self.loop.time() - self._last_byte) < self._body_idle:
@@ -238,24 +269,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.transport.close()  # the app, if it is reading, gets http.disconnect
 
     def _arm(self, seconds: float, callback) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(seconds, callback)
+        """``callback`` in ``seconds``, unless armed again or cancelled first. The timer moves only
+        when this comes due before it fires (a limit after a longer one), and re-arms for the rest
+        when it fires early: a call_later and a cancel per request phase cost a small request µs."""
+        due = self.loop.time() + seconds
+        self._due, self._on_due = due, callback
+        if self._timer is None or self._fires > due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._fires = self.loop.call_at(due, self._fire), due
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._on_due = None  # the timer stays, for the next limit; firing, it finds nothing armed
 
-
-class HttpProtocol(asyncio.BufferedProtocol):
-    """What the server runs: ``LimitedHttpProtocol`` reading into memory it chooses. uvloop calls
-    ``get_buffer`` only on a protocol that is not an ``asyncio.Protocol``, which uvicorn's is; this
-    one is not, and hands every event on."""
-
-    def __init__(self, *args, **kwargs):
-        self.http = http = LimitedHttpProtocol(*args, **kwargs)
-        http.reads_into_memory = True
-        self.connection_made, self.connection_lost, self.eof_received = (
-            http.connection_made, http.connection_lost, http.eof_received)
-        self.pause_writing, self.resume_writing = http.pause_writing, http.resume_writing
-        self.get_buffer, self.buffer_updated = http.get_buffer, http.buffer_updated
+    def _fire(self) -> None:
+        self._timer, callback = None, self._on_due
+        if callback is None:
+            return
+        if self.loop.time() < self._due:
+            self._timer, self._fires = self.loop.call_at(self._due, self._fire), self._due
+            return
+        self._on_due = None
+        callback()
