@@ -64,7 +64,7 @@ class BodySink:
         self.view, self.filled, self.hasher = view, filled, hasher
 
 
-SINK = "optim.body_sink"  # the scope's extension: sink(view, filled, hasher) -> BodySink | None
+SINK = "optim.body_sink"  # the scope's extension: sink(scope, view, filled, hasher) -> BodySink | None
 DROP_SIZE = 1 << 16  # what one read takes of a body the app let go of
 _THREAD = threading.local()
 
@@ -152,10 +152,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.on_message_complete()
 
-    def _sink_into(self, cycle, view: memoryview, filled: int, hasher=None) -> BodySink | None:
-        """Called by the app (``SINK``) with everything parsed so far received: the body's remaining
-        ``len(view) - filled`` bytes are the next on the socket."""
-        if (self._sink is not None or cycle is not self.cycle or cycle.body or not cycle.more_body
+    def _sink_into(self, scope, view: memoryview, filled: int, hasher=None) -> BodySink | None:
+        """Called by the app (``SINK``) for the request of ``scope``, with everything parsed so far
+        received: the body's remaining ``len(view) - filled`` bytes are the next on the socket."""
+        cycle = self.cycle
+        if (self._sink is not None or cycle is None or cycle.scope is not scope or cycle.body or not cycle.more_body
                 or cycle.response_complete or self.transport.is_closing()):
             return None  # not this request's body, or not all of it handed over: the app reads on
         self._sink, self._sink_left = BodySink(view, filled, hasher), len(view) - filled
@@ -214,8 +215,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self._phase = _BODY
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope:
-            self.scope.setdefault("extensions", {})[SINK] = functools.partial(self._sink_into, self.cycle)
+        # the request's scope, not its cycle, is how a sink names its request: a partial over the
+        # cycle, kept in the cycle's scope, made every request's objects a cycle for the collector
+        self.scope.setdefault("extensions", {})[SINK] = self._sink_into
         if self._phase == _BODY and not self.transport.is_closing():
             self._arm(self._body_idle, self._body_idle_expired)
 

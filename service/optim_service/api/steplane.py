@@ -11,6 +11,7 @@ whose APIRoute documents the step and serves it through the same ``serve_step``.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Mapping
@@ -56,7 +57,7 @@ class StepLane:
         try:
             caller = await caller_of(state, headers.get("authorization"))
             reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"],
-                                     scope.get("extensions", {}).get(SINK))
+                                     _sink_of(scope))
         except Exception as exc:
             handler = _handler_for(scope["app"].exception_handlers, exc)
             if handler is None:
@@ -175,6 +176,12 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
     step = StepBody(decode, req.loss, {}, said)
     return step, into, memory, not copied
+
+
+def _sink_of(scope):
+    """The server's offer to read this request's body into memory (``connection.SINK``), if it makes one."""
+    offer = scope.get("extensions", {}).get(SINK)
+    return None if offer is None else functools.partial(offer, scope)
 
 
 def _fields(said: dict) -> str:
