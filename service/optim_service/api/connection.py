@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from itertools import chain
 
 import httptools
 import orjson
@@ -208,9 +209,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._phase = _HEADERS
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
-        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
-        if size > self._max_header_bytes or len(self.headers) > self._max_headers:
+        self._on_due = None  # the headers' limit; the body's is armed after this read (data_received)
+        headers = self.headers
+        size = len(self.url) + 4 * len(headers) + sum(map(len, chain.from_iterable(headers)))
+        if size > self._max_header_bytes or len(headers) > self._max_headers:
             self._headers_too_large()
             return
         self._phase = _BODY
@@ -218,11 +220,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # the request's scope, not its cycle, is how a sink names its request: a partial over the
         # cycle, kept in the cycle's scope, made every request's objects a cycle for the collector
         self.scope.setdefault("extensions", {})[SINK] = self._sink_into
-        if self._phase == _BODY and not self.transport.is_closing():
-            self._arm(self._body_idle, self._body_idle_expired)
 
     def on_message_complete(self) -> None:
-        self._cancel_timer()
+        self._on_due = None
         self._phase = _DONE
         super().on_message_complete()
 
