@@ -93,4 +93,50 @@ async def test_steps_queued_on_one_session_take_turns_and_leave_no_lock_behind()
     assert applied == list(range(1, 20))  # every step number once: none lost, none doubled
     final = await service.load(None, session.id)
     np.testing.assert_array_equal(final.params[0], np.full(4, -0.5 * 19, np.float32))
-    assert service._locks == {}
+    assert service._turns.held() == []
+
+
+async def test_turns_pass_in_order_time_out_and_are_passed_on_by_a_caller_giving_up():
+    """A session's turn goes to its waiters first come first served; a waiter past the timeout gets
+    SessionBusy (503); one cancelled just as the turn reached it passes the turn on rather than
+    keeping it; and no session is left held."""
+    import asyncio
+
+    import pytest
+
+    from optim_service.errors import SessionBusy
+    from optim_service.sessions import Turns
+
+    turns, order = Turns(timeout=0.2), []
+
+    async def step(name: str, hold: float):
+        turn = turns.take("s")
+        if turn is not None:
+            await turns.wait("s", turn)
+        try:
+            order.append(name)
+            await asyncio.sleep(hold)
+        finally:
+            turns.leave("s")
+
+    await asyncio.gather(step("a", 0.01), step("b", 0.01), step("c", 0.01))
+    assert order == ["a", "b", "c"] and turns.held() == []
+
+    first = asyncio.create_task(step("slow", 0.5))
+    await asyncio.sleep(0)
+    with pytest.raises(SessionBusy):
+        await step("late", 0)
+    await first
+    assert turns.held() == []
+
+    assert turns.take("s") is None  # held; then one waits and is cancelled as the turn reaches it
+    waiter = asyncio.create_task(turns.wait("s", turns.take("s")))
+    behind = turns.take("s")
+    await asyncio.sleep(0)
+    turns.leave("s")  # the turn passes to the waiter...
+    waiter.cancel()  # ...which gives up before it runs: it must pass the turn on
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.wait_for(turns.wait("s", behind), 1)
+    turns.leave("s")
+    assert turns.held() == []
