@@ -375,7 +375,9 @@ class SessionService:
             await self._turns.wait(session_id, turn)
         try:  # (the attempts here, not in a call: a coroutine less each way)
             for attempt in range(self.settings.cas_retries):
-                record = await self._record(owner, session_id)
+                record = await self.store.get(session_id, owner)  # _record's work when it has none to do
+                if record is None or session_id in self._writing:
+                    record = await self._record(owner, session_id)
                 if idempotency is not None:
                     replay = await self._replay(record, *idempotency)
                     if replay is not None:
