@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import State
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
@@ -125,6 +126,7 @@ class ServiceApp(FastAPI):
     def __init__(self, outer: list[Middleware], **kwargs):
         super().__init__(**kwargs)
         self.outer_middleware = outer
+        self.state = AppState()
 
     def build_middleware_stack(self):
         app = super().build_middleware_stack()
@@ -141,6 +143,19 @@ class ServiceApp(FastAPI):
         if self.middleware_stack is None:
             self.middleware_stack = self.build_middleware_stack()
         await self.middleware_stack(scope, receive, send)
+
+
+class AppState(State):
+    """``app.state`` with its values as plain attributes too: Starlette's State keeps them only in a
+    dict behind ``__getattr__``, a Python call on every read (a step makes five)."""
+
+    def __setattr__(self, key, value) -> None:
+        object.__setattr__(self, key, value)
+        self._state[key] = value
+
+    def __delattr__(self, key) -> None:
+        object.__delattr__(self, key)
+        del self._state[key]
 
 
 async def _report_store(store, settings: Settings) -> None:

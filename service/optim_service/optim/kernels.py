@@ -121,9 +121,11 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
     buffer ``state`` holds, in field order), the gradient, the values read (``source``, or the same
     arrays for an update in place), then ``scalars``."""
     param0, state0 = read_from(param, state, source)
-    names = buffers or tuple(f for f, a in zip(state._fields, state) if a is not None)
-    return run(k, flat(param), flat_input(grad, param), *(flat(getattr(state, n)) for n in names),
-               flat_read(param0), *(flat_read(getattr(state0, n)) for n in names), scalars)
+    written, read = [flat(param), flat_input(grad, param)], [flat_read(param0)]
+    for name in buffers or [f for f, a in zip(state._fields, state) if a is not None]:  # (no generators:
+        written.append(flat(getattr(state, name)))  # each item resumed one, a call apiece in a small step)
+        read.append(flat_read(getattr(state0, name)))
+    return run(k, *written, *read, scalars)
 
 
 # max|x| over a float's bits as an unsigned integer with the sign masked off: finite magnitudes
