@@ -76,14 +76,14 @@ SUMS = {"reassoc", "contract"}
 # One compiled pass over the sampled parameters: a line's measurements cost one call, not a dozen
 # numpy calls whose code and data come back cold after the update
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=SUMS)
-def _measure(old, new, grads, stride, samples, starts):
-    """Over the samples: per tensor Σ(θ_new − θ_old)², then per tensor Σθ_old², then the update's
-    count sketch (each sample added, with a hashed sign, into one of SKETCH hashed buckets: inner
-    products, hence cosines, between sketches estimate those between the sampled updates without
-    bias, at one add per sample where a dense ±1 projection took SKETCH); and last Σg² over every
-    gradient; as one array."""
+def _measure(old, new, grads, stride, samples, starts, sums):
+    """Into ``sums`` (zeros, 2 per tensor + SKETCH + 1), over the samples: per tensor
+    Σ(θ_new − θ_old)², then per tensor Σθ_old², then the update's count sketch (each sample added,
+    with a hashed sign, into one of SKETCH hashed buckets: inner products, hence cosines, between
+    sketches estimate those between the sampled updates without bias, at one add per sample where a
+    dense ±1 projection took SKETCH); and last Σg² over every gradient. (Given, not returned: an
+    array a compiled function makes is boxed on return, through a Python call of numba's, each step.)"""
     tensors, last = starts.size, starts.size - 1
-    sums = np.zeros(2 * tensors + SKETCH + 1)
     squares = 0.0
     for i in range(grads.size):
         g = np.float64(grads[i])
@@ -99,7 +99,6 @@ def _measure(old, new, grads, stride, samples, starts):
         sums[tensors + t] += before * before
         bits = _hash(k)
         sums[2 * tensors + (bits & (SKETCH - 1))] += delta * (1.0 - 2.0 * ((bits >> 8) & 1))
-    return sums
 
 
 def warm() -> None:
@@ -189,7 +188,8 @@ def entry(step: int, old: np.ndarray, new: np.ndarray, sizes, *, loss, lrs, norm
         stride = plan.stride
         if sampled:
             new, stride = sample(new, sizes), 1
-        sums = _measure(old, new, old[:0] if grads is None else grads, stride, plan.samples, plan.starts)
+        sums = np.zeros(2 * len(plan.starts) + SKETCH + 1)
+        _measure(old, new, old[:0] if grads is None else grads, stride, plan.samples, plan.starts, sums)
         if grads is not None:
             norm = math.sqrt(sums[-1])
         measured, count = sums.tobytes(), len(sums)
