@@ -141,7 +141,7 @@ class Turns:
     """Each session's turn in this process: who has it and who waits, first come first served. A
     session no one holds has no entry, so idle sessions hold nothing. A free turn is taken by a
     plain call (``take``): an asyncio.Lock under an ``async with`` cost a small step three
-    coroutines, ~4 µs each over the wire."""
+    coroutines, a few µs each over the wire."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout

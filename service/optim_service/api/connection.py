@@ -19,8 +19,8 @@ It also offers a large body a way around uvicorn's buffer (``BodySink``): once t
 it, the rest of the body is read from the socket straight into that memory (``_SinkReader``, an
 ``asyncio.BufferedProtocol``, takes the transport until the body is in), where the event loop, the
 parser and uvicorn would copy each part three times more and wake the app every 64 KB. Every other
-read goes through ``data_received``, as uvicorn's own: a buffered protocol's two calls a read cost
-a small request ~15 µs.
+read goes through ``data_received``, as uvicorn's own: a buffered protocol's two Python calls a
+read showed in a small request's time (docs/performance.md).
 """
 
 from __future__ import annotations
