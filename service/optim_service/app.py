@@ -136,7 +136,7 @@ class ServiceApp(FastAPI):
 
     async def __call__(self, scope, receive, send):
         # FastAPI's and Starlette's own __call__ only pick the telemetry wrapper (off) and set
-        # scope["app"] on the way to this stack: two calls a request that cost a small step ~10 µs
+        # scope["app"] on the way to this stack: two calls a request that a small step's time showed
         if scope["type"] != "http" or self.root_path:
             return await super().__call__(scope, receive, send)
         scope["app"] = self

@@ -192,7 +192,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500
 
-        def send_with_id(message):  # returns send's awaitable: a coroutine of its own cost a step ~5 µs a message
+        def send_with_id(message):  # returns send's awaitable: a coroutine of its own cost a step µs a message
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
