@@ -123,7 +123,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._on_due = None
         self._sink: BodySink | None = None  # while set, the socket's next bytes are its body's rest
         self._sink_left = 0
-        self._last_byte = 0.0
 
     # -- a body sink's reads, into its memory (``_SinkReader`` has the transport meanwhile) -------
 
@@ -141,9 +140,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 sink.hasher.update(sink.view[sink.filled:sink.filled + nbytes])
             sink.filled += nbytes
         if self._sink_left:
-            self._last_byte = self.loop.time()  # the idle timer, armed once, checks this when it fires
-            if self._on_due is None:
-                self._arm(self._body_idle, self._body_idle_expired)
+            self._arm(self._body_idle, self._body_idle_expired)  # (moves no timer: see _arm)
             return
         # the parser framed this body by its length but did not read its rest: the next request
         # starts a fresh parser, and this one ends here
@@ -161,7 +158,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 or cycle.response_complete or self.transport.is_closing()):
             return None  # not this request's body, or not all of it handed over: the app reads on
         self._sink, self._sink_left = BodySink(view, filled, hasher), len(view) - filled
-        self._last_byte = self.loop.time()
+        self._arm(self._body_idle, self._body_idle_expired)
         self.transport.set_protocol(_SinkReader(self))
         return self._sink
 
@@ -249,9 +246,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _body_idle_expired(self) -> None:
         if self._phase != _BODY or self.transport.is_closing():
-            return
-        if self._sink is not None and (idle := self.loop.time() - self._last_byte) < self._body_idle:
-            self._arm(self._body_idle - idle, self._body_idle_expired)
             return
         if self.flow.read_paused:  # the app has not asked for more yet: not the client's delay
             self._arm(self._body_idle, self._body_idle_expired)
