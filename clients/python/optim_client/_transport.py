@@ -32,6 +32,8 @@ MAX_HEAD = 1 << 16
 MAX_IDLE = 20  # kept-alive connections per host for the async twin, as httpx's own pool keeps
 STREAM_LIMIT = 1 << 18  # what the async twin reads at a time outside a body of known length
 WRITE_SIZE = 1 << 22  # what it hands its transport at a time
+WRITABLE_BODY = "optim_client.writable_body"
+BODY_INTO = "optim_client.body_into"  # a request extension: ``length -> bytearray`` the body is read into
 _THREAD = threading.local()
 
 
@@ -43,8 +45,6 @@ def _scratch() -> memoryview:
     if scratch is None:
         scratch = _THREAD.scratch = memoryview(bytearray(STREAM_LIMIT))
     return scratch
-WRITABLE_BODY = "optim_client.writable_body"
-BODY_INTO = "optim_client.body_into"  # a request extension: ``length -> bytearray`` the body is read into
 
 
 def _writes(request: httpx.Request, body: list) -> list:

@@ -42,8 +42,8 @@ async def read_body(content_length: str | None, receive, limit: int, into: np.nd
     that closes the connection: at once when its Content-Length says so, else when the bytes received
     pass it. Every route reads its body here, so this is the body limit (a middleware for it cost
     every request a layer). A body that arrives whole in one message, as every small step does, is
-    taken as it is. Given ``into``
-    (uint8 memory at least that long), the body is read into its start and a view of it returned;
+    taken as it is. Given ``into`` (uint8 memory at least that long), the body is read into its start
+    and a view of it returned;
     with ``sink`` too (the server's ``connection.SINK``), the server reads the rest there itself.
 
     Plain loops, not an async generator: one left unfinished (the early return) is closed through
@@ -89,6 +89,12 @@ async def read_body(content_length: str | None, receive, limit: int, into: np.nd
     if filled != size:
         raise InvalidRequest(f"the body ended after {filled} of its {size} declared bytes")
     return buf
+
+
+async def request_body(request) -> bytes | bytearray | memoryview:
+    """A route's body (``read_body`` under the app's limit): what every route but the step lane reads."""
+    return await read_body(request.headers.get("content-length"), request.receive,
+                           request.app.state.settings.max_body_bytes)
 
 
 def _nothing(_) -> None:

@@ -121,9 +121,10 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
     buffer ``state`` holds, in field order), the gradient, the values read (``source``, or the same
     arrays for an update in place), then ``scalars``."""
     param0, state0 = read_from(param, state, source)
+    # a loop, not generators: resuming one was a call per item in a small step
     written, read = [flat(param), flat_input(grad, param)], [flat_read(param0)]
-    for name in buffers or [f for f, a in zip(state._fields, state) if a is not None]:  # (no generators:
-        written.append(flat(getattr(state, name)))  # each item resumed one, a call apiece in a small step)
+    for name in buffers or [f for f, a in zip(state._fields, state) if a is not None]:
+        written.append(flat(getattr(state, name)))
         read.append(flat_read(getattr(state0, name)))
     return run(k, *written, *read, scalars)
 

@@ -22,7 +22,7 @@ from ..codecs import JSON, SAFETENSORS, Answer, negotiate
 from ..codecs import checkpoint
 from ..codecs.dtypes import WIRE_DTYPE_HEADER
 from ...sessions import body_digest
-from ..negotiation import BINARY, idempotency_key, parse_json, prefers_minimal, read_body, require_content_type
+from ..negotiation import BINARY, idempotency_key, parse_json, prefers_minimal, request_body, require_content_type
 from ..steplane import SHARED_MEMORY, serve_step
 from ..responses import JSONResponse
 from ..schemas import (
@@ -99,7 +99,7 @@ def json_body(model, example) -> dict:
 async def create_session(request: Request, caller: Caller) -> Response:
     ctype = require_content_type(request.headers.get("content-type"), JSON, SAFETENSORS)
     minimal = prefers_minimal(request.headers.get("prefer"))
-    body = await read_body(request.headers.get("content-length"), request.receive, request.app.state.settings.max_body_bytes)
+    body = await request_body(request)
     if ctype == SAFETENSORS:  # a checkpoint GET .../state wrote in that format
         body = checkpoint.read(body)
     else:
@@ -178,7 +178,7 @@ async def step(
              summary="Restore the state of an earlier step, bit-exactly, from the kept snapshots")
 async def rollback_session(session_id: str, request: Request, caller: Caller) -> Response:
     require_content_type(request.headers.get("content-type"), JSON)
-    raw = await read_body(request.headers.get("content-length"), request.receive, request.app.state.settings.max_body_bytes)
+    raw = await request_body(request)
     body = parse_json(raw, RollbackRequest, "none", request.app.state.settings.max_json_depth)
     key = idempotency_key(request.headers.get("idempotency-key"))
     meta, replayed = await caller.sessions.rollback(caller.owner, session_id, body.to_step,
@@ -190,7 +190,7 @@ async def rollback_session(session_id: str, request: Request, caller: Caller) ->
 @router.post("/{session_id}/fork", status_code=201, responses={**answers(SessionInfo, status=201), **SESSION_PROBLEMS},
              summary="A new session at the same step with bit-identical state, hyperparameters overridden")
 async def fork_session(session_id: str, request: Request, caller: Caller) -> Response:
-    raw = await read_body(request.headers.get("content-length"), request.receive, request.app.state.settings.max_body_bytes)
+    raw = await request_body(request)
     body = parse_json(raw, ForkRequest, "none", request.app.state.settings.max_json_depth) if raw else ForkRequest()
     key = idempotency_key(request.headers.get("idempotency-key"))
     session, replayed = await caller.sessions.fork(caller.owner, session_id, body.optimizer,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from ..deps import Caller
-from ..negotiation import parse_json, read_body
+from ..negotiation import parse_json, request_body
 from ..responses import JSONResponse
 from ..schemas import PROBLEMS, RegionCreate, RegionInfo, RegionStatus, _problem
 
@@ -25,8 +25,7 @@ UNKNOWN = {404: _problem("no region of this name is registered with this API key
     summary="Register a region of a /dev/shm file")
 async def register(request: Request, caller: Caller) -> JSONResponse:
     state = request.app.state
-    raw = await read_body(request.headers.get("content-length"), request.receive, state.settings.max_body_bytes)
-    body = parse_json(raw, RegionCreate, "-", state.settings.max_json_depth)
+    body = parse_json(await request_body(request), RegionCreate, "-", state.settings.max_json_depth)
     region = state.regions.register(caller.owner, body.name, body.key, body.offset, body.byte_size)
     return JSONResponse(region.document(), status_code=201, headers={"Location": f"/v1/shm/regions/{region.name}"})
 
