@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -284,6 +285,81 @@ def test_a_request_leaves_no_reference_cycles():
         finally:
             gc.enable()
         assert found < 200, f"{found / 200:.1f} objects a request left in reference cycles"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class _WriteSpy:
+    """The real transport, with each write's bytes noted on the way."""
+
+    def __init__(self, transport, writes: list):
+        self._transport, self.writes = transport, writes
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        self._transport.write(data)
+
+    def writelines(self, chunks):
+        self.writes.append(b"".join(chunks))
+        self._transport.writelines(chunks)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+def test_an_answer_leaves_in_one_write_and_head_continue_pipelining_and_keep_alive_hold():
+    """A response's head waits for its body and leaves with it (one write, one segment); a HEAD
+    answer, which has no body, still leaves; a 100 Continue is not held back; two pipelined requests
+    are answered in order; an idle kept-alive connection is closed after the keep-alive timeout."""
+    writes: list[bytes] = []
+
+    class Spied(LimitedHttpProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._writes.transport = _WriteSpy(transport, writes)
+
+    app = create_app(Settings(store="memory"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=Spied, log_level="warning",
+                                           timeout_keep_alive=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        sid = httpx.post(f"http://127.0.0.1:{port}/v1/sessions",
+                         json={"optimizer": {"type": "adam"}, "params": [0.0] * 100}).json()["id"]
+        step = json.dumps({"gradients": [0.25] * 100}).encode()
+        request = (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(step)}\r\n").encode()
+
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        writes.clear()
+        sock.sendall(request + b"\r\n" + step)
+        status, headers, body = read_answer(sock)
+        assert status == 200 and json.loads(body)["step"] == 1
+        assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(body)
+
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 ") and head.endswith(b"\r\n\r\n")
+
+        sock.sendall(request + b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"  # asked for before the body is sent
+        sock.sendall(step)
+        status, headers, body = read_answer(sock)
+        assert status == 200 and json.loads(body)["step"] == 2
+
+        sock.sendall((request + b"\r\n" + step) * 2)  # pipelined
+        answers = b""
+        while answers.count(b'"step":') < 2 or not answers.endswith(b"}"):
+            answers += sock.recv(65536)
+        assert answers.count(b"HTTP/1.1 200 OK") == 2 and re.findall(rb'"step":(\d+)', answers) == [b"3", b"4"]
+        started = time.monotonic()
+        assert closed_by_server(sock, 3) and 0.8 < time.monotonic() - started < 2.5
     finally:
         server.should_exit = True
         thread.join(10)

@@ -21,6 +21,9 @@ it, the rest of the body is read from the socket straight into that memory (``_S
 parser and uvicorn would copy each part three times more and wake the app every 64 KB. Every other
 read goes through ``data_received``, as uvicorn's own: a buffered protocol's two Python calls a
 read showed in a small request's time (docs/performance.md).
+
+And an answer leaves in one write (``_OneWrite``): uvicorn writes a response's head, then its body,
+two system calls and two segments where one does.
 """
 
 from __future__ import annotations
@@ -107,6 +110,48 @@ class _SinkReader(asyncio.BufferedProtocol):
         self.http.resume_writing()
 
 
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn's cycle writes before it reads an expecting body
+_JOIN_MAX = 1 << 16  # a longer body goes out as two buffers in one call, not copied onto its head
+
+
+class _OneWrite:
+    """The connection's transport as its responses see it: the head uvicorn writes on
+    ``http.response.start`` waits for the next write, the body's, and leaves with it, so that a
+    small answer is one write and one segment instead of two (the ASGI spec has a server send
+    nothing before the first body message). A response that writes no body (HEAD) flushes it as it
+    completes (``LimitedHttpProtocol.on_response_complete``)."""
+
+    __slots__ = ("transport", "holding", "head")
+
+    def __init__(self, transport):
+        self.transport, self.holding, self.head = transport, False, None
+
+    def write(self, data) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(data) <= _JOIN_MAX:
+                self.transport.write(head + data)
+            else:
+                self.transport.writelines((head, data))
+        elif self.holding and data != _CONTINUE:
+            self.holding, self.head = False, data
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            self.transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -166,6 +211,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._writes = _OneWrite(transport)
         if len(self.connections) > self._max_connections:
             self._refuse(503, "Too many connections",
                          f"this server process holds its maximum of {self._max_connections} connections "
@@ -214,6 +260,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self._phase = _BODY
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope:  # (not an upgrade)
+            self.cycle.transport, self._writes.holding = self._writes, True
         # the request's scope, not its cycle, is how a sink names its request: a partial over the
         # cycle, kept in the cycle's scope, made every request's objects a cycle for the collector
         self.scope.setdefault("extensions", {})[SINK] = self._sink_into
@@ -222,12 +270,32 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._on_due = None
         self._phase = _DONE
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
+            self._arm(self.timeout_keep_alive, self._keep_alive_expired)  # answered before its body was in
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, with the keep-alive wait on the connection's one timer (``_arm``) instead of a
+        timer made and cancelled per request."""
+        self._writes.flush()
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._phase == _DONE:  # else when the request's rest has been read (on_message_complete)
+            self._arm(self.timeout_keep_alive, self._keep_alive_expired)
 
     # -- limits ----------------------------------------------------------------------------------
 
     def _start_request(self) -> None:
         self._phase, self._header_bytes = _HEADERS, 0
         self._arm(self._header_timeout, self._headers_expired)
+
+    def _keep_alive_expired(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def _headers_too_large(self) -> None:
         self._refuse(431, "Request header fields too large",
