@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from . import __version__, history
 from .api import problems
-from .api.auth import KeyRing
+from .api.auth import KeyRing, Tenant
 from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions, shm
 from .api.steplane import StepLane
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await _report_store(store, settings)
         app.state.sessions = SessionService(store, settings)
         app.state.sessions.round_latency = metrics.round_seconds.observe
+        app.state.anonymous = Tenant(None, app.state.sessions)  # every caller's when API keys are off
         app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst,
                                           settings.store_timeout_seconds)
                              if keys.enabled else Unlimited())

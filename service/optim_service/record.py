@@ -93,6 +93,7 @@ class Slots:
     states: tuple[tuple[Where | None, ...], ...]  # per tensor, per state field
     kinds: tuple[int | None, ...] | None  # per state field, where its run over all tensors starts
     end: int  # the data's length in bytes
+    tensors: orjson.Fragment = field(compare=False)  # the meta's tensor list, written once per layout
 
     def param_views(self, buf) -> list[np.ndarray]:
         flat = np.frombuffer(buf, self.dtype)
@@ -192,7 +193,7 @@ def _slots(layout: Layout, optimizer: str, buffer_names: tuple[tuple[str, ...], 
         kinds = tuple(first[f][0] if f in first else None for f in fields)
     states = tuple(tuple(w.get(f) for f in fields) for w in where)
     return Slots(layout.np_dtype, algorithm.state_type, schema, buffer_names, tuple(params), states, kinds,
-                 offset * layout.np_dtype.itemsize)
+                 offset * layout.np_dtype.itemsize, _tensors_json(layout, buffer_names))
 
 
 class BufferPool:
@@ -419,8 +420,8 @@ class Session:
             "config": orjson.Fragment(self.config_json),
             "dtype": self.layout.dtype,
             "structure": self.layout.structure,
-            "tensors": _tensors_json(self.layout, self.slots.buffer_names if self.slots is not None
-                                     else tuple(tuple(self.buffers(i)) for i in range(len(self.states)))),
+            "tensors": self.slots.tensors if self.slots is not None
+            else _tensors_json(self.layout, tuple(tuple(self.buffers(i)) for i in range(len(self.states)))),
         }
 
     def params_bytes(self) -> memoryview | bytes:

@@ -56,8 +56,7 @@ class StepLane:
         state = scope["app"].state
         try:
             caller = await caller_of(state, headers.get("authorization"))
-            reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"],
-                                     _sink_of(scope))
+            reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"], scope)
         except Exception as exc:
             handler = _handler_for(scope["app"].exception_handlers, exc)
             if handler is None:
@@ -83,19 +82,22 @@ class StepReply(Response):
 
 
 async def serve_step(session_id: str, headers: Mapping[str, str], receive, caller: Tenant, state: State,
-                     query: bytes = b"", sink=None) -> StepReply:
+                     query: bytes = b"", scope=None) -> StepReply:
     """Read a step in any codec's format, apply it through the session service, and answer it in
-    the format ``Accept`` asks."""
+    the format ``Accept`` asks. ``scope``, the lane's, lets the server read a binary body's rest
+    straight into the step's memory (``connection.SINK``)."""
     started = time.perf_counter()
     ctype = require_content_type(headers.get("content-type"), *CODECS, SHARED_MEMORY)
     answer = negotiate(headers.get("accept"), headers.get(WIRE_DTYPE_HEADER))  # refuse a bad Accept before anything
     dry_run = bool(query) and dry_run_asked(query)
-    key = None if dry_run else idempotency_key(headers.get("idempotency-key"))
-    expected = if_match(headers.get("if-match"))
-    length, memory = headers.get("content-length"), None
+    # each optional header's parser only where it came: most steps send none of them
+    key = idempotency_key(headers["idempotency-key"]) if "idempotency-key" in headers and not dry_run else None
+    expected = if_match(headers["if-match"]) if "if-match" in headers else None
+    length, memory, sink = headers.get("content-length"), None, None
     if ctype == BINARY and length and length.isdigit() and WIRE_DTYPE_HEADER not in headers:
         memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
-    wait = prefers_wait(headers.get("prefer"))
+        sink = _sink_of(scope) if scope is not None else None
+    wait = prefers_wait(headers["prefer"]) if "prefer" in headers else None
     said = contribution_headers(headers)
     # a raw body's digest is taken as it arrives, where the socket's pace leaves time (40 MB: 5 ms)
     hasher = body_hasher(ctype + _fields(said)) if key and ctype == BINARY else None
