@@ -63,6 +63,55 @@ async def test_request_id_is_echoed_or_made(client):
     assert len(r.headers["x-request-id"]) == 32  # errors carry one too
 
 
+async def test_a_step_keeps_its_request_context_whether_it_succeeds_or_fails(app, client):
+    """The step lane answers steps outside the request-context middleware, so it keeps their context
+    itself: the id echoed or made, the error counted, one access-log line each with its status."""
+    sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0]})).json()["id"]
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lines.append
+    access = logging.getLogger("optim_service.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        ok = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5]}, headers={"x-request-id": "s-1"})
+        bad = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5, 1.0]})
+        gone = await client.post("/v1/sessions/nope/step", json={"gradients": [0.5]}, headers={"x-request-id": "s-3"})
+    finally:
+        access.removeHandler(handler)
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "s-1"
+    assert bad.status_code == 422 and len(bad.headers["x-request-id"]) == 32
+    assert gone.status_code == 404 and gone.headers["x-request-id"] == "s-3"
+    assert gone.headers["content-type"] == "application/problem+json"
+    steps = [r for r in lines if r.path.endswith("/step")]
+    assert [(r.status, r.method) for r in steps] == [(200, "POST"), (422, "POST"), (404, "POST")]
+    m = samples((await client.get("/metrics")).text)
+    assert m[("optim_http_errors_total", (("status", "422"),))] == 1
+    assert m[("optim_http_errors_total", (("status", "404"),))] == 1
+    assert (await client.get(f"/v1/sessions/{sid}")).json()["step"] == 1  # the refused step changed nothing
+
+
+async def test_with_cors_on_a_browsers_step_is_answered_through_cors():
+    from optim_service.app import create_app
+    from optim_service.settings import Settings
+
+    app = create_app(Settings(store="memory", cors_origins="http://page.example"))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            sid = (await client.post("/v1/sessions", json={"optimizer": {"type": "sgd"}, "params": [1.0]})).json()["id"]
+            browser = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5]},
+                                        headers={"origin": "http://page.example"})
+            other = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5]},
+                                      headers={"origin": "http://elsewhere.example"})
+            plain = await client.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5]})
+    assert browser.status_code == 200 and browser.json()["step"] == 1
+    assert browser.headers["access-control-allow-origin"] == "http://page.example"
+    assert "server-timing" in browser.headers["access-control-expose-headers"].lower()
+    assert len(browser.headers["x-request-id"]) == 32
+    assert "access-control-allow-origin" not in other.headers and other.json()["step"] == 2
+    assert plain.json()["step"] == 3 and "access-control-allow-origin" not in plain.headers
+
+
 def test_json_logs_carry_the_request_id_and_no_tensors():
     server = ServerProcess("--store", "memory", env={"OPTIM_EXPOSE_METRICS": "false"})
     try:

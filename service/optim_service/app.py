@@ -77,13 +77,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.close()
             app.state.regions.close()
 
-    outer = [Middleware(RequestContextMiddleware, metrics=metrics)]  # outermost: sees every answer
+    outer = [Middleware(StepLane, metrics=metrics, cors=bool(settings.cors_origins)),  # answers steps itself
+             Middleware(RequestContextMiddleware, metrics=metrics)]  # sees every other answer
     if settings.cors_origins:
         outer.append(Middleware(
             CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
             allow_methods=["GET", "POST", "DELETE"], allow_headers=list(CORS_REQUEST_HEADERS),
             expose_headers=list(CORS_RESPONSE_HEADERS), max_age=600))
-    outer.append(Middleware(StepLane))
     app = ServiceApp(
         outer,
         title="optim-service",
@@ -119,10 +119,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 class ServiceApp(FastAPI):
     """FastAPI with this service's middlewares (``outer``, outermost first) around Starlette's whole
-    stack instead of inside its error, telemetry and body-limit layers. The innermost, the step
-    lane, answers a step there, so a step crosses three wrappers, not eight, each way: at ~100 µs of
-    server time for a small step, every one of them showed (bench/wire.py). A bug still answers
-    500, from uvicorn instead of Starlette's error middleware."""
+    stack instead of inside its error and telemetry layers. The outermost, the step lane, answers
+    a step there, so a step crosses one wrapper, not eight, each way: at ~100 µs of server time for
+    a small step, every one of them showed (bench/wire.py). A bug still answers 500, from uvicorn
+    instead of Starlette's error middleware."""
 
     def __init__(self, outer: list[Middleware], **kwargs):
         super().__init__(**kwargs)

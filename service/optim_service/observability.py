@@ -174,8 +174,25 @@ def logging_config(level: str) -> dict:
     }
 
 
+def request_id_of(given: str | None) -> str:
+    """The client's ``X-Request-ID`` when it is a sane one, else 128 random bits, made without a
+    system call: a request id correlates log lines, it guards nothing (a client may send its own)."""
+    return given if given and _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+
+
+def request_done(metrics: Metrics, scope, status: int, started: float) -> None:
+    """A request's error count (4xx and 5xx) and its access-log line, once its answer is sent."""
+    if status >= 400:
+        metrics.errors.labels(str(status)).inc()
+    access_log.info("request", extra={
+        "method": scope["method"], "path": scope["path"], "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
+    })
+
+
 class RequestContextMiddleware:
-    """Request id in and out, one access-log line per request, and the error counter."""
+    """Request id in and out, one access-log line per request, and the error counter (the step
+    lane, outside it, does the same for the steps it answers)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -184,10 +201,7 @@ class RequestContextMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        # 128 random bits without a system call: a request id correlates log lines, it guards nothing
-        # (a client may send its own)
-        request_id = given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
+        request_id = request_id_of(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1"))
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
@@ -202,10 +216,5 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if status >= 400:
-                self.metrics.errors.labels(str(status)).inc()
-            access_log.info("request", extra={
-                "method": scope["method"], "path": scope["path"], "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
-            })
+            request_done(self.metrics, scope, status, started)
             request_id_var.reset(token)

@@ -1,12 +1,13 @@
 """``POST /v1/sessions/{id}/step``, the hottest route, served straight from ASGI.
 
 A small JSON step's server time is all Python glue, a little of it in each layer (README,
-"Performance"). So ``StepLane``, the innermost of the service's middlewares (request ids, the access
-log and CORS still apply; ``ServiceApp`` puts them around FastAPI's whole stack),
-reads the headers once, answers with two ASGI messages, and maps errors through the app's own
-exception handlers: no Starlette ``Request`` or ``Response``, router, dependency injection or
-background task. Every other request, and a step with another method (405), goes on to FastAPI,
-whose APIRoute documents the step and serves it through the same ``serve_step``.
+"Performance"). So ``StepLane``, the outermost of the service's middlewares, reads the headers
+once, keeps the request's context itself (its id, access-log line and error count, as
+``RequestContextMiddleware`` does for every other request), answers with two ASGI messages, and
+maps errors through the app's own exception handlers: no Starlette ``Request`` or ``Response``,
+router, dependency injection, background task or middleware of its own. Every other request, and a
+step with another method (405), goes on to FastAPI, whose APIRoute documents the step and serves
+it through the same ``serve_step``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..rounds import Contribution
 from ..sessions import StepResult, body_digest, body_hasher, digest_of
 from .. import shm
 from ..errors import AnswerUndelivered
+from ..observability import request_done, request_id_of, request_id_var
 from .codecs import BINARY, CODECS, StepBody, negotiate
 from .connection import SINK
 from .codecs.dtypes import WIRE_DTYPE_HEADER
@@ -43,8 +45,12 @@ WIRE_FORMATS = {"application/json": "json", "application/octet-stream": "binary"
 
 
 class StepLane:
-    def __init__(self, app):
-        self.app = app
+    """The outermost middleware: a step it answers itself, with its request id, access-log line and
+    error count (``observability``); everything else goes on. With CORS on, a step that names an
+    ``Origin`` (a browser's) goes on too, to be answered by the route through CORS."""
+
+    def __init__(self, app, metrics, cors: bool):
+        self.app, self.metrics, self.cors = app, metrics, cors
 
     async def __call__(self, scope, receive, send):
         match = scope["type"] == "http" and scope["method"] == "POST" and STEP_PATH.fullmatch(
@@ -53,16 +59,26 @@ class StepLane:
             return await self.app(scope, receive, send)
         # the first value of each header, as Starlette's Headers.get gives it (ASGI names are lowercase)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
-        state = scope["app"].state
+        if self.cors and "origin" in headers:
+            return await self.app(scope, receive, send)
+        request_id = request_id_of(headers.get("x-request-id"))
+        token, started, status = request_id_var.set(request_id), time.perf_counter(), 500
         try:
-            caller = await caller_of(state, headers.get("authorization"))
-            reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"], scope)
-        except Exception as exc:
-            handler = _handler_for(scope["app"].exception_handlers, exc)
-            if handler is None:
-                raise  # a bug: uvicorn answers 500 and logs the traceback
-            reply = await handler(Request(scope, receive), exc)
-        await reply(scope, receive, send)
+            state = scope["app"].state
+            try:
+                caller = await caller_of(state, headers.get("authorization"))
+                reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"], scope)
+            except Exception as exc:
+                handler = _handler_for(scope["app"].exception_handlers, exc)
+                if handler is None:
+                    raise  # a bug: uvicorn answers 500 and logs the traceback
+                reply = await handler(Request(scope, receive), exc)
+            reply.raw_headers.append((b"x-request-id", request_id.encode()))
+            status = reply.status_code
+            await reply(scope, receive, send)
+        finally:
+            request_done(self.metrics, scope, status, started)
+            request_id_var.reset(token)
 
 
 class StepReply(Response):
