@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await _report_store(store, settings)
         app.state.sessions = SessionService(store, settings)
         app.state.sessions.round_latency = metrics.round_seconds.observe
-        app.state.anonymous = Tenant(None, app.state.sessions)  # every caller's when API keys are off
+        # every caller when API keys are off (None when on: each request authenticates, caller_of)
+        app.state.anonymous = None if keys.enabled else Tenant(None, app.state.sessions)
         app.state.limiter = (open_limiter(settings.store, settings.rate_limit_per_second, settings.rate_limit_burst,
                                           settings.store_timeout_seconds)
                              if keys.enabled else Unlimited())

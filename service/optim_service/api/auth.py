@@ -65,7 +65,7 @@ async def caller_of(state: State, authorization: str | None) -> Tenant:
     its tenant. ``state`` is the app's. (One coroutine: each one more cost a small step µs.)"""
     keys: KeyRing = state.keys
     if not keys.enabled:
-        return state.anonymous  # Tenant(None, state.sessions), made once
+        return state.anonymous
     owner = keys.owner(authorization)
     wait = await state.limiter.acquire(owner)
     if wait is not None:
