@@ -358,6 +358,13 @@ def test_an_answer_leaves_in_one_write_and_head_continue_pipelining_and_keep_ali
         while answers.count(b'"step":') < 2 or not answers.endswith(b"}"):
             answers += sock.recv(65536)
         assert answers.count(b"HTTP/1.1 200 OK") == 2 and re.findall(rb'"step":(\d+)', answers) == [b"3", b"4"]
+
+        chunked = (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n").encode()
+        halves = step[:50], step[50:]
+        sock.sendall(chunked + b"".join(b"%x\r\n%s\r\n" % (len(h), h) for h in halves) + b"0\r\n\r\n")
+        status, headers, body = read_answer(sock)
+        assert status == 200 and json.loads(body)["step"] == 5
         started = time.monotonic()
         assert closed_by_server(sock, 3) and 0.8 < time.monotonic() - started < 2.5
     finally:

@@ -215,6 +215,24 @@ def send_chunked(port: int, total: int, declared: int | None = None) -> bytes:
     return answer
 
 
+def test_a_real_servers_step_whose_whole_body_is_in_still_meets_the_limit():
+    """A small body arrives with its headers and the server hands it over whole (connection.WHOLE_BODY):
+    over the limit, declared or chunked, it is still a 413 that changes nothing."""
+    server = ServerProcess("--store", "memory", env={"OPTIM_MAX_BODY_BYTES": "4096"})
+    try:
+        sid = httpx.post(f"{server.url}/v1/sessions", json=BODY).json()["id"]
+        padded = b'{"gradients": {"w": [0.5, 0.5]}' + b" " * 5000 + b"}"
+        url = f"{server.url}/v1/sessions/{sid}/step"
+        declared = httpx.post(url, content=padded, headers={"content-type": "application/json"})
+        chunked = httpx.post(url, content=iter([padded[:3000], padded[3000:]]), headers={"content-type": "application/json"})
+        fits = httpx.post(url, content=b'{"gradients": {"w": [0.5, 0.5]}}', headers={"content-type": "application/json"})
+        for r in (declared, chunked):
+            assert r.status_code == 413 and "4096 bytes" in r.json()["detail"] and r.headers["connection"] == "close"
+        assert fits.status_code == 200 and fits.json()["step"] == 1
+    finally:
+        server.stop()
+
+
 def test_real_server_refuses_twice_the_limit_with_memory_flat():
     limit = 8 << 20
     server = ServerProcess("--store", "memory", env={"OPTIM_MAX_BODY_BYTES": str(limit)})

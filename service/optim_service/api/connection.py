@@ -15,7 +15,9 @@ setting (SECURITY.md lists them):
 
 The HTTP parser's own 400s are problem+json like every other error.
 
-It also offers a large body a way around uvicorn's buffer (``BodySink``): once the step has memory for
+It hands a request's body to the app at once when all of it is in (``WHOLE_BODY``): a small
+step's, read with its headers, then takes no ``receive()`` and the two coroutines under it. And it
+offers a large body a way around uvicorn's buffer (``BodySink``): once the step has memory for
 it, the rest of the body is read from the socket straight into that memory (``_SinkReader``, an
 ``asyncio.BufferedProtocol``, takes the transport until the body is in), where the event loop, the
 parser and uvicorn would copy each part three times more and wake the app every 64 KB. Every other
@@ -69,6 +71,7 @@ class BodySink:
 
 
 SINK = "optim.body_sink"  # the scope's extension: sink(scope, view, filled, hasher) -> BodySink | None
+WHOLE_BODY = "optim.whole_body"  # the scope's extension: whole_body(scope) -> bytes | None
 DROP_SIZE = 1 << 16  # what one read takes of a body the app let go of
 _THREAD = threading.local()
 
@@ -207,6 +210,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.transport.set_protocol(_SinkReader(self))
         return self._sink
 
+    def _whole_body(self, scope) -> bytes | None:
+        """Called by the app (``WHOLE_BODY``) before it receives any of the body of ``scope``'s
+        request: the whole body, taken as the one ``receive()`` that would give it, when all of it is
+        in (a small request's usually came with its headers); else None, and the app receives it."""
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not scope or cycle.more_body or cycle.disconnected or cycle.response_complete:
+            return None
+        body, cycle.body = bytes(cycle.body), bytearray()
+        cycle.message_event.clear()
+        self.flow.resume_reading()
+        return body
+
     # -- the connection --------------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
@@ -264,7 +279,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.cycle.transport, self._writes.holding = self._writes, True
         # the request's scope, not its cycle, is how a sink names its request: a partial over the
         # cycle, kept in the cycle's scope, made every request's objects a cycle for the collector
-        self.scope.setdefault("extensions", {})[SINK] = self._sink_into
+        self.scope.setdefault("extensions", {}).update({SINK: self._sink_into, WHOLE_BODY: self._whole_body})
 
     def on_message_complete(self) -> None:
         self._on_due = None

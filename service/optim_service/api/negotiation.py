@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
 from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .connection import WHOLE_BODY
 from .limits import check_json_depth
 from .jsonbody import loads_with_tensors
 
@@ -89,6 +90,17 @@ async def read_body(content_length: str | None, receive, limit: int, into: np.nd
     if filled != size:
         raise InvalidRequest(f"the body ended after {filled} of its {size} declared bytes")
     return buf
+
+
+def body_at_hand(scope, limit: int) -> bytes | None:
+    """The request's whole body when the server already holds all of it (``connection.WHOLE_BODY``),
+    under ``read_body``'s limit; else None, nothing taken, and ``read_body`` reads it. Call it
+    before anything has been received."""
+    take = scope.get("extensions", {}).get(WHOLE_BODY)
+    body = None if take is None else take(scope)
+    if body is not None and len(body) > limit:
+        raise _too_large(limit)
+    return body
 
 
 async def request_body(request) -> bytes | bytearray | memoryview:

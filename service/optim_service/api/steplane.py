@@ -34,8 +34,8 @@ from .connection import SINK
 from .codecs.dtypes import WIRE_DTYPE_HEADER
 from .codecs.octet_stream import decode_binary
 from .deps import Tenant, caller_of
-from .negotiation import (contribution_headers, dry_run_asked, idempotency_key, if_match, parse_json, prefers_wait,
-                          read_body, require_content_type)
+from .negotiation import (body_at_hand, contribution_headers, dry_run_asked, idempotency_key, if_match, parse_json,
+                          prefers_wait, read_body, require_content_type)
 from .schemas import SharedMemoryStep
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
@@ -122,7 +122,10 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     said = contribution_headers(headers)
     # a raw body's digest is taken as it arrives, where the socket's pace leaves time (40 MB: 5 ms)
     hasher = body_hasher(ctype + _fields(said)) if key and ctype == BINARY else None
-    body = await read_body(length, receive, state.settings.max_body_bytes, into=memory, sink=sink, hasher=hasher)
+    limit = state.settings.max_body_bytes
+    body = body_at_hand(scope, limit) if scope is not None and memory is None and hasher is None else None
+    if body is None:
+        body = await read_body(length, receive, limit, into=memory, sink=sink, hasher=hasher)
     volatile = False  # the gradients lie in memory a client can still write
     if ctype == SHARED_MEMORY:
         request, into_region, memory, volatile = read_shared_step(body, caller, session_id, state)
