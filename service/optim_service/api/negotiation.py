@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ _ETAG = re.compile(r'^\s*(?:W/)?"(\d{1,18})"\s*$')
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
+@lru_cache(maxsize=512)  # clients send the same few headers on every request
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
 

@@ -142,11 +142,12 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False,
                 + (f"; unknown {unknown}" if unknown else "")
             )
         items = [(n, value[n]) for n in layout.names]
-    arrays = []
+    arrays, skipped = [], 0
     with np.errstate(over="ignore"):
         for (name, tensor), shape in zip(items, layout.shapes):
             if tensor is None and skippable and name:
                 arrays.append(None)
+                skipped += 1
                 continue
             label = f"{what} '{name}'" if name else what
             array = decode_tensor(tensor, label, layout.dtype)
@@ -155,7 +156,7 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False,
             if finite:
                 require_finite(array, label, layout.dtype)
             arrays.append(array)
-    if skippable and all(a is None for a in arrays):
+    if skippable and skipped == len(arrays):
         raise InvalidRequest(f"{what}: every tensor's gradient is null, so there is nothing to step (torch's step "
                              "does nothing then); send at least one tensor's gradient")
     return arrays

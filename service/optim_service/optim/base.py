@@ -233,7 +233,7 @@ def adopt(param: np.ndarray, state: tuple, source: tuple | None) -> None:
 def flat_read(array: np.ndarray) -> np.ndarray:
     """A 1-D, read-only view of current values a kernel reads (typed read-only whatever the array
     is, so each kernel compiles once: see ``flat_input``)."""
-    view = flat(array)
+    view = array if array.ndim == 1 else flat(array)
     if view.flags.writeable:  # a read-only array (the stored state, mostly) needs no view of its own
         view = view.view()
         view.flags.writeable = False

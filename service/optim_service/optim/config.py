@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
@@ -155,7 +154,6 @@ class TrainingConfig(BaseModel):
         return self
 
 
-_NOTHING = nullcontext()  # reusable: one made per step was three calls
 FLAT_MAX_AVERAGE = 1 << 14  # elements per tensor, on average, up to which a step is one update
 
 
@@ -191,41 +189,42 @@ def apply_step(
     ``step``, the optimizer's. ``lr_scale`` multiplies the (scheduled) learning rate of this step: an
     asynchronous push's staleness scale. ``lr_of`` (id of a tensor's hyperparameters → lr) is the
     lr a stateful schedule (reduce_on_plateau) has set for each group."""
-    # clipping's overflow shows in the norm (the updates count theirs): no warning; entering errstate
-    # for nothing cost a small step more than its update
-    with np.errstate(over="ignore", invalid="ignore") if config.clip_grad_norm else _NOTHING:
-        grad_norm, coef = None, 1.0
-        partial = steps is not None
-        if config.clip_grad_norm:
+    grad_norm, coef = None, 1.0
+    partial = steps is not None
+    if config.clip_grad_norm:  # its overflow shows in the norm (the updates count theirs): no warning
+        with np.errstate(over="ignore", invalid="ignore"):
             grad_norm, coef = clip_coefficient([g for g in grads if g is not None] if partial else grads,
                                                config.clip_grad_norm)
-        if (not partial and flat is not None and (source is None or source[2] is not None) and len(params) > 1
-                and config.algorithm.elementwise
-                and flat[0].size <= FLAT_MAX_AVERAGE * len(params)
-                and all(hp is hyperparameters[0] for hp in hyperparameters)):
-            params, states, hyperparameters = [flat[0]], [flat[1]], hyperparameters[:1]
-            sources = [source[2] if source is not None else None]
-            grads = [joined(grads)]
-        else:  # (only here: a session's per-tensor arrays are laid when first read)
-            sources = list(zip(source[0], source[1])) if source is not None else [None] * len(params)
-        if coef != 1.0:  # scaled copies: the gradients may be read-only views of a request body
+    if (not partial and flat is not None and (source is None or source[2] is not None) and len(params) > 1
+            and config.algorithm.elementwise
+            and flat[0].size <= FLAT_MAX_AVERAGE * len(params)
+            and all(hp is hyperparameters[0] for hp in hyperparameters)):
+        params, states, hyperparameters = [flat[0]], [flat[1]], hyperparameters[:1]
+        sources = [source[2] if source is not None else None]
+        grads = [joined(grads)]
+    else:  # (only here: a session's per-tensor arrays are laid when first read)
+        sources = list(zip(source[0], source[1])) if source is not None else [None] * len(params)
+    if coef != 1.0:  # scaled copies: the gradients may be read-only views of a request body
+        with np.errstate(over="ignore", invalid="ignore"):
             grads = [None if g is None else g * coef for g in grads]
-        algorithm = config.algorithm
-        scheduled: dict[int, Any] = {}
-        finite = True
-        for i, (param, grad, state, hp, read) in enumerate(zip(params, grads, states, hyperparameters, sources)):
-            if grad is None or param.size == 0:  # skipped this step (or nothing to update): kept as it is
-                adopt(param, state, read)
-                continue
+    algorithm = config.algorithm
+    scheduled: dict[int, Any] = {}
+    rescheduled = config.schedule is not None or lr_scale != 1.0
+    finite = True
+    for i, (param, grad, state, hp, read) in enumerate(zip(params, grads, states, hyperparameters, sources)):
+        if grad is None or param.size == 0:  # skipped this step (or nothing to update): kept as it is
+            adopt(param, state, read)
+            continue
+        if rescheduled:  # (the call alone showed in a small step)
             hp = _scheduled(config, hp, step, lr_scale, lr_of, scheduled)
-            t = steps[i] if partial else step
-            try:
-                if fused:
-                    finite &= algorithm.fused(param, grad, state, hp, t, read) == 0
-                else:
-                    finite &= reference(algorithm.update, param, grad, state, hp, t, read) == 0
-            except ArithmeticError:  # Python scalar math that overflowed (a huge power): a non-finite step
-                finite = False
+        t = steps[i] if partial else step
+        try:
+            if fused:
+                finite &= algorithm.fused(param, grad, state, hp, t, read) == 0
+            else:
+                finite &= reference(algorithm.update, param, grad, state, hp, t, read) == 0
+        except ArithmeticError:  # Python scalar math that overflowed (a huge power): a non-finite step
+            finite = False
     return grad_norm, finite
 
 

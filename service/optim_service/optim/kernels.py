@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .base import flat, flat_input, flat_read, read_from, reference
+from .base import flat, flat_input, flat_read, reference
 
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this, waking the other cores costs more than it saves
 
@@ -120,7 +120,7 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
     """Run kernel ``k`` as every optimizer's does: written ``param`` and ``buffers`` (default: every
     buffer ``state`` holds, in field order), the gradient, the values read (``source``, or the same
     arrays for an update in place), then ``scalars``."""
-    param0, state0 = read_from(param, state, source)
+    param0, state0 = source if source is not None else (param, state)  # (read_from's, without its call)
     # a loop, not generators: resuming one was a call per item in a small step
     written, read = [flat(param), flat_input(grad, param)], [flat_read(param0)]
     for name in buffers or [f for f, a in zip(state._fields, state) if a is not None]:

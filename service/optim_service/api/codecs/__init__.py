@@ -18,6 +18,7 @@ from ``Accept`` (its first type the service writes), and the answer's wire dtype
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from ...errors import NotAcceptable
@@ -45,6 +46,7 @@ class Answer(NamedTuple):
 DEFAULT = Answer(CODECS[JSON], None)
 
 
+@lru_cache(maxsize=512)  # clients send the same few headers on every step
 def negotiate(accept: str | None, wire_header: str | None = None) -> Answer:
     """The codec and wire dtype of the answer: ``Accept``'s first type the service writes (JSON when
     there is none), 406 when it names only others."""
