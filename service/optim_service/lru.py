@@ -23,15 +23,18 @@ class ByteBoundedLRU(Generic[V]):
         self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key: str, value: V, size: int) -> None:
-        """Keep ``value`` (replacing ``key``'s), evicting the least recently used beyond the bound; a
-        value larger than the whole bound is not kept."""
-        self.pop(key)
+    def put(self, key: str, value: V, size: int) -> V | None:
+        """Keep ``value`` (replacing ``key``'s, which it returns), evicting the least recently used
+        beyond the bound; a value larger than the whole bound is not kept."""
+        replaced = self._entries.pop(key, None)
+        if replaced is not None:
+            self.bytes -= replaced[1]
         if size <= self.max_bytes:
             self._entries[key] = (value, size)
             self.bytes += size
         while self.bytes > self.max_bytes:
             self.pop(next(iter(self._entries)))
+        return None if replaced is None else replaced[0]
 
     def pop(self, key: str) -> None:
         entry = self._entries.pop(key, None)

@@ -48,7 +48,7 @@ class Layout:
     dtype: str
     structure: Structure
 
-    @property
+    @cached_property  # (a step reads these several times)
     def np_dtype(self) -> np.dtype:
         return DTYPES[self.dtype]
 
@@ -56,7 +56,7 @@ class Layout:
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return sum(self.sizes) * self.np_dtype.itemsize
 

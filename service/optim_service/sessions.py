@@ -115,8 +115,7 @@ class WarmSessions:
         return self._sessions.get(session_id)
 
     def remember(self, session: Session) -> None:
-        previous = self._sessions.get(session.id)
-        self._sessions.put(session.id, session, len(session.buffer))
+        previous = self._sessions.put(session.id, session, len(session.buffer))
         if previous is not None and previous.buffer is not session.buffer:
             recycle(previous.buffer)
 
