@@ -226,6 +226,8 @@ async def test_binary_body_of_the_wrong_length_is_refused(client):
     ({"w": GRADS["w"]}, "missing ['b']"),
     ({**GRADS, "c": [1.0]}, "unknown ['c']"),
     ([1.0, 2.0], "named tensors"),
+    ("w", "named tensors"),  # a body of gradients alone skips the model: the decoder words these
+    (None, "named tensors"),
     ({"w": GRADS["w"], "b": [1.0, "NaN"]}, "gradient 'b'"),
     ({"w": GRADS["w"], "b": [1.0, False]}, "boolean"),
     ({"w": GRADS["w"], "b": [[1.0], [2.0, 3.0]]}, "ragged"),

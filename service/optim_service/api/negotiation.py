@@ -132,6 +132,11 @@ def _chunk(message) -> tuple[bytes, bool]:
 def parse_json(body: bytes, model: type[BaseModel], tensors: str, max_depth: int) -> Any:
     """The validated model; its ``tensors`` field holds float64 ndarrays where the fast reader was
     sure of them, orjson's lists (checked element by element later) where it was not."""
+    return validated(model, json_object(body, tensors, max_depth))
+
+
+def json_object(body: bytes, tensors: str, max_depth: int) -> dict:
+    """The body's JSON object, not yet validated (``validated``), read as ``parse_json`` reads it."""
     check_json_depth(body, max_depth)
     obj = loads_with_tensors(body, tensors)
     if obj is None:
@@ -141,6 +146,10 @@ def parse_json(body: bytes, model: type[BaseModel], tensors: str, max_depth: int
             raise InvalidRequest(f"the body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("the body must be a JSON object")
+    return obj
+
+
+def validated(model: type[BaseModel], obj: dict) -> Any:
     try:
         return model.model_validate(obj)
     except ValidationError as e:

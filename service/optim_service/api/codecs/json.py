@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 
 from .. import wire as tensors
-from ..negotiation import parse_json
+from ..negotiation import json_object, validated
 from ..schemas import StepRequest
 from .base import StepBody
 
@@ -15,13 +15,18 @@ class JsonCodec:
     media_type = "application/json"
 
     def read_step(self, body, headers, max_json_depth: int) -> StepBody:
-        req = parse_json(body, StepRequest, "gradients", max_json_depth)
+        obj = json_object(body, "gradients", max_json_depth)
+        if len(obj) == 1 and "gradients" in obj:  # all StepRequest would check: its gradients are Any
+            gradients, loss, said = obj["gradients"], None, {}
+        else:
+            req = validated(StepRequest, obj)
+            gradients, loss = req.gradients, req.loss
+            said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
 
         def decode(session):
-            return tensors.decode_like(req.gradients, session.layout, "gradient", skippable=True)
+            return tensors.decode_like(gradients, session.layout, "gradient", skippable=True)
 
-        said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
-        return StepBody(decode, req.loss, tensors.encodings_of(req.gradients), said)
+        return StepBody(decode, loss, tensors.encodings_of(gradients), said)
 
     def write_params(self, session, wire: str | None, encodings, extra: dict) -> bytes:
         if wire is not None:
