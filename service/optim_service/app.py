@@ -78,15 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.close()
             app.state.regions.close()
 
-    outer = [Middleware(StepLane, metrics=metrics, cors=bool(settings.cors_origins)),  # answers steps itself
-             Middleware(RequestContextMiddleware, metrics=metrics)]  # sees every other answer
-    if settings.cors_origins:
-        outer.append(Middleware(
-            CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
-            allow_methods=["GET", "POST", "DELETE"], allow_headers=list(CORS_REQUEST_HEADERS),
-            expose_headers=list(CORS_RESPONSE_HEADERS), max_age=600))
     app = ServiceApp(
-        outer,
         title="optim-service",
         version=__version__,
         summary="Adam, AdamW, RMSProp, Adagrad and SGD over HTTP, numerically identical to torch.optim",
@@ -100,6 +92,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # would otherwise look up their providers (and the environment) on every request
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
+    app.outer_middleware = [
+        Middleware(StepLane, service=app, metrics=metrics, cors=bool(settings.cors_origins)),  # answers steps
+        Middleware(RequestContextMiddleware, metrics=metrics)]  # sees every other answer
+    if settings.cors_origins:
+        app.outer_middleware.append(Middleware(
+            CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST", "DELETE"], allow_headers=list(CORS_REQUEST_HEADERS),
+            expose_headers=list(CORS_RESPONSE_HEADERS), max_age=600))
     app.state.settings = settings
     app.state.keys = keys
     app.state.metrics = metrics
@@ -118,17 +118,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def serve_app():
+    """``optim-service serve``'s app for uvicorn: ``create_app()`` as it runs (``ServiceApp.entry``)."""
+    return create_app().entry()
+
+
 class ServiceApp(FastAPI):
-    """FastAPI with this service's middlewares (``outer``, outermost first) around Starlette's whole
+    """FastAPI with this service's middlewares (``outer_middleware``, outermost first) around Starlette's whole
     stack instead of inside its error and telemetry layers. The outermost, the step lane, answers
     a step there, so a step crosses one wrapper, not eight, each way: at ~100 µs of server time for
     a small step, every one of them showed (bench/wire.py). A bug still answers 500, from uvicorn
     instead of Starlette's error middleware."""
 
-    def __init__(self, outer: list[Middleware], **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.outer_middleware = outer
+        self.outer_middleware: list[Middleware] = []
         self.state = AppState()
+
+    def entry(self):
+        """What a server runs: the middleware stack itself, whose outermost layer, the step lane,
+        sets ``scope["app"]`` (this app's ``__call__``, which is only that, costs a request a
+        coroutine). Under a root path, the app, which sets it."""
+        if self.root_path:
+            return self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        return self.middleware_stack
 
     def build_middleware_stack(self):
         app = super().build_middleware_stack()

@@ -96,7 +96,7 @@ def _serve(args) -> int:
     import uvicorn
 
     uvicorn.run(
-        "optim_service.app:create_app", factory=True, host=settings.host, port=settings.port,
+        "optim_service.app:serve_app", factory=True, host=settings.host, port=settings.port,
         workers=settings.workers, log_level=settings.log_level,
         log_config=logging_config(settings.log_level), access_log=False,  # ours has the request id
         proxy_headers=False,  # nothing here reads the client's address: one layer less on every request

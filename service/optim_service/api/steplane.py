@@ -49,10 +49,11 @@ class StepLane:
     error count (``observability``); everything else goes on. With CORS on, a step that names an
     ``Origin`` (a browser's) goes on too, to be answered by the route through CORS."""
 
-    def __init__(self, app, metrics, cors: bool):
-        self.app, self.metrics, self.cors = app, metrics, cors
+    def __init__(self, app, service, metrics, cors: bool):
+        self.app, self.service, self.metrics, self.cors = app, service, metrics, cors
 
     async def __call__(self, scope, receive, send):
+        scope["app"] = self.service  # what Starlette's __call__ would have set: a server runs this first
         match = scope["type"] == "http" and scope["method"] == "POST" and STEP_PATH.fullmatch(
             scope["path"].removeprefix(scope.get("root_path", "")))
         if not match:
@@ -64,12 +65,12 @@ class StepLane:
         request_id = request_id_of(headers.get("x-request-id"))
         token, started, status = request_id_var.set(request_id), time.perf_counter(), 500
         try:
-            state = scope["app"].state
+            state = self.service.state
             try:
                 caller = state.anonymous or await caller_of(state, headers.get("authorization"))
                 reply = await serve_step(match[1], headers, receive, caller, state, scope["query_string"], scope)
             except Exception as exc:
-                handler = _handler_for(scope["app"].exception_handlers, exc)
+                handler = _handler_for(self.service.exception_handlers, exc)
                 if handler is None:
                     raise  # a bug: uvicorn answers 500 and logs the traceback
                 reply = await handler(Request(scope, receive), exc)
