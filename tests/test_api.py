@@ -136,6 +136,19 @@ async def test_create_refuses_invalid_json_and_other_content_types(client):
                    415, "application/json")
 
 
+@pytest.mark.parametrize("method,path,allowed", [
+    ("PUT", "/healthz", "GET"),
+    ("GET", "/v1/sessions/abc/step", "POST"),  # the step lane answers POST only: others reach the router
+    ("PUT", "/v1/sessions", "GET, POST"),
+    ("POST", "/v1/sessions/abc", "DELETE, GET"),
+])
+async def test_a_wrong_method_is_told_which_ones_the_path_takes(client, method, path, allowed):
+    """405's Allow names the path's methods (RFC 9110), also for routes an included router holds."""
+    r = await client.request(method, path)
+    assert_problem(r, 405, f"it takes {allowed}")
+    assert r.headers["allow"] == allowed
+
+
 # --- step ---------------------------------------------------------------------------------------
 
 async def test_step_json_updates_and_sets_etag_and_server_timing(client):

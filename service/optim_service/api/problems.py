@@ -52,12 +52,14 @@ def describe_validation_errors(errs) -> str:
     return "; ".join(parts)
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> set[str]:
-    methods: set[str] = set()
-    for route in request.app.routes:
-        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return methods
+    """The methods a route takes at this path, each tried through the routes' own matching: an
+    included router's routes sit behind one route that names no methods of its own."""
+    return {method for method in METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes)}
 
 
 def install(app: FastAPI) -> None:
@@ -74,10 +76,12 @@ def install(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: StarletteHTTPException):
         headers = dict(getattr(exc, "headers", None) or {})
+        detail = str(exc.detail)
         if exc.status_code == 405:  # Starlette names only the first route's methods; name them all
-            headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
-        return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error",
-                       str(exc.detail), headers=headers)
+            allowed = ", ".join(sorted(allowed_methods(request)))
+            headers["Allow"] = allowed
+            detail = f"{request.method} is not allowed on {request.scope['path']}; it takes {allowed}"
+        return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error", detail, headers=headers)
 
     async def store_unavailable(request: Request, exc: StoreUnavailable):
         if isinstance(exc, OutcomeUnknown):
