@@ -34,11 +34,13 @@ BODY = {"optimizer": {"type": "sgd", "lr": 0.1}, "params": [1.0, 2.0]}
 
 
 async def test_idle_sessions_expire_and_answer_404(store_url):
-    app, lifespan, client = await serve(Settings(store=store_url, session_ttl_seconds=1, sweep_interval_seconds=0.2))
+    # a step every 0.5 s keeps a 2 s TTL alive with 1.5 s to spare (under a 1 s TTL the margin was
+    # 0.5 s, and a loaded machine once lost the busy session); 2.5 s idle outlives it
+    app, lifespan, client = await serve(Settings(store=store_url, session_ttl_seconds=2, sweep_interval_seconds=0.2))
     try:
         idle = (await client.post("/v1/sessions", json=BODY)).json()["id"]
         busy = (await client.post("/v1/sessions", json=BODY)).json()["id"]
-        for _ in range(3):
+        for _ in range(5):
             await asyncio.sleep(0.5)
             assert (await client.post(f"/v1/sessions/{busy}/step", json={"gradients": [1.0, 1.0]})).status_code == 200
         r = await client.get(f"/v1/sessions/{idle}")
