@@ -137,16 +137,28 @@ async def test_create_refuses_invalid_json_and_other_content_types(client):
 
 
 @pytest.mark.parametrize("method,path,allowed", [
-    ("PUT", "/healthz", "GET"),
+    ("PUT", "/healthz", "GET, HEAD"),
     ("GET", "/v1/sessions/abc/step", "POST"),  # the step lane answers POST only: others reach the router
-    ("PUT", "/v1/sessions", "GET, POST"),
-    ("POST", "/v1/sessions/abc", "DELETE, GET"),
+    ("PUT", "/v1/sessions", "GET, HEAD, POST"),
+    ("POST", "/v1/sessions/abc", "DELETE, GET, HEAD"),
 ])
 async def test_a_wrong_method_is_told_which_ones_the_path_takes(client, method, path, allowed):
     """405's Allow names the path's methods (RFC 9110), also for routes an included router holds."""
     r = await client.request(method, path)
     assert_problem(r, 405, f"it takes {allowed}")
     assert r.headers["allow"] == allowed
+
+
+async def test_head_is_answered_as_the_get_it_asks_about(client):
+    """RFC 9110: HEAD wherever GET goes (a load balancer's HEAD /healthz got a 405); its headers are
+    the GET's. (Over a real server no body follows: test_hostile.)"""
+    sid = await create(client)
+    for path in ("/healthz", f"/v1/sessions/{sid}/params", f"/v1/sessions/{sid}"):
+        get, head = await client.get(path), await client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers.get("etag") == get.headers.get("etag")
+    assert (await client.head("/v1/sessions/nope")).status_code == 404
 
 
 # --- step ---------------------------------------------------------------------------------------

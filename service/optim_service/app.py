@@ -22,6 +22,7 @@ from .api import problems
 from .api.auth import KeyRing, Tenant
 from .api.responses import JSONResponse
 from .api.routers import health, optimizers, sessions, shm
+from .api.methods import HeadAsGet
 from .api.steplane import StepLane
 from .api.routers import metrics as metrics_router
 from .api.schemas import DOCUMENTED, CreateSession, RegionCreate, SharedMemoryStep, StepRequest
@@ -94,7 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.outer_middleware = [
         Middleware(StepLane, service=app, metrics=metrics, cors=bool(settings.cors_origins)),  # answers steps
-        Middleware(RequestContextMiddleware, metrics=metrics)]  # sees every other answer
+        Middleware(RequestContextMiddleware, metrics=metrics),  # sees every other answer
+        Middleware(HeadAsGet)]  # (inside the access log, which names the method asked)
     if settings.cors_origins:
         app.outer_middleware.append(Middleware(
             CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],

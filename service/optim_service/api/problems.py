@@ -57,9 +57,11 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 def allowed_methods(request: Request) -> set[str]:
     """The methods a route takes at this path, each tried through the routes' own matching: an
-    included router's routes sit behind one route that names no methods of its own."""
-    return {method for method in METHODS
-            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes)}
+    included router's routes sit behind one route that names no methods of its own. HEAD goes
+    where GET does (``methods.HeadAsGet``)."""
+    allowed = {method for method in METHODS
+               if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes)}
+    return allowed | {"HEAD"} if "GET" in allowed else allowed
 
 
 def install(app: FastAPI) -> None:
