@@ -126,8 +126,8 @@ def serve_app():
 
 
 class ServiceApp(FastAPI):
-    """FastAPI with this service's middlewares (``outer_middleware``, outermost first) around Starlette's whole
-    stack instead of inside its error and telemetry layers. The outermost, the step lane, answers
+    """FastAPI with this service's middlewares (``outer_middleware``, outermost first) around
+    Starlette's whole stack instead of inside its error and telemetry layers. The outermost, the step lane, answers
     a step there, so a step crosses one wrapper, not eight, each way: at ~100 µs of server time for
     a small step, every one of them showed (bench/wire.py). A bug still answers 500, from uvicorn
     instead of Starlette's error middleware."""
@@ -155,13 +155,10 @@ class ServiceApp(FastAPI):
 
     async def __call__(self, scope, receive, send):
         # FastAPI's and Starlette's own __call__ only pick the telemetry wrapper (off) and set
-        # scope["app"] on the way to this stack: two calls a request that a small step's time showed
+        # scope["app"] on the way to this stack, which the step lane does: two calls a request
         if scope["type"] != "http" or self.root_path:
             return await super().__call__(scope, receive, send)
-        scope["app"] = self
-        if self.middleware_stack is None:
-            self.middleware_stack = self.build_middleware_stack()
-        await self.middleware_stack(scope, receive, send)
+        await self.entry()(scope, receive, send)
 
 
 class AppState(State):

@@ -26,20 +26,21 @@ class ByteBoundedLRU(Generic[V]):
     def put(self, key: str, value: V, size: int) -> V | None:
         """Keep ``value`` (replacing ``key``'s, which it returns), evicting the least recently used
         beyond the bound; a value larger than the whole bound is not kept."""
-        replaced = self._entries.pop(key, None)
-        if replaced is not None:
-            self.bytes -= replaced[1]
+        replaced = self.pop(key)
         if size <= self.max_bytes:
             self._entries[key] = (value, size)
             self.bytes += size
         while self.bytes > self.max_bytes:
             self.pop(next(iter(self._entries)))
-        return None if replaced is None else replaced[0]
+        return replaced
 
-    def pop(self, key: str) -> None:
+    def pop(self, key: str) -> V | None:
+        """Drop ``key``'s value, and return it (None if absent)."""
         entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.bytes -= entry[1]
+        if entry is None:
+            return None
+        self.bytes -= entry[1]
+        return entry[0]
 
     def keys(self) -> list[str]:
         return list(self._entries)

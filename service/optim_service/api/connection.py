@@ -286,7 +286,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._phase = _DONE
         super().on_message_complete()
         if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
-            self._arm(self.timeout_keep_alive, self._keep_alive_expired)  # answered before its body was in
+            self._arm(self.timeout_keep_alive, self.timeout_keep_alive_handler)  # answered before its body was in
 
     def on_response_complete(self) -> None:
         """uvicorn's, with the keep-alive wait on the connection's one timer (``_arm``) instead of a
@@ -300,17 +300,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
         elif self._phase == _DONE:  # else when the request's rest has been read (on_message_complete)
-            self._arm(self.timeout_keep_alive, self._keep_alive_expired)
+            self._arm(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     # -- limits ----------------------------------------------------------------------------------
 
     def _start_request(self) -> None:
         self._phase, self._header_bytes = _HEADERS, 0
         self._arm(self._header_timeout, self._headers_expired)
-
-    def _keep_alive_expired(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.close()
 
     def _headers_too_large(self) -> None:
         self._refuse(431, "Request header fields too large",
