@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from itertools import chain
 
 import httptools
 import orjson
@@ -227,6 +226,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._writes = _OneWrite(transport)
+        self._extensions = {SINK: self._sink_into, WHOLE_BODY: self._whole_body}  # copied into each request's scope
         if len(self.connections) > self._max_connections:
             self._refuse(503, "Too many connections",
                          f"this server process holds its maximum of {self._max_connections} connections "
@@ -242,16 +242,28 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._phase in (_IDLE, _DONE):
-            self._start_request()
-        if self._phase == _HEADERS:
+        phase = self._phase
+        if phase == _HEADERS:
             self._header_bytes += len(data)
-        super().data_received(data)
-        if self.transport.is_closing():
+        elif phase != _BODY:  # a request's first bytes
+            self._start_request(len(data))
+        # uvicorn's, less its call to cancel a keep-alive timer: this protocol's is the one ``_arm``s
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
             return
-        if self._phase == _HEADERS and self._header_bytes > self._max_header_bytes:
-            self._headers_too_large()
-        elif self._phase == _BODY:
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        phase = self._phase
+        if phase == _HEADERS:
+            if self._header_bytes > self._max_header_bytes and not self.transport.is_closing():
+                self._headers_too_large()
+        elif phase == _BODY and not self.transport.is_closing():
             self._arm(self._body_idle, self._body_idle_expired)
 
     def send_400_response(self, msg: str) -> None:
@@ -269,8 +281,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._on_due = None  # the headers' limit; the body's is armed after this read (data_received)
         headers = self.headers
-        size = len(self.url) + 4 * len(headers) + sum(map(len, chain.from_iterable(headers)))
-        if size > self._max_header_bytes or len(headers) > self._max_headers:
+        # the bytes read since the request began bound its headers' size: exact only when over
+        if len(headers) > self._max_headers or (self._header_bytes > self._max_header_bytes and len(self.url) + sum(
+                4 + len(name) + len(value) for name, value in headers) > self._max_header_bytes):
             self._headers_too_large()
             return
         self._phase = _BODY
@@ -279,7 +292,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.cycle.transport, self._writes.holding = self._writes, True
         # the request's scope, not its cycle, is how a sink names its request: a partial over the
         # cycle, kept in the cycle's scope, made every request's objects a cycle for the collector
-        self.scope.setdefault("extensions", {}).update({SINK: self._sink_into, WHOLE_BODY: self._whole_body})
+        given = self.scope.get("extensions")
+        self.scope["extensions"] = {**given, **self._extensions} if given else self._extensions.copy()
 
     def on_message_complete(self) -> None:
         self._on_due = None
@@ -304,8 +318,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     # -- limits ----------------------------------------------------------------------------------
 
-    def _start_request(self) -> None:
-        self._phase, self._header_bytes = _HEADERS, 0
+    def _start_request(self, received: int = 0) -> None:
+        self._phase, self._header_bytes = _HEADERS, received
         self._arm(self._header_timeout, self._headers_expired)
 
     def _headers_too_large(self) -> None:
