@@ -140,3 +140,57 @@ async def test_with_a_shared_store_the_cache_keeps_its_byte_bound(tmp_path):
                                    [np.zeros(4096, np.float32)])
     assert session.id not in service._warm.ids()  # its state would be a second copy: over the bound
     await store.close()
+
+
+async def test_a_served_step_settles_once_its_answer_is_sent():
+    """The lane sends a step's answer, then settles the step (``StepResult.settle``): the committed
+    session is the warm one, frozen, and the next step forks it rather than decoding the record."""
+    import httpx
+
+    from optim_service.app import create_app
+    from optim_service.settings import Settings
+
+    application = create_app(Settings(store="memory"))
+    async with application.router.lifespan_context(application):
+        service = application.state.sessions
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://t") as c:
+            sid = (await c.post("/v1/sessions", json={"params": [0.0, 1.0], "optimizer": {"type": "adam"}})).json()["id"]
+            for step in (1, 2):
+                answer = (await c.post(f"/v1/sessions/{sid}/step", json={"gradients": [0.5, -0.5]})).json()
+                warm = service._warm.get(sid)
+                record = await service.store.get(sid, None)
+                assert warm.step == step == answer["step"] and warm.version == record.version
+                assert not warm.params[0].flags.writeable and not warm.buffer.flags.writeable
+                np.testing.assert_array_equal(warm.params[0], np.array(answer["params"], np.float32))
+
+
+async def test_a_step_settled_after_a_later_one_leaves_the_later_one_warm():
+    """A step's settle waits for its answer's send, which a slow reader can hold while the next
+    step of the session commits and settles: the earlier settle then keeps the later session warm,
+    and the steps go on from it."""
+    from optim_service.sessions import SessionService
+    from optim_service.settings import Settings
+    from optim_service.store import MemoryStore
+
+    def decode(_):
+        return [np.full(4, 0.5, np.float32)]
+
+    async def run(deferred: bool):
+        service = SessionService(MemoryStore(), Settings(store="memory"))
+        config = TrainingConfig.model_validate({"optimizer": {"type": "adam", "lr": 0.1}})
+        session = await service.create(None, config, Layout(("",), ((4,),), "float32", "array"),
+                                       [np.zeros(4, np.float32)])
+        first = await service.step(None, session.id, decode, settle_later=deferred)
+        second = await service.step(None, session.id, decode, settle_later=deferred)
+        if deferred:
+            assert first.settle is not None and second.settle is not None
+            second.settle()
+            first.settle()  # late: the second stays the warm one
+            assert service._warm.get(session.id) is second.session
+            assert not first.session.params[0].flags.writeable
+        third = await service.step(None, session.id, decode)
+        return third.session.params[0].copy(), third.session.step
+
+    deferred, plain = await run(True), await run(False)
+    assert deferred[1] == plain[1] == 3
+    np.testing.assert_array_equal(deferred[0], plain[0])

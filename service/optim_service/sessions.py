@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+import functools
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -66,6 +67,9 @@ class StepResult(NamedTuple):
     round: int | None = None  # the round this step committed
     dry_run: bool = False  # computed and answered, written nowhere
     in_place: bool = False  # the update wrote the stored state itself
+    # what is left once the answer is out, with ``step(..., settle_later=True)``: the committed
+    # session frozen and kept warm, waiters on its rounds woken (``SessionService._settle``)
+    settle: Callable[[], None] | None = None
 
 
 def new_session_id() -> str:
@@ -364,9 +368,12 @@ class SessionService:
         contribution: Contribution = Contribution(),
         dry_run: bool = False,
         volatile: bool = False,  # the gradients lie in memory a client can still write (a mapped region)
+        settle_later: bool = False,
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
-        dropped with the last step that needs it, so idle sessions hold none."""
+        dropped with the last step that needs it, so idle sessions hold none. With ``settle_later``
+        a committed step's bookkeeping is left to the caller, to run once its answer is sent
+        (``StepResult.settle``): none of it is the answer's, and a small step's client waited for it."""
         if dry_run:  # the would-be step, written nowhere: no lock, claim, history or round
             return await self._dry_run(owner, session_id, decode, loss, if_match, memory)
         turn = self._turns.take(session_id)  # the session's turn, after the steps ahead of it
@@ -407,7 +414,7 @@ class SessionService:
                 if provable and template.id not in self._dry_runs and template.alone(record):
                     result = await self._in_place(*args)
                 else:  # a proof still carries the maxima to the next step, which may then go in place
-                    result = await self._apply(*args, bound=provable)
+                    result = await self._apply(*args, bound=provable, settle_later=settle_later)
                 if result is not None:
                     return result
             raise StepConflict(
@@ -524,16 +531,20 @@ class SessionService:
         return _Turn(self._turns, session_id)
 
     async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
-                     in_place: bool = False, bound: bool = False) -> StepResult | None:
+                     in_place: bool = False, bound: bool = False, settle_later: bool = False) -> StepResult | None:
         """Compute the step and commit it; None when the session changed meanwhile (retry)."""
         session, grad_norm, compute_ms, skipped, line = await self._compute(
             template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place)
         claim = self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self.store.compare_and_set(*self._writes(session, record.version, claim, history=line)):
-            self._stored(session)
+            settle = None
+            if settle_later:
+                settle = functools.partial(self._settle, session)
+            else:
+                self._stored(session)
             return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau,
-                              in_place=written)
+                              in_place=written, settle=settle)
         if written:  # written in place, not stored (the session was deleted meanwhile): drop the copy
             self._warm.forget(template.id)
             logger.warning("an update in place of %s found its session gone", template.id)
@@ -670,6 +681,16 @@ class SessionService:
         session.freeze()
         self._warm.remember(session)  # its buffer is the stored record's data now
         self._committed(session.id)
+
+    def _settle(self, session: Session) -> None:
+        """``_stored``, after the answer: unless a later step of the session got there first (its
+        answer's send waited for a slow reader meanwhile), which then stays the warm one."""
+        warm = self._warm.get(session.id)
+        if warm is not None and warm.version > session.version:
+            session.freeze()
+            self._committed(session.id)
+            return
+        self._stored(session)
 
     # -- synchronous rounds -----------------------------------------------------------------------
 

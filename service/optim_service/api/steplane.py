@@ -77,9 +77,11 @@ class StepLane:
             reply.raw_headers.append((b"x-request-id", request_id.encode()))
             status = reply.status_code
             if type(reply) is StepReply:  # its two messages sent here: a coroutine less on the way out
-                await send({"type": "http.response.start", "status": status, "headers": reply.raw_headers})
-                await send({"type": "http.response.body", "body": reply.body})
-                reply.observe()
+                try:
+                    await send({"type": "http.response.start", "status": status, "headers": reply.raw_headers})
+                    await send({"type": "http.response.body", "body": reply.body})
+                finally:
+                    reply.observe()
             else:
                 await reply(scope, receive, send)
         finally:
@@ -89,8 +91,9 @@ class StepLane:
 
 class StepReply(Response):
     """A step's answer: its headers already encoded (so ``Response.__init__``, which would encode
-    them again, is not called), sent as two messages, then the step's metrics recorded (after the
-    send: the client is not kept waiting for them). The APIRoute returns it as any Response."""
+    them again, is not called), sent as two messages, then ``observe``: the step settled and its
+    metrics recorded (after the send: the client is not kept waiting for them). The APIRoute
+    returns it as any Response."""
 
     def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes | memoryview, observe: Callable[[], None],
                  status: int = 200):
@@ -98,9 +101,11 @@ class StepReply(Response):
         self.observe = observe
 
     async def __call__(self, scope, receive, send):
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.body})
-        self.observe()
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            self.observe()
 
 
 async def serve_step(session_id: str, headers: Mapping[str, str], receive, caller: Tenant, state: State,
@@ -140,43 +145,48 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
                                         if_match=expected, idempotency=idempotency, memory=memory,
                                         contribution=Contribution(**said) if said else Contribution(),
-                                        dry_run=dry_run, volatile=volatile)
-    if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
-        result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
-    session = result.session
-    out = [(b"etag", b'"%d"' % session.step), (b"server-timing", b"compute;dur=%.3f" % result.compute_ms)]
-    if result.replayed:
-        out.append((b"idempotent-replayed", b"true"))
-    if result.dry_run:
-        out.append((b"optim-dry-run", b"true"))
-    if result.pending is not None:  # taken into a round still open: 202 and where the round stands
-        content = orjson.dumps(result.pending.document())
-        out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
-        return StepReply(out, content, lambda: _observe(state.metrics, result, WIRE_FORMATS[ctype], started), 202)
-    if result.skipped:
-        out.append((b"optim-step-skipped", b"true"))
-    extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
-    if result.skipped:
-        extra["skipped"] = True
-    if result.lr_scale is not None:
-        extra |= {"lr_scale": result.lr_scale, "staleness": result.staleness}
-    if result.round is not None:
-        extra["round"] = result.round
-    if into_region is not None:  # the params into the client's region, and only where they went in the body
-        try:
-            shm.write(into_region, session.params_bytes())
-        except OSError as e:  # e.g. /dev/shm full: the step stands, its answer can be asked again
-            raise AnswerUndelivered(
-                f"step {session.step} was applied, but its params could not be written into region "
-                f"{into_region.region.name!r} ({e.strerror}): make room and repeat the request with the same "
-                "Idempotency-Key to have them written") from None
-        content = orjson.dumps({"step": session.step, "params": into_region.document(), **extra})
-        out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
-    else:
-        content = answer.codec.write_params(session, answer.wire, request.encodings, extra)
-        out += [*answer.headers(), (b"content-type", answer.codec.media_type.encode()),
-                (b"content-length", b"%d" % len(content))]
-    return StepReply(out, content, lambda: _observe(state.metrics, result, WIRE_FORMATS[ctype], started))
+                                        dry_run=dry_run, volatile=volatile, settle_later=True)
+    try:
+        if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
+            result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
+        session = result.session
+        out = [(b"etag", b'"%d"' % session.step), (b"server-timing", b"compute;dur=%.3f" % result.compute_ms)]
+        if result.replayed:
+            out.append((b"idempotent-replayed", b"true"))
+        if result.dry_run:
+            out.append((b"optim-dry-run", b"true"))
+        if result.pending is not None:  # taken into a round still open: 202 and where the round stands
+            content = orjson.dumps(result.pending.document())
+            out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+            return StepReply(out, content, lambda: _observe(state.metrics, result, WIRE_FORMATS[ctype], started), 202)
+        if result.skipped:
+            out.append((b"optim-step-skipped", b"true"))
+        extra = {"grad_norm": result.grad_norm} if result.grad_norm is not None else {}
+        if result.skipped:
+            extra["skipped"] = True
+        if result.lr_scale is not None:
+            extra |= {"lr_scale": result.lr_scale, "staleness": result.staleness}
+        if result.round is not None:
+            extra["round"] = result.round
+        if into_region is not None:  # the params into the client's region, and only where they went in the body
+            try:
+                shm.write(into_region, session.params_bytes())
+            except OSError as e:  # e.g. /dev/shm full: the step stands, its answer can be asked again
+                raise AnswerUndelivered(
+                    f"step {session.step} was applied, but its params could not be written into region "
+                    f"{into_region.region.name!r} ({e.strerror}): make room and repeat the request with the same "
+                    "Idempotency-Key to have them written") from None
+            content = orjson.dumps({"step": session.step, "params": into_region.document(), **extra})
+            out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+        else:
+            content = answer.codec.write_params(session, answer.wire, request.encodings, extra)
+            out += [*answer.headers(), (b"content-type", answer.codec.media_type.encode()),
+                    (b"content-length", b"%d" % len(content))]
+        return StepReply(out, content, lambda: _observe(state.metrics, result, WIRE_FORMATS[ctype], started))
+    except BaseException:
+        if result.settle is not None:  # no answer to wait for
+            result.settle()
+        raise
 
 
 def read_shared_step(body, caller: Tenant, session_id: str, state: State):
@@ -216,6 +226,9 @@ def _fields(said: dict) -> str:
 
 
 def _observe(metrics, result: StepResult, wire_format: str, started: float) -> None:
+    """Once a step's answer is sent: the step's ``settle``, then its metrics."""
+    if result.settle is not None:
+        result.settle()
     if result.dry_run:
         return
     if result.staleness is not None:
