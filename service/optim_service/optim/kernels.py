@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .base import flat, flat_input, flat_read, reference
+from .base import flat, flat_read, reference
 
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this, waking the other cores costs more than it saves
 
@@ -118,14 +118,21 @@ def torch_lerp(update):
 
 def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[str, ...] | None = None) -> int:
     """Run kernel ``k`` as every optimizer's does: written ``param`` and ``buffers`` (default: every
-    buffer ``state`` holds, in field order), the gradient, the values read (``source``, or the same
+    buffer ``state`` holds; either way in field order), the gradient, the values read (``source``, or the same
     arrays for an update in place), then ``scalars``."""
     param0, state0 = source if source is not None else (param, state)  # (read_from's, without its call)
-    # a loop, not generators: resuming one was a call per item in a small step
-    written, read = [flat(param), flat_input(grad, param)], [flat_read(param0)]
-    for name in buffers or [f for f, a in zip(state._fields, state) if a is not None]:
-        written.append(flat(getattr(state, name)))
-        read.append(flat_read(getattr(state0, name)))
+    # flat and flat_read inline where they would hand the array back (1-D; read-only when read): a
+    # call each showed in a small step
+    grad = np.ascontiguousarray(grad, param.dtype)
+    written = [param if param.ndim == 1 else flat(param),
+               grad if grad.ndim == 1 and not grad.flags.writeable else flat_read(grad)]
+    read = [param0 if param0.ndim == 1 and not param0.flags.writeable else flat_read(param0)]
+    fields = state._fields
+    for i, a in enumerate(state):
+        if a is not None and (buffers is None or fields[i] in buffers):
+            a0 = state0[i]
+            written.append(a if a.ndim == 1 else flat(a))
+            read.append(a0 if a0.ndim == 1 and not a0.flags.writeable else flat_read(a0))
     return run(k, *written, *read, scalars)
 
 
