@@ -15,6 +15,7 @@ bodies with base64 tensors go to orjson too: there is no number array to win on.
 from __future__ import annotations
 
 import math
+from array import array
 from typing import Any
 
 import numpy as np
@@ -86,10 +87,14 @@ def _loads_small(body: bytes, field: str) -> dict[str, Any] | None:
 
 def _numbers(nested: list) -> np.ndarray:
     """Regular nested lists of JSON numbers as float64; anything else (ragged, null, strings) is unsure."""
-    array = np.array(nested)  # ragged raises; null, strings and mixed types give another kind
-    if array.dtype.kind not in "fiu":
+    try:  # one flat list (most tensors): the array module's loop, not numpy's discovery of a type and shape
+        return np.frombuffer(array("d", nested))
+    except (TypeError, OverflowError):  # rows, null, strings; an int past float range
+        pass
+    numbers = np.array(nested)  # ragged raises; null, strings and mixed types give another kind
+    if numbers.dtype.kind not in "fiu":
         raise _Unsure
-    return array.astype(np.float64, copy=False)
+    return numbers.astype(np.float64, copy=False)
 
 
 def _unique_keys(obj) -> list[str]:
