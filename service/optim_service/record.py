@@ -57,6 +57,10 @@ class Layout:
         return tuple(math.prod(s) for s in self.shapes)
 
     @cached_property
+    def name_set(self) -> frozenset[str]:
+        return frozenset(self.names)
+
+    @cached_property
     def nbytes(self) -> int:
         return sum(self.sizes) * self.np_dtype.itemsize
 
@@ -149,19 +153,24 @@ class Tensors(Sequence):
     """One item per tensor (its parameter, or its optimizer state), from a function that lays them
     all when the first is read; the length needs none of them."""
 
-    __slots__ = ("_lay", "_len")
+    __slots__ = ("_lay", "_len", "_items")
 
     def __init__(self, lay: Callable[[], list], length: int):
-        self._lay, self._len = lay, length
+        self._lay, self._len, self._items = lay, length, None
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index):
-        return self._lay()[index]
+        return self._laid()[index]
 
     def __iter__(self):
-        return iter(self._lay())
+        return iter(self._items if self._items is not None else self._laid())
+
+    def _laid(self) -> list:
+        if self._items is None:
+            self._items = self._lay()
+        return self._items
 
 
 @lru_cache(maxsize=4096)

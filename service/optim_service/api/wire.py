@@ -34,6 +34,8 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
     caller's to check (gradients may be non-finite under ``nan_policy: "skip"``), under
     ``np.errstate(over="ignore")``: a number too large for the dtype becomes inf, which that check names."""
     np_dtype = DTYPES[dtype]
+    if type(value) is np.ndarray:  # the JSON reader's: numbers only, rows regular
+        return value.astype(np_dtype, copy=False)
     if is_b64_tensor(value):
         shape = value["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -109,8 +111,18 @@ def decode_params(value: Any, dtype: str) -> tuple[Layout, list[np.ndarray]]:
     return layout, arrays
 
 
-def encodings_of(value: Any) -> dict[str, Encoding]:
-    """How the client sent each tensor, so the answer mirrors it (unnamed tensor: key "")."""
+def encodings_of(value: Any) -> dict[str, Encoding] | Encoding:
+    """How the client sent each tensor, so the answer mirrors it (unnamed tensor: key ""): one
+    encoding for all of them when every tensor came as numbers, the usual body."""
+    if type(value) is np.ndarray:  # (the JSON reader made arrays of number lists: nothing else is one)
+        return "list"
+    if type(value) is dict and value:
+        for v in value.values():
+            if type(v) is not np.ndarray:
+                break
+        else:
+            return "list"
+
     def enc(v) -> Encoding:
         if not is_b64_tensor(v):
             return "list"
@@ -125,26 +137,25 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False,
                 skippable: bool = False) -> list[np.ndarray | None]:
     """Tensors that must match an existing session's layout exactly (gradients, restored buffers).
     ``skippable``: a named tensor may be null, which skips it this step (torch's ``grad is None``)."""
-    if layout.structure == "array":
+    single = layout.structure == "array"
+    if single:
         if not (isinstance(value, (list, np.ndarray)) or is_b64_tensor(value)):
             raise InvalidRequest(f"{what}: this session holds one unnamed tensor; send a JSON array")
-        items = [("", value)]
     else:
-        if not isinstance(value, dict) or is_b64_tensor(value):
+        if not isinstance(value, dict) or ("b64" in value and is_b64_tensor(value)):
             raise InvalidRequest(f"{what}: this session holds named tensors; send an object {list(layout.names)}")
-        missing = [n for n in layout.names if n not in value]
-        known = set(layout.names)
-        unknown = [n for n in value if n not in known]
-        if missing or unknown:
+        if value.keys() != layout.name_set:
+            missing = [n for n in layout.names if n not in value]
+            unknown = [n for n in value if n not in layout.name_set]
             raise InvalidRequest(
                 f"{what}: expected tensors {list(layout.names)}"
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unknown {unknown}" if unknown else "")
             )
-        items = [(n, value[n]) for n in layout.names]
     arrays, skipped = [], 0
     with np.errstate(over="ignore"):
-        for (name, tensor), shape in zip(items, layout.shapes):
+        for name, shape in zip(layout.names, layout.shapes):
+            tensor = value if single else value[name]
             if tensor is None and skippable and name:
                 arrays.append(None)
                 skipped += 1
@@ -176,6 +187,7 @@ def encode_tensor(array: np.ndarray, encoding: Encoding):
 def encode_like(arrays: list[np.ndarray], layout: Layout, encodings: dict[str, Encoding] | Encoding):
     """Tensors in the structure the client used: one array, or an object keyed by name."""
     if isinstance(encodings, str):
-        encodings = dict.fromkeys(layout.names, encodings)
-    encoded = [encode_tensor(a, encodings.get(n, "list")) for a, n in zip(arrays, layout.names)]
+        encoded = [encode_tensor(a, encodings) for a in arrays]
+    else:
+        encoded = [encode_tensor(a, encodings.get(n, "list")) for a, n in zip(arrays, layout.names)]
     return encoded[0] if layout.structure == "array" else dict(zip(layout.names, encoded))
