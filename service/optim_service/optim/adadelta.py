@@ -63,9 +63,9 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _adadelta(p, g, s, a, p0, s0, a0, c):
+def _adadelta(p, g, s, a, p0, s0, a0, sign, wd, decay, lr, rho, rho_c, eps):
     f = p.dtype.type
-    sign, wd, decay, lr, rho, rho_c, eps = f(c.sign), f(c.wd), f(c.decay), f(c.lr), f(c.rho), f(c.rho_c), f(c.eps)
+    sign, wd, decay, lr, rho, rho_c, eps = f(sign), f(wd), f(decay), f(lr), f(rho), f(rho_c), f(eps)
     bad = 0
     for i in prange(p.size):
         gr = g[i]

@@ -60,9 +60,9 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _adagrad(p, g, s, p0, s0, c):
+def _adagrad(p, g, s, p0, s0, sign, wd, decay, clr, eps):
     f = p.dtype.type
-    sign, wd, decay, clr, eps = f(c.sign), f(c.wd), f(c.decay), f(c.clr), f(c.eps)
+    sign, wd, decay, clr, eps = f(sign), f(wd), f(decay), f(clr), f(eps)
     bad = 0
     for i in prange(p.size):
         gr = g[i]

@@ -107,10 +107,10 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _adam(p, g, m, v, p0, m0, v0, c):
+def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
     f = p.dtype.type
-    sign, wd, decay, b1_c, b2 = f(c.sign), f(c.wd), f(c.decay), f(c.b1_c), f(c.b2)
-    b2_c, eps, step_size, bc2_sqrt = f(c.b2_c), f(c.eps), f(c.step_size), f(c.bc2_sqrt)
+    sign, wd, decay, b1_c, b2 = f(sign), f(wd), f(decay), f(b1_c), f(b2)
+    b2_c, eps, step_size, bc2_sqrt = f(b2_c), f(eps), f(step_size), f(bc2_sqrt)
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -123,10 +123,10 @@ def _adam(p, g, m, v, p0, m0, v0, c):
 
 
 @kernels.kernel
-def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, c):
+def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
     f = p.dtype.type
-    sign, wd, decay, b1_c, b2 = f(c.sign), f(c.wd), f(c.decay), f(c.b1_c), f(c.b2)
-    b2_c, eps, step_size, bc2_sqrt = f(c.b2_c), f(c.eps), f(c.step_size), f(c.bc2_sqrt)
+    sign, wd, decay, b1_c, b2 = f(sign), f(wd), f(decay), f(b1_c), f(b2)
+    b2_c, eps, step_size, bc2_sqrt = f(b2_c), f(eps), f(step_size), f(bc2_sqrt)
     bad = 0
     for i in prange(p.size):
         gr = g[i]

@@ -49,9 +49,9 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _adamax(p, g, m, u, p0, m0, u0, c):
+def _adamax(p, g, m, u, p0, m0, u0, sign, wd, decay, b1_c, b2, eps, clr):
     f = p.dtype.type
-    sign, wd, decay, b1_c, b2, eps, clr = f(c.sign), f(c.wd), f(c.decay), f(c.b1_c), f(c.b2), f(c.eps), f(c.clr)
+    sign, wd, decay, b1_c, b2, eps, clr = f(sign), f(wd), f(decay), f(b1_c), f(b2), f(eps), f(clr)
     bad = 0
     for i in prange(p.size):
         gr = g[i]

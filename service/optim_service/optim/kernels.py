@@ -16,9 +16,11 @@ arrays for an update in place; each element is read before it is written, at its
 The gradient ``g`` may be the memory of ``p`` too (a binary step's body is read straight into the
 parameters of its working copy, ``SessionService.binary_memory``), so each kernel reads ``g[i]``
 once, first, into ``gr``.
-The scalars (learning rate, betas, ...) come as one NamedTuple of Python floats, ``c``, each field
-named; the kernel casts them to the tensor's dtype (``f = p.dtype.type``) before the loop, so a
-float32 update computes in float32 as torch's does.
+The scalars (learning rate, betas, ...) are the optimizer's ``Scalars`` NamedTuple of Python floats,
+passed as the kernel's last arguments, one per field in its order (``apply`` unpacks it: numba's
+dispatch took a NamedTuple argument 1 µs slower than its floats); the kernel casts them to the
+tensor's dtype (``f = p.dtype.type``) before the loop, so a float32 update computes in float32 as
+torch's does.
 Each kernel also reports, in the same pass, whether any gradient or output is non-finite
 (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
 """
@@ -133,7 +135,7 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
             a0 = state0[i]
             written.append(a if a.ndim == 1 else flat(a))
             read.append(a0 if a0.ndim == 1 and not a0.flags.writeable else flat_read(a0))
-    return run(k, *written, *read, scalars)
+    return run(k, *written, *read, *scalars)
 
 
 # max|x| over a float's bits as an unsigned integer with the sign masked off: finite magnitudes
@@ -181,6 +183,6 @@ def max_abs(x: np.ndarray) -> float:
 
 
 def run(k: Kernel, p: np.ndarray, *args) -> int:
-    """Run a kernel over flat views (written arrays, the gradient, read arrays) and ``c``, its named
-    scalars; returns how many elements came out non-finite."""
+    """Run a kernel over flat views (written arrays, the gradient, read arrays) and its scalars;
+    returns how many elements came out non-finite."""
     return (k.parallel if p.size >= PARALLEL_MIN_ELEMENTS else k.serial)(p, *args)

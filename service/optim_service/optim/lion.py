@@ -69,9 +69,9 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _lion(p, g, m, p0, m0, c):
+def _lion(p, g, m, p0, m0, lr, sign, decay, b1, b1_c, b2, b2_c):
     f = p.dtype.type
-    lr, sign, decay, b1, b1_c, b2, b2_c = f(c.lr), f(c.sign), f(c.decay), f(c.b1), f(c.b1_c), f(c.b2), f(c.b2_c)
+    lr, sign, decay, b1, b1_c, b2, b2_c = f(lr), f(sign), f(decay), f(b1), f(b1_c), f(b2), f(b2_c)
     bad = 0
     for i in prange(p.size):
         gr = g[i]

@@ -74,10 +74,10 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _nadam(p, g, m, v, p0, m0, v0, c):
+def _nadam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, bc2, eps, c_grad, c_avg):
     f = p.dtype.type
-    sign, wd, decay, b1_c, b2 = f(c.sign), f(c.wd), f(c.decay), f(c.b1_c), f(c.b2)
-    b2_c, bc2, eps, c_grad, c_avg = f(c.b2_c), f(c.bc2), f(c.eps), f(c.c_grad), f(c.c_avg)
+    sign, wd, decay, b1_c, b2 = f(sign), f(wd), f(decay), f(b1_c), f(b2)
+    b2_c, bc2, eps, c_grad, c_avg = f(b2_c), f(bc2), f(eps), f(c_grad), f(c_avg)
     bad = 0
     for i in prange(p.size):
         gr = g[i]

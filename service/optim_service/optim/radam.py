@@ -66,11 +66,11 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _radam(p, g, m, v, p0, m0, v0, c):
+def _radam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, bc1, lr, bc2_sqrt, eps, rect):
     f = p.dtype.type
-    sign, wd, decay, b1_c, b2, b2_c = f(c.sign), f(c.wd), f(c.decay), f(c.b1_c), f(c.b2), f(c.b2_c)
-    bc1, lr, bc2_sqrt, eps, rect = f(c.bc1), f(c.lr), f(c.bc2_sqrt), f(c.eps), f(c.rect)
-    rectified = c.rect != 0.0  # the same every element: LLVM hoists the branch out of the loop
+    sign, wd, decay, b1_c, b2, b2_c = f(sign), f(wd), f(decay), f(b1_c), f(b2), f(b2_c)
+    bc1, lr, bc2_sqrt, eps, rect = f(bc1), f(lr), f(bc2_sqrt), f(eps), f(rect)
+    rectified = rect != 0.0  # the same every element: LLVM hoists the branch out of the loop
     bad = 0
     for i in prange(p.size):
         gr = g[i]

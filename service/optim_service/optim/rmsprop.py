@@ -89,10 +89,10 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _rmsprop(p, g, sq, p0, sq0, c):
+def _rmsprop(p, g, sq, p0, sq0, sign, wd, decay, lr, alpha, alpha_c, eps, momentum):
     f = p.dtype.type
-    sign, wd, decay, lr, alpha, alpha_c, eps = (f(c.sign), f(c.wd), f(c.decay), f(c.lr), f(c.alpha),
-                                                f(c.alpha_c), f(c.eps))
+    sign, wd, decay, lr, alpha, alpha_c, eps = (f(sign), f(wd), f(decay), f(lr), f(alpha),
+                                                f(alpha_c), f(eps))
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -106,11 +106,11 @@ def _rmsprop(p, g, sq, p0, sq0, c):
 
 
 @kernels.kernel
-def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, c):
+def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, sign, wd, decay, lr, alpha, alpha_c, eps, momentum):
     f = p.dtype.type
-    sign, wd, decay, lr, alpha, alpha_c, eps = (f(c.sign), f(c.wd), f(c.decay), f(c.lr), f(c.alpha),
-                                                f(c.alpha_c), f(c.eps))
-    momentum = f(c.momentum)
+    sign, wd, decay, lr, alpha, alpha_c, eps = (f(sign), f(wd), f(decay), f(lr), f(alpha),
+                                                f(alpha_c), f(eps))
+    momentum = f(momentum)
     bad = 0
     for i in prange(p.size):
         gr = g[i]

@@ -67,9 +67,9 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _sgd(p, g, p0, c):
+def _sgd(p, g, p0, sign, wd, decay, lr, momentum_now, grad_weight, momentum, nesterov, plain):
     f = p.dtype.type
-    sign, wd, decay, lr = f(c.sign), f(c.wd), f(c.decay), f(c.lr)
+    sign, wd, decay, lr = f(sign), f(wd), f(decay), f(lr)
     bad = 0
     for i in prange(p.size):
         gr = g[i]
@@ -81,10 +81,10 @@ def _sgd(p, g, p0, c):
 
 
 @kernels.kernel
-def _sgd_momentum(p, g, buf, p0, buf0, c):
+def _sgd_momentum(p, g, buf, p0, buf0, sign, wd, decay, lr, momentum_now, grad_weight, momentum, nesterov, plain):
     f = p.dtype.type  # (a Python literal in the loop would promote the sum to float64)
-    sign, wd, decay, lr, momentum_now = f(c.sign), f(c.wd), f(c.decay), f(c.lr), f(c.momentum_now)
-    grad_weight, momentum, nesterov, plain = f(c.grad_weight), f(c.momentum), f(c.nesterov), f(c.plain)
+    sign, wd, decay, lr, momentum_now = f(sign), f(wd), f(decay), f(lr), f(momentum_now)
+    grad_weight, momentum, nesterov, plain = f(grad_weight), f(momentum), f(nesterov), f(plain)
     bad = 0
     for i in prange(p.size):
         gr = g[i]
