@@ -334,7 +334,9 @@ class Session:
         if copy and not relaid:
             clone.buffer = self.buffer.copy()
         else:
-            clone.buffer = POOL.take(clone.slots.end) if memory is None else memory
+            end = clone.slots.end
+            clone.buffer = memory if memory is not None else np.empty(end, np.uint8) if end < POOL.MIN_BYTES \
+                else POOL.take(end)  # (the pool's own test, without its call, for a small one)
         clone.arrays = Arrays(clone.slots, clone.buffer)
         clone.params, clone.states = clone.arrays.lists()
         clone.top = None

@@ -536,7 +536,7 @@ class SessionService:
         """Compute the step and commit it; None when the session changed meanwhile (retry)."""
         session, grad_norm, compute_ms, skipped, line = await self._compute(
             template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place)
-        claim = self._claim(idempotency, session.version, session.step)
+        claim = None if idempotency is None else self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self.store.compare_and_set(*self._writes(session, record.version, claim, history=line)):
             settle = None

@@ -218,7 +218,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return None
         body, cycle.body = bytes(cycle.body), bytearray()
         cycle.message_event.clear()
-        self.flow.resume_reading()
+        if self.flow.read_paused:
+            self.flow.resume_reading()
         return body
 
     # -- the connection --------------------------------------------------------------------------

@@ -115,7 +115,7 @@ class MemoryStore:
             return False
         if close_round is not None and self._round_version(record.id) != close_round:
             return False
-        if not self._claim(record.id, claim):
+        if claim is not None and not self._claim(record.id, claim):
             return False
         if close_round is not None:
             self._rounds.pop(record.id, None)
