@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from .optim import OPTIMIZERS
-from .optim.base import Top, adopt, piece
+from .optim.base import Top, adopt
 from .optim.config import TrainingConfig
 from .store import SessionRecord
 
@@ -101,11 +101,22 @@ class Slots:
 
     def param_views(self, buf) -> list[np.ndarray]:
         flat = np.frombuffer(buf, self.dtype)
-        return [piece(flat, *where) for where in self.params]
+        return [flat[run] if shape is None else flat[run].reshape(shape) for run, shape in self._param_cuts]
 
     def state_views(self, buf) -> list[tuple]:
-        flat = np.frombuffer(buf, self.dtype)
-        return [self.state_type(*[None if w is None else piece(flat, *w) for w in fields]) for fields in self.states]
+        flat, make, kind = np.frombuffer(buf, self.dtype), tuple.__new__, self.state_type
+        return [make(kind, [None if cut is None else flat[cut[0]] if cut[1] is None else flat[cut[0]].reshape(cut[1])
+                            for cut in cuts]) for cuts in self._state_cuts]
+
+    # each array's (slice, shape) in the flat buffer, the shape None for a 1-D one: ``piece``'s work, done
+    # once per layout (a call per array, and the NamedTuple's own __new__, showed in a small step)
+    @cached_property
+    def _param_cuts(self) -> tuple:
+        return tuple(_cut(where) for where in self.params)
+
+    @cached_property
+    def _state_cuts(self) -> tuple:
+        return tuple(tuple(None if where is None else _cut(where) for where in fields) for fields in self.states)
 
     def flat(self, buf) -> tuple[np.ndarray, tuple] | None:
         """Every parameter as one array and each buffer kind as one array, viewing ``buf`` (None for
@@ -115,6 +126,11 @@ class Slots:
         flat = np.frombuffer(buf, self.dtype)
         size = self.params[-1][0] + self.params[-1][1]  # every parameter, in one run from 0
         return flat[:size], self.state_type(*[None if k is None else flat[k:k + size] for k in self.kinds])
+
+
+def _cut(where: Where) -> tuple[slice, tuple[int, ...] | None]:
+    offset, size, shape = where
+    return slice(offset, offset + size), None if len(shape) == 1 else shape
 
 
 class Arrays:
@@ -324,8 +340,8 @@ class Session:
         anew, so the step writes it back as the current version."""
         clone = object.__new__(Session)
         clone.__dict__.update(self.__dict__)  # the parsed config and hyperparameters too (4x copy.copy's speed)
-        clone.__dict__.pop("_flat", None)  # views of this session's memory, not the clone's
-        clone.__dict__.pop("_all", None)
+        clone.__dict__.pop("_all", None)  # views of this session's memory, not the clone's
+        clone.__dict__.pop("_flat", None)
         if memory is not None and (copy or len(memory) != len(self.buffer)):
             memory = None
         relaid = self.slots.schema != SCHEMA_VERSION
@@ -337,6 +353,8 @@ class Session:
             end = clone.slots.end
             clone.buffer = memory if memory is not None else np.empty(end, np.uint8) if end < POOL.MIN_BYTES \
                 else POOL.take(end)  # (the pool's own test, without its call, for a small one)
+        if clone.slots.kinds is None:  # one tensor, or unlike ones: no flat form to make (``flat``)
+            clone._flat = None
         clone.arrays = Arrays(clone.slots, clone.buffer)
         clone.params, clone.states = clone.arrays.lists()
         clone.top = None
