@@ -145,8 +145,12 @@ class Arrays:
         self._params: list[np.ndarray] | None = None
         self._states: list[tuple] | None = None
 
-    def lists(self) -> tuple[Tensors, Tensors]:
-        """The session's ``params`` and ``states``: sequences that lay their arrays when first read."""
+    def lists(self) -> tuple[Sequence[np.ndarray], Sequence[tuple]]:
+        """The session's ``params`` and ``states``: sequences that lay their arrays when first read;
+        or, for a session without a flat form (one tensor, or unlike ones), which a step updates
+        tensor by tensor and so lays anyway, the lists laid now."""
+        if self._slots.kinds is None:
+            return self.params(), self.states()
         count = len(self._slots.params)
         return Tensors(self.params, count), Tensors(self.states, count)
 
