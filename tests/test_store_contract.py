@@ -383,6 +383,28 @@ async def test_history_is_appended_with_the_step_and_bounded_with_older_entries_
     await store.close()
 
 
+async def test_the_private_store_keeps_a_pending_line_and_reads_it_as_bytes():
+    """A private store may be given a line measured when first read (history.Pending; the service
+    gives the others bytes): it keeps it as given, measures it no sooner than a read or the next
+    line asks, and gives bytes either way."""
+    from optim_service.history import Pending
+
+    store = open_store("memory")
+    assert store.private
+    await store.create(record())
+    measured = []
+
+    def line(v: int) -> Pending:
+        return Pending(lambda: measured.append(v) or b"%d" % v)
+
+    for v in range(1, 4):
+        assert await store.compare_and_set(record(version=v), v - 1, history=(line(v), 10))
+    assert measured == [1, 2]  # each line measured as the next came, the last not yet
+    assert await store.get_history("s1") == [b"1", b"2", b"3"] and measured == [1, 2, 3]
+    assert await store.get_history("s1") == [b"1", b"2", b"3"] and measured == [1, 2, 3]  # once each
+    await store.close()
+
+
 # --- snapshots: kept by the step's own compare-and-set ---------------------------------------------
 
 async def test_snapshots_are_kept_by_step_and_a_rollback_drops_the_later_ones(make_store):

@@ -194,3 +194,40 @@ async def test_a_step_settled_after_a_later_one_leaves_the_later_one_warm():
     deferred, plain = await run(True), await run(False)
     assert deferred[1] == plain[1] == 3
     np.testing.assert_array_equal(deferred[0], plain[0])
+
+
+async def test_a_served_steps_history_line_is_measured_once_its_answer_is_sent():
+    """With the memory store a step's history line is committed unmeasured (history.Pending) and
+    measured by the step's settle, after its answer: read before that, it is measured then. Either
+    way it is the line an unsettled step would have written there and then."""
+    from optim_service import history
+    from optim_service.sessions import SessionService
+    from optim_service.settings import Settings
+    from optim_service.store import MemoryStore
+
+    def decode(_):
+        return [np.array([0.5, -1.0, 2.0], np.float32)]
+
+    async def run(deferred: bool, read_before_settle: bool = False):
+        service = SessionService(MemoryStore(), Settings(store="memory"))
+        config = TrainingConfig.model_validate({"optimizer": {"type": "adam", "lr": 0.1}})
+        session = await service.create(None, config, Layout(("",), ((3,),), "float32", "array"),
+                                       [np.array([1.0, 2.0, 3.0], np.float32)])
+        lines = []
+        for loss in (3.0, 2.0):
+            result = await service.step(None, session.id, decode, loss=loss, settle_later=deferred)
+            if deferred:
+                pending = service.store._history[session.id][0][-1]
+                assert isinstance(pending, history.Pending) and pending._line is None  # not measured yet
+                if read_before_settle:
+                    lines = await service.store.get_history(session.id)
+                result.settle()
+                assert pending._line is not None and pending._measure is None  # measured, its arrays let go
+        lines = await service.store.get_history(session.id)
+        assert all(type(line) is bytes for line in lines)
+        return [{k: v for k, v in history.decode(line, ("",)).items() if k != "time"} for line in lines]
+
+    plain = await run(False)
+    assert [line["step"] for line in plain] == [1, 2] and plain[0]["grad_norm"] > 0
+    assert await run(True) == plain
+    assert await run(True, read_before_settle=True) == plain

@@ -415,7 +415,8 @@ class SessionService:
                 if provable and template.id not in self._dry_runs and template.alone(record):
                     result = await self._in_place(*args)
                 else:  # a proof still carries the maxima to the next step, which may then go in place
-                    result = await self._apply(*args, bound=provable, settle_later=settle_later)
+                    # (gradients in a client's memory are measured by the line before the answer: after, they may change)
+                    result = await self._apply(*args, bound=provable, settle_later=settle_later and not volatile)
                 if result is not None:
                     return result
             raise StepConflict(
@@ -534,14 +535,15 @@ class SessionService:
     async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
                      in_place: bool = False, bound: bool = False, settle_later: bool = False) -> StepResult | None:
         """Compute the step and commit it; None when the session changed meanwhile (retry)."""
+        later = settle_later and self.store.private  # the history line too: measured once it is read
         session, grad_norm, compute_ms, skipped, line = await self._compute(
-            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place)
+            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place, later)
         claim = None if idempotency is None else self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self.store.compare_and_set(*self._writes(session, record.version, claim, history=line)):
             settle = None
             if settle_later:
-                settle = functools.partial(self._settle, session)
+                settle = functools.partial(self._settle, session, line[0] if later and line is not None else None)
             else:
                 self._stored(session)
             return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau,
@@ -591,10 +593,11 @@ class SessionService:
                 "GET .../diagnosis suggests a learning rate")
 
     async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None,
-                       in_place: bool = False, bound: bool = False):
+                       in_place: bool = False, bound: bool = False, line_later: bool = False):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
         the gradient norm, the update's time, whether ``nan_policy: "skip"`` skipped it, and its
-        history line (None with history off). With ``bound`` the update is proven finite where it
+        history line (None with history off; with ``line_later`` a ``history.Pending``, for a private
+        store, measured once read). With ``bound`` the update is proven finite where it
         can be, and with ``in_place`` it then writes ``template``'s own memory (``_timed_advance``)."""
         grads = decode(template)  # (a decoder reads the layout only: the working copy's is the same)
         if bound and any(g is None for g in grads):  # some tensors skip this step: unproven
@@ -643,12 +646,14 @@ class SessionService:
         session.version += 1
         line = None
         if keep:
-            config, layout = template.config, template.layout
-            clip = config.clip_grad_norm
-            line = (history.entry(
-                template.step + 1, template.all_params() if old is None else old, session.all_params(), layout.sizes,
-                loss=loss, lrs=_lrs(template, lr_scale), norm=norm, worker=worker, skipped=skipped,
-                clip=clip.max_norm if clip else None, grads=None if skipped else whole, sampled=old is not None), keep)
+            def measure() -> bytes:
+                clip = template.config.clip_grad_norm
+                return history.entry(
+                    template.step + 1, template.all_params() if old is None else old, session.all_params(),
+                    template.layout.sizes, loss=loss, lrs=_lrs(template, lr_scale), norm=norm, worker=worker,
+                    skipped=skipped, clip=clip.max_norm if clip else None, grads=None if skipped else whole,
+                    sampled=old is not None)
+            line = (history.Pending(measure) if line_later else measure(), keep)
         return session, grad_norm, compute_ms, skipped, line
 
     def _check_fits(self, session: Session, config: TrainingConfig) -> None:
@@ -683,9 +688,12 @@ class SessionService:
         self._warm.remember(session)  # its buffer is the stored record's data now
         self._committed(session.id)
 
-    def _settle(self, session: Session) -> None:
-        """``_stored``, after the answer: unless a later step of the session got there first (its
-        answer's send waited for a slow reader meanwhile), which then stays the warm one."""
+    def _settle(self, session: Session, line: history.Pending | None = None) -> None:
+        """``_stored``, after the answer, with the step's history ``line`` measured first (while the
+        memory it reads is certainly as the step left it): unless a later step of the session got
+        there first (its answer's send waited for a slow reader meanwhile), which then stays the warm one."""
+        if line is not None:
+            bytes(line)
         warm = self._warm.get(session.id)
         if warm is not None and warm.version > session.version:
             session.freeze()

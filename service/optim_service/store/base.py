@@ -19,6 +19,8 @@ A store keeps opaque session records and never knows which optimizer they hold:
   line, opaque to the store) to the session's history in the same atomic write, keeping the last ``limit`` entries and,
   of those it drops, every 10th (up to ``limit`` more): older steps downsampled.
   ``get_history(id)`` returns the kept entries, oldest first (a session's history goes with it).
+  A ``private`` store may be given, instead of bytes, an entry whose bytes are made when first
+  read (``history.Pending``): it keeps it as given and reads it (``bytes(entry)``) in ``get_history``.
 - ``compare_and_set(..., snapshot=(step, keep))`` also keeps the new record as the snapshot of
   ``step``, after dropping any snapshot of that step or later, and keeps the newest ``keep``;
   ``get_snapshot(id, step)`` returns one (a record: meta and data) or ``None``;

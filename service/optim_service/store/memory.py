@@ -11,6 +11,12 @@ from .base import (
 )
 
 
+def _settled(recent: deque) -> None:
+    """The newest entry as bytes, if it was given as a ``history.Pending`` (only the newest can be)."""
+    if recent and type(recent[-1]) is not bytes:
+        recent[-1] = bytes(recent[-1])
+
+
 class MemoryStore:
     private = True  # this process's own dict
     max_record_bytes = max_round_bytes = None
@@ -142,6 +148,7 @@ class MemoryStore:
         if kept is None:
             kept = self._history[session_id] = (deque(), deque(), [0])
         recent, archive, dropped = kept
+        _settled(recent)
         recent.append(entry)
         while len(recent) > limit:
             old = recent.popleft()
@@ -155,6 +162,7 @@ class MemoryStore:
         if self._live(session_id) is None or session_id not in self._history:
             return []
         recent, archive, _ = self._history[session_id]
+        _settled(recent)
         return [*archive, *recent]
 
     def _claim(self, session_id: str, claim: Claim | None) -> bool:
