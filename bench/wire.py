@@ -53,7 +53,10 @@ def small_step_rows(body: bytes, repeat: int) -> list[str]:
 
         rows = []
         step_ms, echo_ms = paired_ms(step, lambda: echo("/", body, "application/json"), repeat)
-        rows.append(row("100-param Adam step, JSON, http.client", step_ms, "ASGI echo, same body", echo_ms, 1.5))
+        # reported, not a target: issue 20 chose FastAPI's echo as the floor (the row below); the bare
+        # echo's ≤ 1.5× was the target before that decision
+        rows.append(row("(reported) 100-param Adam step, JSON, http.client", step_ms, "ASGI echo, same body",
+                        echo_ms, None))
         # the floor issue 20 chose: FastAPI's own one-route echo (history is on, as it is by default)
         step_f_ms, fastapi_ms = paired_ms(step, lambda: fastapi("/", body, "application/json"), repeat)
         rows.append(row("100-param Adam step, JSON, http.client", step_f_ms, "one-route FastAPI echo", fastapi_ms, 1.25))
