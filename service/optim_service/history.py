@@ -182,8 +182,9 @@ class Pending:
     """A step's line measured when first read (``bytes(line)``), not before: a private store (the
     memory store's, ``store.base``) keeps it as committed, and the step reads it once its answer is
     sent, so that the measuring is not in the step's latency (19 µs of a small step over the wire).
-    Until then it holds the arrays it measures, which nothing writes meanwhile: an update in place
-    and the buffer pool both wait for references like these to go."""
+    Until then it holds the sessions it measures, whose memory nothing writes meanwhile: the buffer
+    pool hands out no buffer a session still holds, and an update in place writes only the warm
+    session, which the step's own becomes at its settle, after this is measured."""
 
     __slots__ = ("_measure", "_line")
 
