@@ -354,9 +354,7 @@ class Session:
         if copy and not relaid:
             clone.buffer = self.buffer.copy()
         else:
-            end = clone.slots.end
-            clone.buffer = memory if memory is not None else np.empty(end, np.uint8) if end < POOL.MIN_BYTES \
-                else POOL.take(end)  # (the pool's own test, without its call, for a small one)
+            clone.buffer = POOL.take(clone.slots.end) if memory is None else memory
         if clone.slots.kinds is None:  # one tensor, or unlike ones: no flat form to make (``flat``)
             clone._flat = None
         clone.arrays = Arrays(clone.slots, clone.buffer)

@@ -20,8 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-import functools
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import blake3
@@ -538,12 +537,12 @@ class SessionService:
         later = settle_later and self.store.private  # the history line too: measured once it is read
         session, grad_norm, compute_ms, skipped, line = await self._compute(
             template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place, later)
-        claim = None if idempotency is None else self._claim(idempotency, session.version, session.step)
+        claim = self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self.store.compare_and_set(*self._writes(session, record.version, claim, history=line)):
             settle = None
             if settle_later:
-                settle = functools.partial(self._settle, session, line[0] if later and line is not None else None)
+                settle = partial(self._settle, session, line[0] if later and line is not None else None)
             else:
                 self._stored(session)
             return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau,
@@ -980,7 +979,7 @@ def _offloaded(box: list) -> None:
     box.append(_timed_advance(*box.pop()))
 
 
-_IS_NONE = functools.partial(operator.is_, None)  # (a generator's frame per gradient showed in a small step)
+_IS_NONE = partial(operator.is_, None)  # (a generator's frame per gradient showed in a small step)
 
 # after a measured bound fails (a huge state), the steps that do not measure again before trying
 UNPROVEN_BACKOFF = 16
@@ -1024,7 +1023,7 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
         steps = [s + (g is not None) for s, g in zip(session.tensor_steps or [session.step] * len(grads), grads)]
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
                                    session.states, step, fused, session.flat(), template and template.source(), steps, lr_scale,
-                                   None if session.schedule_state is None else _lr_of(session))
+                                   _lr_of(session))
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED

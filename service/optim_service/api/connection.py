@@ -218,8 +218,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return None
         body, cycle.body = bytes(cycle.body), bytearray()
         cycle.message_event.clear()
-        if self.flow.read_paused:
-            self.flow.resume_reading()
+        self.flow.resume_reading()
         return body
 
     # -- the connection --------------------------------------------------------------------------

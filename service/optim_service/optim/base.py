@@ -231,20 +231,14 @@ def adopt(param: np.ndarray, state: tuple, source: tuple | None) -> None:
 
 
 def flat_read(array: np.ndarray) -> np.ndarray:
-    """A 1-D, read-only view of current values a kernel reads (typed read-only whatever the array
-    is, so each kernel compiles once: see ``flat_input``)."""
+    """A 1-D, read-only view of values a kernel only reads (current values, a gradient), typed
+    read-only whatever the array is: numba compiles a kernel once per argument type, and
+    ``warm_kernels`` compiles the read-only one at start-up."""
     view = array if array.ndim == 1 else flat(array)
     if view.flags.writeable:  # a read-only array (the stored state, mostly) needs no view of its own
         view = view.view()
         view.flags.writeable = False
     return view
-
-
-def flat_input(array: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """A 1-D, contiguous array of ``like``'s dtype that a kernel only reads (a gradient), typed
-    read-only whatever it came from: numba compiles a kernel once per argument type, and
-    ``warm_kernels`` compiles the read-only one at start-up."""
-    return flat_read(np.ascontiguousarray(array, like.dtype))
 
 
 def piece(flat: np.ndarray, offset: int, size: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -277,7 +277,7 @@ def measure(algorithm, params: Sequence[np.ndarray], states: Sequence[tuple]) ->
 def warm_kernels() -> None:
     """Compile (or load from numba's cache) every kernel the registry names (``Optimizer.warm``) for
     both dtypes now, not on a first request. An update in place compiles what a step runs: every
-    array a kernel only reads goes in read-only (``flat_read``, ``flat_input``), whether or not it is
+    array a kernel only reads goes in read-only (``flat_read``, in ``kernels.apply``), whether or not it is
     the array written."""
     from .kernels import PARALLEL_MIN_ELEMENTS
 

@@ -135,7 +135,7 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
             a0 = state0[i]
             written.append(a if a.ndim == 1 else flat(a))
             read.append(a0 if a0.ndim == 1 and not a0.flags.writeable else flat_read(a0))
-    return (k.parallel if written[0].size >= PARALLEL_MIN_ELEMENTS else k.serial)(*written, *read, *scalars)  # (run's)
+    return run(k, *written, *read, *scalars)
 
 
 # max|x| over a float's bits as an unsigned integer with the sign masked off: finite magnitudes

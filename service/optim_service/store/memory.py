@@ -165,9 +165,9 @@ class MemoryStore:
         _settled(recent)
         return [*archive, *recent]
 
-    def _claim(self, session_id: str, claim: Claim | None) -> bool:
-        if claim is None:
-            return True
+    def _claim(self, session_id: str, claim: Claim) -> bool:
+        """Take ``claim`` with the write it comes with; False if its key is taken (a write without
+        one takes none: its callers ask only with a claim)."""
         if self._live_claim(session_id, claim.key) is not None:
             return False
         claims = self._claims.setdefault(session_id, OrderedDict())
@@ -184,7 +184,7 @@ class MemoryStore:
     async def put_round(self, session_id, round, expected_version, claim=None) -> bool:
         if self._live(session_id) is None or self._round_version(session_id) != expected_version:
             return False
-        if not self._claim(session_id, claim):
+        if claim is not None and not self._claim(session_id, claim):
             return False
         self._rounds[session_id] = round
         return True
