@@ -185,7 +185,7 @@ class Tensors(Sequence):
         return self._laid()[index]
 
     def __iter__(self):
-        return iter(self._items if self._items is not None else self._laid())
+        return iter(self._laid())
 
     def _laid(self) -> list:
         if self._items is None:

@@ -34,7 +34,7 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
     caller's to check (gradients may be non-finite under ``nan_policy: "skip"``), under
     ``np.errstate(over="ignore")``: a number too large for the dtype becomes inf, which that check names."""
     np_dtype = DTYPES[dtype]
-    if type(value) is np.ndarray:  # the JSON reader's: numbers only, rows regular
+    if isinstance(value, np.ndarray):  # jsonbody read it: numbers only, rows regular
         return value.astype(np_dtype, copy=False)
     if is_b64_tensor(value):
         shape = value["shape"]
@@ -67,8 +67,6 @@ def decode_tensor(value: Any, what: str, dtype: str) -> np.ndarray:
 
 
 def _from_lists(value: Any, what: str) -> np.ndarray:
-    if isinstance(value, np.ndarray):  # jsonbody read it: numbers only, rows regular
-        return value
     if isinstance(value, bool) or not isinstance(value, (list, int, float)):
         raise InvalidRequest(
             f"{what}: expected a number, nested lists of numbers, or {{\"shape\", \"b64\"}}; "

@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .base import flat, flat_read, reference
+from .base import flat, flat_read, read_from, reference
 
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this, waking the other cores costs more than it saves
 
@@ -122,19 +122,14 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
     """Run kernel ``k`` as every optimizer's does: written ``param`` and ``buffers`` (default: every
     buffer ``state`` holds; either way in field order), the gradient, the values read (``source``, or the same
     arrays for an update in place), then ``scalars``."""
-    param0, state0 = source if source is not None else (param, state)  # (read_from's, without its call)
-    # flat and flat_read inline where they would hand the array back (1-D; read-only when read): a
-    # call each showed in a small step
-    grad = np.ascontiguousarray(grad, param.dtype)
-    written = [param if param.ndim == 1 else flat(param),
-               grad if grad.ndim == 1 and not grad.flags.writeable else flat_read(grad)]
-    read = [param0 if param0.ndim == 1 and not param0.flags.writeable else flat_read(param0)]
+    param0, state0 = read_from(param, state, source)
+    written = [flat(param), flat_read(np.ascontiguousarray(grad, param.dtype))]  # (the gradient is only read)
+    read = [flat_read(param0)]
     fields = state._fields
     for i, a in enumerate(state):
         if a is not None and (buffers is None or fields[i] in buffers):
-            a0 = state0[i]
-            written.append(a if a.ndim == 1 else flat(a))
-            read.append(a0 if a0.ndim == 1 and not a0.flags.writeable else flat_read(a0))
+            written.append(flat(a))
+            read.append(flat_read(state0[i]))
     return run(k, *written, *read, *scalars)
 
 
