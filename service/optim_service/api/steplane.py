@@ -76,14 +76,7 @@ class StepLane:
                 reply = await handler(Request(scope, receive), exc)
             reply.raw_headers.append((b"x-request-id", request_id.encode()))
             status = reply.status_code
-            if type(reply) is StepReply:  # its two messages sent here: a coroutine less on the way out
-                try:
-                    await send({"type": "http.response.start", "status": status, "headers": reply.raw_headers})
-                    await send({"type": "http.response.body", "body": reply.body})
-                finally:
-                    reply.observe()
-            else:
-                await reply(scope, receive, send)
+            await reply(scope, receive, send)
         finally:
             request_done(self.metrics, scope, status, started)
             request_id_var.reset(token)
