@@ -12,7 +12,6 @@ import base64
 import dataclasses
 import logging
 import math
-import operator
 import os
 import secrets
 import sys
@@ -979,8 +978,6 @@ def _offloaded(box: list) -> None:
     box.append(_timed_advance(*box.pop()))
 
 
-_IS_NONE = partial(operator.is_, None)  # (a generator's frame per gradient showed in a small step)
-
 # after a measured bound fails (a huge state), the steps that do not measure again before trying
 UNPROVEN_BACKOFF = 16
 
@@ -1019,7 +1016,7 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
     or skipped, with the stored state unchanged (``"skip"``). Returns the gradient norm when clipping."""
     step = session.step + 1
     steps = None
-    if session.tensor_steps is not None or any(map(_IS_NONE, grads)):  # some tensors skip steps
+    if session.tensor_steps is not None or any(g is None for g in grads):  # some tensors skip steps
         steps = [s + (g is not None) for s, g in zip(session.tensor_steps or [session.step] * len(grads), grads)]
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
                                    session.states, step, fused, session.flat(), template and template.source(), steps, lr_scale,

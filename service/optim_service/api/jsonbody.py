@@ -76,7 +76,7 @@ def _loads_small(body: bytes, field: str) -> dict[str, Any] | None:
         tensors = out.get(field)
         if isinstance(tensors, list):
             out[field] = _numbers(tensors)
-        elif isinstance(tensors, dict) and not ("b64" in tensors and is_b64_tensor(tensors)):  # not one base64 tensor's "shape"
+        elif isinstance(tensors, dict) and not is_b64_tensor(tensors):  # not one base64 tensor's "shape"
             for name, tensor in tensors.items():
                 if isinstance(tensor, list):
                     tensors[name] = _numbers(tensor)

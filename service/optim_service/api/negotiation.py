@@ -195,9 +195,6 @@ def dry_run_asked(query: bytes) -> bool:
     return False
 
 
-CONTRIBUTION_HEADERS = frozenset({"optim-worker", "optim-weight", "optim-round", "optim-base-step"})
-
-
 def contribution_headers(headers) -> dict:
     """A push's worker, weight, round and base step from Optim-* headers (for bodies without fields)."""
     said = {}

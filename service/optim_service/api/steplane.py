@@ -34,8 +34,8 @@ from .connection import SINK
 from .codecs.dtypes import WIRE_DTYPE_HEADER
 from .codecs.octet_stream import decode_binary
 from .deps import Tenant, caller_of
-from .negotiation import (CONTRIBUTION_HEADERS, body_at_hand, contribution_headers, dry_run_asked, idempotency_key,
-                          if_match, parse_json, prefers_wait, read_body, require_content_type)
+from .negotiation import (body_at_hand, contribution_headers, dry_run_asked, idempotency_key, if_match, parse_json,
+                          prefers_wait, read_body, require_content_type)
 from .schemas import SharedMemoryStep
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
@@ -118,7 +118,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         memory = caller.sessions.binary_memory(caller.owner, session_id, int(length))
         sink = _sink_of(scope) if scope is not None else None
     wait = prefers_wait(headers["prefer"]) if "prefer" in headers else None
-    said = {} if CONTRIBUTION_HEADERS.isdisjoint(headers) else contribution_headers(headers)
+    said = contribution_headers(headers)
     # a raw body's digest is taken as it arrives, where the socket's pace leaves time (40 MB: 5 ms)
     hasher = body_hasher(ctype + _fields(said)) if key and ctype == BINARY else None
     limit = state.settings.max_body_bytes

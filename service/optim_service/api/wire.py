@@ -140,7 +140,7 @@ def decode_like(value: Any, layout: Layout, what: str, finite: bool = False,
         if not (isinstance(value, (list, np.ndarray)) or is_b64_tensor(value)):
             raise InvalidRequest(f"{what}: this session holds one unnamed tensor; send a JSON array")
     else:
-        if not isinstance(value, dict) or ("b64" in value and is_b64_tensor(value)):
+        if not isinstance(value, dict) or is_b64_tensor(value):
             raise InvalidRequest(f"{what}: this session holds named tensors; send an object {list(layout.names)}")
         if value.keys() != layout.name_set:
             missing = [n for n in layout.names if n not in value]
