@@ -6,6 +6,7 @@ reader still holds."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -459,3 +460,35 @@ def test_gradients_a_client_can_still_write_prove_nothing():
         assert (await service.step(None, session.id, grad)).in_place
     asyncio.run(scenario())
 
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding threads to cores needs two of them")
+@pytest.mark.parametrize("bind", ["default", "false"])
+def test_served_kernels_bind_their_team_only(bind):
+    """``optim-service serve`` binds OpenMP's teams (unless OMP_PROC_BIND says otherwise): the
+    kernel thread and its worker each keep to a core of their own, so a large update never runs both
+    on one; the event loop's thread, which starts its own team for mid-sized updates, keeps every CPU."""
+    import httpx
+
+    from conftest import ServerProcess
+
+    env = {"OMP_PROC_BIND": "false"} if bind == "false" else {}
+    server = ServerProcess("--store", "memory", env=env)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for n in (1 << 16, 1 << 20):  # on the event loop's team, then handed to the kernel thread's
+                sid = http.post("/v1/sessions", json={"params": {"w": [0.0] * n}, "optimizer": {"type": "adam"},
+                                                         "dtype": "float32"}).json()["id"]
+                answer = http.post(f"/v1/sessions/{sid}/step", content=np.ones(n, np.float32).tobytes(),
+                                   headers={"Content-Type": "application/octet-stream"})
+                assert answer.status_code == 200, answer.text
+        pid, everything = server.proc.pid, os.sched_getaffinity(0)
+        threads = {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    finally:
+        server.stop()
+    assert threads[pid] == everything  # the event loop
+    pinned = [cpus for cpus in threads.values() if len(cpus) == 1]
+    if bind == "false":
+        assert pinned == []
+    else:  # the kernel thread on one core, its worker on another
+        assert len(set().union(*pinned)) >= 2, threads

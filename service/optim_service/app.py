@@ -26,7 +26,7 @@ from .api.methods import HeadAsGet
 from .api.steplane import StepLane
 from .api.routers import metrics as metrics_router
 from .api.schemas import DOCUMENTED, CreateSession, RegionCreate, SharedMemoryStep, StepRequest
-from .optim.config import warm_kernels
+from .optim.config import warm_kernels, warm_team
 from .observability import MeteredStore, Metrics, RequestContextMiddleware
 from .ratelimit import Unlimited, open_limiter
 from .sessions import KERNEL_THREAD, SessionService
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # on the thread that runs large updates, so that its thread team exists before a step
             await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, warm_kernels)
             await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, history.warm)
+            warm_team()  # this thread's, for the updates too small to hand over
             logger.info("kernels ready in %.1f s", time.perf_counter() - started)
         store = open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes,
                            settings.store_timeout_seconds, settings.redis_wait_replicas)

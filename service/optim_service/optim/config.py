@@ -7,6 +7,7 @@ can be rebuilt anywhere. ``apply_step`` is the whole per-step pipeline: clip, sc
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
@@ -291,3 +292,15 @@ def warm_kernels() -> None:
                     algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)
         for size in (1, PARALLEL_MIN_ELEMENTS):  # what an update in place measures the state with
             max_abs(np.zeros(size, dtype))
+
+
+def warm_team() -> None:
+    """Start the calling thread's OpenMP team now (a thread's first parallel kernel does), then give the
+    thread back the CPUs it had. Bound (``OMP_PROC_BIND``, which ``optim-service serve`` sets), libgomp
+    pins a team's primary thread to one core for good: right for the kernel thread, whose worker it
+    keeps off that core, but not for the event loop, which runs the steps too small to hand over."""
+    from .kernels import PARALLEL_MIN_ELEMENTS
+
+    cpus = os.sched_getaffinity(0)
+    max_abs(np.zeros(PARALLEL_MIN_ELEMENTS, np.float32))
+    os.sched_setaffinity(0, cpus)
