@@ -444,24 +444,6 @@ def test_any_run_of_steps_stores_and_refuses_the_same_in_place_or_not(optimizer,
     assert all(a == b for (_, a), (_, b) in zip(with_, without))
 
 
-def test_gradients_a_client_can_still_write_prove_nothing():
-    """Gradients in a mapped shared-memory region are the client's memory while the step runs: a
-    max|g| taken before the update may not hold during it. Such a step never goes in place and
-    carries no maxima; the next step from server-owned memory measures them again."""
-    async def scenario():
-        service = _service()
-        session, grad = await _stepped(service, 2)
-        result = await service.step(None, session.id, grad)
-        assert result.in_place and result.session.top is not None
-        del result
-        result = await service.step(None, session.id, grad, volatile=True)
-        assert not result.in_place and result.session.top is None
-        del result
-        assert (await service.step(None, session.id, grad)).in_place
-    asyncio.run(scenario())
-
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding threads to cores needs two of them")
 @pytest.mark.parametrize("bind", ["default", "false"])
 def test_served_kernels_bind_their_team_only(bind):

@@ -409,6 +409,69 @@ async def test_a_sealed_memfd_is_mapped_and_steps_as_the_binary_body(client, tmp
         os.close(plain)
 
 
+async def test_gradients_in_a_mapped_region_are_copied_so_the_step_may_go_in_place(tmp_path):
+    """A sealed memfd's gradients are read into the server's memory before the step: what the client
+    writes into its region afterwards changes nothing of the step, so the step's checks and its
+    bound hold for what the update reads, and it updates in place as a binary step does, bit for bit."""
+    import fcntl
+    import mmap
+
+    from optim_service import shm
+
+    fd, key = sealed_memfd(72, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    app, lifespan, client = await serve(tmp_path, shm=True, in_place_min_bytes=0)
+    try:
+        view = np.frombuffer(mmap.mmap(fd, 72), np.float32)
+        regions = shm.Regions(Path("/dev/shm"), True, 4)
+        regions.register(None, "g", key, 0, 36)
+        view[:9] = 1.5
+        read = shm.read(regions.span(None, {"region": "g"}, None, "gradients"), None, 1 << 20)
+        view[:9] = np.nan  # the client's next gradients, written while its step would run
+        assert np.frombuffer(read, np.float32).tolist() == [1.5] * 9
+        regions.close()
+
+        start = np.arange(9, dtype=np.float32)
+        wire, shared = await session(client, start), await session(client, start)
+        for name, offset in (("g", 0), ("p", 36)):
+            made = await client.post("/v1/shm/regions", json={"name": name, "key": key, "offset": offset,
+                                                              "byte_size": 36})
+            assert made.status_code == 201, made.text
+        in_place, went = app.state.metrics.in_place._value, []
+        for t in range(4):
+            grads = np.linspace(-1, 1, 9, dtype=np.float32) * (t + 1)
+            view[:9] = grads
+            by_wire = await client.post(f"/v1/sessions/{wire}/step", content=grads.tobytes(), headers={
+                "Content-Type": "application/octet-stream", "Accept": "application/octet-stream"})
+            before = in_place.get()
+            answer = await client.post(f"/v1/sessions/{shared}/step", json={
+                "gradients": {"region": "g"}, "params": {"region": "p"}}, headers={"Content-Type": SHM})
+            assert answer.status_code == 200, answer.text
+            assert view[9:].tobytes() == by_wire.content
+            went.append(in_place.get() - before)
+        assert went == [0, 1, 1, 1]  # every step but the first, which measures the maxima
+    finally:
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("extra", [-1, 0, 7, 1 << 20])
+def test_the_sdks_copy_in_pieces_is_numpys(dtype, extra):
+    """The SDK copies large arrays into and out of its regions on several threads: the same values as
+    np.copyto, a float64 gradient cast into a float32 region as numpy casts it, at and around the size
+    where it starts to split them."""
+    from optim_client._shm import PARALLEL_COPY_BYTES, copyto
+
+    n = PARALLEL_COPY_BYTES // np.dtype(dtype).itemsize + extra
+    src = np.random.default_rng(extra + 2).standard_normal(n)
+    for source in (src.astype(dtype), src):
+        dst, expected = np.full(n, np.nan, dtype), np.empty(n, dtype)
+        copyto(dst, source)
+        np.copyto(expected, source, casting="same_kind")
+        assert dst.tobytes() == expected.tobytes()
+
+
 @pytest.fixture(scope="module")
 def shm_app():
     """A running app with regions on (sync client), a float32 session of 9 parameters, and two

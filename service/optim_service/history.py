@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 import orjson
-from numba import njit
+from numba import njit, prange
 
-from .optim.kernels import magnitude, magnitude_bits, magnitude_mask
+from .optim.kernels import PARALLEL_MIN_ELEMENTS, compiled, magnitude, magnitude_bits, magnitude_mask, run
 
 SAMPLE = 4096  # parameters sampled for the ratios and the sketch, across all tensors
 SKETCH = 16  # numbers in the update's direction sketch
@@ -105,31 +105,35 @@ def _measure(old, new, grads, stride, samples, starts, sums):
 def warm() -> None:
     """Compile (or load) the compiled passes for both dtypes, at start-up rather than on a first step."""
     for dtype in (np.float32, np.float64):
-        grad_norm([np.ones(2, dtype)])
-        grad_norm_and_max([np.ones(2, dtype)])
+        for size in (2, PARALLEL_MIN_ELEMENTS):  # the serial and the parallel build
+            grad_norm([np.ones(size, dtype)])
+            grad_norm_and_max([np.ones(size, dtype)])
         entry(1, np.zeros(2, dtype), np.ones(2, dtype), (1, 1), loss=None, lrs=[0.1], norm=None,
               clip=None, worker=None, skipped=False, grads=np.ones(2, dtype))
 
 
-@njit(cache=True, nogil=True, fastmath=SUMS)
 def _sum_of_squares(x) -> float:
     total = 0.0
-    for i in range(x.size):
+    for i in prange(x.size):
         v = np.float64(x[i])
         total += v * v
     return total
 
 
-@njit(cache=True, nogil=True, fastmath=SUMS)
 def _squares_and_top(x, bits, mask):
     """Σx² and the largest magnitude as bits (``kernels.magnitude_bits``), in one pass: an integer max
     vectorises beside the sum where a float one did not (13 ms over 10M, against 3.9)."""
     total, top = 0.0, bits.dtype.type(0)
-    for i in range(x.size):
+    for i in prange(x.size):
         v = np.float64(x[i])
         total += v * v
         top = max(top, bits[i] & mask)
     return total, top
+
+
+# on every core for a large run, as the update: one core does not saturate the memory bus (10M
+# float32 1.4 → 0.8 ms for both)
+_SUM_OF_SQUARES, _SQUARES_AND_TOP = compiled(_sum_of_squares, fastmath=SUMS), compiled(_squares_and_top, fastmath=SUMS)
 
 
 def grad_norm_and_max(grads) -> tuple[float, float]:
@@ -138,7 +142,7 @@ def grad_norm_and_max(grads) -> tuple[float, float]:
     total, top = 0.0, 0.0
     for g in ([whole] if (whole := one_run(grads)) is not None else [g for g in grads if g is not None]):
         bits = magnitude_bits(g)
-        squares, most = _squares_and_top(g.reshape(-1), bits, magnitude_mask(bits))
+        squares, most = run(_SQUARES_AND_TOP, g.reshape(-1), bits, magnitude_mask(bits))
         total, top = total + squares, max(top, magnitude(most, g.dtype))
     return math.sqrt(total), top
 
@@ -156,8 +160,8 @@ def grad_norm(grads) -> float:
     """The L2 norm over every gradient (torch's clip_grad_norm_ total), before clipping."""
     whole = one_run(grads)
     if whole is not None:
-        return math.sqrt(_sum_of_squares(whole))
-    return math.sqrt(sum(_sum_of_squares(g.reshape(-1)) for g in grads if g is not None))
+        return math.sqrt(run(_SUM_OF_SQUARES, whole))
+    return math.sqrt(sum(run(_SUM_OF_SQUARES, g.reshape(-1)) for g in grads if g is not None))
 
 
 # A line is packed, not JSON: building a JSON document in the step (a dict, round(), orjson) cost

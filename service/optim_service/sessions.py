@@ -366,7 +366,6 @@ class SessionService:
         memory: np.ndarray | None = None,  # from binary_memory, holding the body that ``decode`` reads
         contribution: Contribution = Contribution(),
         dry_run: bool = False,
-        volatile: bool = False,  # the gradients lie in memory a client can still write (a mapped region)
         settle_later: bool = False,
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
@@ -408,13 +407,11 @@ class SessionService:
                 if aggregation.mode == "async":
                     tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
                 args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
-                # gradients a client can change between the proof and the update prove nothing
-                provable = not volatile and self._provable(template)
+                provable = self._provable(template)
                 if provable and template.id not in self._dry_runs and template.alone(record):
                     result = await self._in_place(*args)
                 else:  # a proof still carries the maxima to the next step, which may then go in place
-                    # (gradients in a client's memory are measured by the line before the answer: after, they may change)
-                    result = await self._apply(*args, bound=provable, settle_later=settle_later and not volatile)
+                    result = await self._apply(*args, bound=provable, settle_later=settle_later)
                 if result is not None:
                     return result
             raise StepConflict(

@@ -6,8 +6,9 @@ of sending the bytes through a socket.
 A file of ``/dev/shm`` is read and written with ``pread``/``pwrite`` on a descriptor opened at
 registration, never mapped: a client that shrinks its file under a mapping would crash the server
 (SIGBUS), while a short read is a 422. A memfd sealed against shrinking (``F_SEAL_SHRINK``), named
-``/proc/<pid>/fd/<n>`` by the process that holds it, cannot shrink: it is mapped, the update reads
-the gradients where the client wrote them, and the params are copied straight in. Regions belong
+``/proc/<pid>/fd/<n>`` by the process that holds it, cannot shrink: it is mapped, and the gradients
+and params are copied with plain loads and stores, on every core. The gradients are always copied
+before the step, so the client cannot change them under its checks. Regions belong
 to the API key that registered them, live in this process (hence one worker), and are closed by
 unregistering or when the server stops.
 """
@@ -26,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import FeatureOff, InvalidRequest, RegionExists, RegionNotFound, TooManyRegions
+from .optim.kernels import copy
 
 KEY = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # one name in the directory: no path, no dotfile
 SEALED = re.compile(r"/proc/[1-9][0-9]{0,9}/fd/[0-9]{1,10}")  # a memfd, by its holder's descriptor
@@ -167,20 +169,21 @@ class Regions:
         return span
 
 
-def read(span: Span, into: np.ndarray | None, limit: int) -> tuple[memoryview, bool]:
-    """A checked span's bytes, and whether they were copied: read into ``into`` (uint8, long enough)
-    or fresh memory, or where they lie in a sealed region's mapping."""
+def read(span: Span, into: np.ndarray | None, limit: int) -> memoryview:
+    """A checked span's bytes, read into ``into`` (uint8, long enough) or fresh memory: a copy the
+    client cannot change, so that what a check or a proof read before the update is what it reads."""
     region, size = span.region, span.size
     if size > limit:
         raise InvalidRequest(f"gradients: {size} bytes, over this server's limit of {limit} per step")
-    if region.mapping is not None:
-        return memoryview(region.mapping)[span.start:span.start + size], False
     buffer = memoryview(into)[:size] if into is not None and len(into) >= size else memoryview(bytearray(size))
+    if region.mapping is not None:
+        copy(np.frombuffer(buffer, np.uint8), np.frombuffer(region.mapping, np.uint8, size, span.start))
+        return buffer
     got = os.preadv(region.fd, [buffer], span.start)
     if got != size:  # shrunk between the check and the read
         raise InvalidRequest(f"gradients: region {region.name!r} gave {got} of {size} bytes (its file was "
                              "shrunk); nothing was changed")
-    return buffer, True
+    return buffer
 
 
 def write(span: Span, data) -> None:
@@ -190,7 +193,7 @@ def write(span: Span, data) -> None:
     data = memoryview(data).cast("B")
     region = span.region
     if region.mapping is not None:
-        memoryview(region.mapping)[span.start:span.start + len(data)] = data
+        copy(np.frombuffer(region.mapping, np.uint8, len(data), span.start), np.frombuffer(data, np.uint8))
     elif os.pwritev(region.fd, [data], span.start) != len(data):
         raise OSError(errno.EIO, "a short write")
 

@@ -125,9 +125,8 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     body = body_at_hand(scope, limit) if scope is not None and memory is None and hasher is None else None
     if body is None:
         body = await read_body(length, receive, limit, into=memory, sink=sink, hasher=hasher)
-    volatile = False  # the gradients lie in memory a client can still write
     if ctype == SHARED_MEMORY:
-        request, into_region, memory, volatile = read_shared_step(body, caller, session_id, state)
+        request, into_region, memory = read_shared_step(body, caller, session_id, state)
     else:
         request, into_region = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth), None
     said.update(request.contribution)  # the body's own fields win over headers
@@ -138,7 +137,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
                                         if_match=expected, idempotency=idempotency, memory=memory,
                                         contribution=Contribution(**said) if said else Contribution(),
-                                        dry_run=dry_run, volatile=volatile, settle_later=True)
+                                        dry_run=dry_run, settle_later=True)
     try:
         if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
             result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
@@ -186,26 +185,19 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     """A step whose gradients lie in a registered region: they are read (into the step's working
     copy where the binary path would read its body) before anything else, and the region its answer
     should go into is checked now, so that a bad one refuses the step rather than lose its answer.
-    Returns the step's body, where its answer goes (None: in the body), the memory the gradients
-    were read into (None: their own) and whether they stay in the client's memory (mapped, not
-    copied: what the update reads may differ from what a check before it read)."""
+    Returns the step's body, where its answer goes (None: in the body) and the memory the gradients
+    were read into (None: fresh)."""
     req = parse_json(body, SharedMemoryStep, "gradients", state.settings.max_json_depth)
     regions, owner = state.regions, caller.owner
     span = regions.span(owner, req.gradients.model_dump(), None, "gradients")
     into = None  # the params take as many bytes as the gradients
     if req.params is not None:
         into = regions.span(owner, req.params.model_dump(), span.size, "params")
-    memory = None if span.region.mapping is not None else caller.sessions.binary_memory(owner, session_id, span.size)
-    grads, copied = shm.read(span, memory, state.settings.max_body_bytes)
-
-    def decode(session):
-        # a round checks a contribution, then adds it: from the client's live memory, it could change between
-        own = copied or session.config.aggregation.mode != "sync"
-        return decode_binary(grads if own else bytes(grads), session.layout)
-
+    memory = caller.sessions.binary_memory(owner, session_id, span.size)
+    grads = shm.read(span, memory, state.settings.max_body_bytes)
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
-    step = StepBody(decode, req.loss, {}, said)
-    return step, into, memory, not copied
+    step = StepBody(lambda session: decode_binary(grads, session.layout), req.loss, {}, said)
+    return step, into, memory
 
 
 def _sink_of(scope):

@@ -280,7 +280,7 @@ def warm_kernels() -> None:
     both dtypes now, not on a first request. An update in place compiles what a step runs: every
     array a kernel only reads goes in read-only (``flat_read``, in ``kernels.apply``), whether or not it is
     the array written."""
-    from .kernels import PARALLEL_MIN_ELEMENTS
+    from .kernels import PARALLEL_MIN_BYTES, PARALLEL_MIN_ELEMENTS, copy
 
     for dtype in (np.float32, np.float64):
         for name, algorithm in OPTIMIZERS.items():
@@ -292,6 +292,7 @@ def warm_kernels() -> None:
                     algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)
         for size in (1, PARALLEL_MIN_ELEMENTS):  # what an update in place measures the state with
             max_abs(np.zeros(size, dtype))
+    copy(np.zeros(PARALLEL_MIN_BYTES, np.uint8), np.zeros(PARALLEL_MIN_BYTES, np.uint8))  # a shm step's
 
 
 def warm_team() -> None:

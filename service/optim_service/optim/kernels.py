@@ -98,10 +98,15 @@ _OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
 KERNELS: dict[str, Kernel] = {}  # every kernel by its module and name, for start-up checks
 
 
+def compiled(fn, **options) -> Kernel:
+    """``fn`` (its loop a ``prange``) compiled twice: on every core, and serially for small arrays."""
+    options = _OPTIONS | options
+    return Kernel(njit(parallel=True, **options)(fn), njit(**options)(_serial_twin(fn)))
+
+
 def kernel(fn) -> Kernel:
-    """Compile ``fn`` (its loop a ``prange``) twice: on every core, and serially for small tensors."""
-    built = KERNELS[f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"] = Kernel(
-        njit(parallel=True, **_OPTIONS)(fn), njit(**_OPTIONS)(_serial_twin(fn)))
+    """An optimizer's kernel, ``compiled`` and registered."""
+    built = KERNELS[f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"] = compiled(fn)
     return built
 
 
@@ -143,7 +148,7 @@ def _top_bits(bits, mask):
     return top
 
 
-_TOP_BITS = Kernel(njit(parallel=True, **_OPTIONS)(_top_bits), njit(**_OPTIONS)(_serial_twin(_top_bits)))
+_TOP_BITS = compiled(_top_bits)
 _BITS = {np.dtype(np.float32): (np.uint32, np.float32), np.dtype(np.float64): (np.uint64, np.float64)}
 _MASKS = {unsigned: unsigned(np.iinfo(unsigned).max >> 1) for unsigned, _ in _BITS.values()}
 
@@ -175,6 +180,24 @@ def magnitude(top: int, dtype) -> float:
 def max_abs(x: np.ndarray) -> float:
     """max|x| in one pass; inf when any element is NaN or ±Inf."""
     return magnitude(top_bits(magnitude_bits(x)), x.dtype)
+
+
+def _copy(dst, src):
+    for i in prange(dst.size):
+        dst[i] = src[i]
+
+
+_COPY = compiled(_copy)
+PARALLEL_MIN_BYTES = 1 << 20  # a smaller copy is faster as numpy's one memcpy than on a woken team
+
+
+def copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:] = src`` for two 1-D arrays of one dtype: on every core when large (one core cannot
+    saturate the memory bus: 10M float32 3.4 → 2.3 ms on 2 cores), else numpy's copy."""
+    if dst.nbytes < PARALLEL_MIN_BYTES:
+        np.copyto(dst, src)
+    else:
+        _COPY.parallel(dst, src)
 
 
 def run(k: Kernel, p: np.ndarray, *args) -> int:
