@@ -474,3 +474,38 @@ def test_served_kernels_bind_their_team_only(bind):
         assert pinned == []
     else:  # the kernel thread on one core, its worker on another
         assert len(set().union(*pinned)) >= 2, threads
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_a_large_steps_passes_run_on_the_kernel_thread(monkeypatch, offload):
+    """A step large enough to leave the event loop (``thread_offload_elements``) takes its gradient
+    norm and max|g| on the kernel thread too, just before its update there, so the event loop waits
+    on none of its passes; a smaller step takes them where it runs."""
+    import threading
+
+    from optim_service import history
+
+    threads, measure = [], history.grad_norm_and_max
+
+    def watched(grads):
+        threads.append(threading.current_thread().name)
+        return measure(grads)
+
+    monkeypatch.setattr(history, "grad_norm_and_max", watched)
+
+    async def scenario():
+        service = _service(thread_offload_elements=1000 if offload else 1 << 30)
+        session, _ = await _stepped(service, 2)
+        for _ in range(3):
+            memory = service.binary_memory(None, session.id, 3500 * 4)
+            assert memory is not None
+            memory[:14000] = np.ones(3500, np.float32).view(np.uint8)  # a binary body read into it
+            result = await service.step(None, session.id, lambda s, m=memory: decode_binary(m[:14000], s.layout),
+                                        memory=memory)
+            assert result.in_place
+            del result
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(scenario())
+    assert len(threads) == 3
+    assert all(name.startswith("optim-kernels") if offload else name == loop_thread for name in threads), threads

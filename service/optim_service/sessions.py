@@ -602,21 +602,15 @@ class SessionService:
         # the line's pass takes the norm of one run of gradients after the update, unless the update
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
         whole = history.one_run(grads) if keep and memory is None and not clipping else None
-        norm = grad_max = None
-        if keep and whole is None and (memory is not None or not clipping):
-            if bound:  # the same pass takes max|g|, which the proof needs
-                norm, grad_max = history.grad_norm_and_max(grads)
-            else:
-                norm = history.grad_norm(grads)
-        args = (template, memory, grads, self.settings.fused_kernels, lr_scale, bound, in_place, grad_max,
+        early = keep and whole is None and (memory is not None or not clipping)  # the norm, before the update
+        args = (template, memory, grads, self.settings.fused_kernels, lr_scale, bound, in_place,
                 template.layout.sizes if keep else None)
         try:
             if sum(template.layout.sizes) < self.settings.thread_offload_elements:
-                session, grad_norm, compute_ms, old = _timed_advance(*args)
+                norm, grad_max = _measured(grads, bound) if early else (None, None)
+                session, grad_norm, compute_ms, old = _timed_advance(*args, grad_max)
             else:  # off the event loop, so that it keeps serving small steps meanwhile
-                box = [args]
-                await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, _offloaded, box)
-                session, grad_norm, compute_ms, old = box.pop()
+                norm, (session, grad_norm, compute_ms, old) = await on_kernel_thread(_measured_advance, early, args)
         except ScheduleOverflow as e:
             raise InvalidRequest(
                 f"{e}; nothing was changed. This session cannot step past step {template.step}: resume its "
@@ -938,7 +932,7 @@ def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
 
 
 def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: float, bound: bool, in_place: bool,
-                   grad_max: float | None, sizes) -> tuple[Session, object, float, np.ndarray | None]:
+                   sizes, grad_max: float | None) -> tuple[Session, object, float, np.ndarray | None]:
     """The step ``template`` takes (``_advance``) and its time in ms, taken where it runs: Server-Timing's
     compute is the update (with the proof that it may go in place), not also its wait behind other
     sessions' updates on the kernel thread (that is latency). It writes a working copy (in
@@ -968,11 +962,30 @@ def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: floa
     return session, result, (time.perf_counter() - started) * 1e3, old
 
 
-def _offloaded(box: list) -> None:
-    """``_timed_advance`` on the arguments in ``box``, its result left there: the executor's work item,
-    which its thread may hold a moment after the result is in, then holds no session's memory (a
-    step in place checks that nothing else does: ``Session.alone``)."""
-    box.append(_timed_advance(*box.pop()))
+def _measured(grads, bound: bool) -> tuple[float, float | None]:
+    """The line's gradient norm, taken before the update, and with a proof to make max|g| too (one pass)."""
+    return history.grad_norm_and_max(grads) if bound else (history.grad_norm(grads), None)
+
+
+def _measured_advance(early: bool, args: tuple) -> tuple[float | None, tuple]:
+    """``_timed_advance``, after ``_measured`` if ``early``: a large step's passes, all on the kernel thread."""
+    norm, grad_max = _measured(args[2], args[5]) if early else (None, None)
+    return norm, _timed_advance(*args, grad_max)
+
+
+async def on_kernel_thread(fn, *args):
+    """``fn(*args)`` on the kernel thread, off the event loop and on that thread's team of cores. The
+    arguments go in a box the call empties: the executor's work item, which its thread may hold a
+    moment after the result is in, then holds no session's memory (a step in place checks that
+    nothing else does: ``Session.alone``)."""
+    box = [(fn, args)]
+    await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, _call_boxed, box)
+    return box.pop()
+
+
+def _call_boxed(box: list) -> None:
+    fn, args = box.pop()
+    box.append(fn(*args))
 
 
 # after a measured bound fails (a huge state), the steps that do not measure again before trying

@@ -25,7 +25,7 @@ from starlette.responses import Response
 import orjson
 
 from ..rounds import Contribution
-from ..sessions import StepResult, body_digest, body_hasher, digest_of
+from ..sessions import StepResult, body_digest, body_hasher, digest_of, on_kernel_thread
 from .. import shm
 from ..errors import AnswerUndelivered
 from ..observability import request_done, request_id_of, request_id_var
@@ -126,7 +126,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     if body is None:
         body = await read_body(length, receive, limit, into=memory, sink=sink, hasher=hasher)
     if ctype == SHARED_MEMORY:
-        request, into_region, memory = read_shared_step(body, caller, session_id, state)
+        request, into_region, memory = await read_shared_step(body, caller, session_id, state)
     else:
         request, into_region = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth), None
     said.update(request.contribution)  # the body's own fields win over headers
@@ -162,7 +162,10 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
             extra["round"] = result.round
         if into_region is not None:  # the params into the client's region, and only where they went in the body
             try:
-                shm.write(into_region, session.params_bytes())
+                if _large(into_region.size, state):
+                    await on_kernel_thread(shm.write, into_region, session.params_bytes())
+                else:
+                    shm.write(into_region, session.params_bytes())
             except OSError as e:  # e.g. /dev/shm full: the step stands, its answer can be asked again
                 raise AnswerUndelivered(
                     f"step {session.step} was applied, but its params could not be written into region "
@@ -181,7 +184,12 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         raise
 
 
-def read_shared_step(body, caller: Tenant, session_id: str, state: State):
+def _large(nbytes: int, state: State) -> bool:
+    """Whether a copy of ``nbytes`` goes to the kernel thread, as an update of as many float32s would."""
+    return nbytes >= 4 * state.settings.thread_offload_elements
+
+
+async def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     """A step whose gradients lie in a registered region: they are read (into the step's working
     copy where the binary path would read its body) before anything else, and the region its answer
     should go into is checked now, so that a bad one refuses the step rather than lose its answer.
@@ -194,7 +202,9 @@ def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     if req.params is not None:
         into = regions.span(owner, req.params.model_dump(), span.size, "params")
     memory = caller.sessions.binary_memory(owner, session_id, span.size)
-    grads = shm.read(span, memory, state.settings.max_body_bytes)
+    limit = state.settings.max_body_bytes
+    grads = await on_kernel_thread(shm.read, span, memory, limit) if _large(span.size, state) else shm.read(
+        span, memory, limit)
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
     step = StepBody(lambda session: decode_binary(grads, session.layout), req.loss, {}, said)
     return step, into, memory
