@@ -131,8 +131,8 @@ def _squares_and_top(x, bits, mask):
     return total, top
 
 
-# on every core for a large run, as the update: one core does not saturate the memory bus (10M
-# float32 1.4 → 0.8 ms for both)
+# on every core for a large run, as the update: one core does not saturate the memory bus (Σx² and
+# max|x| of 10M float32: 1.4 → 0.8 ms)
 _SUM_OF_SQUARES, _SQUARES_AND_TOP = compiled(_sum_of_squares, fastmath=SUMS), compiled(_squares_and_top, fastmath=SUMS)
 
 

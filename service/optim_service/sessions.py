@@ -603,14 +603,13 @@ class SessionService:
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
         whole = history.one_run(grads) if keep and memory is None and not clipping else None
         early = keep and whole is None and (memory is not None or not clipping)  # the norm, before the update
-        args = (template, memory, grads, self.settings.fused_kernels, lr_scale, bound, in_place,
+        args = (early, template, memory, grads, self.settings.fused_kernels, lr_scale, bound, in_place,
                 template.layout.sizes if keep else None)
         try:
             if sum(template.layout.sizes) < self.settings.thread_offload_elements:
-                norm, grad_max = _measured(grads, bound) if early else (None, None)
-                session, grad_norm, compute_ms, old = _timed_advance(*args, grad_max)
+                norm, (session, grad_norm, compute_ms, old) = _measured_advance(*args)
             else:  # off the event loop, so that it keeps serving small steps meanwhile
-                norm, (session, grad_norm, compute_ms, old) = await on_kernel_thread(_measured_advance, early, args)
+                norm, (session, grad_norm, compute_ms, old) = await on_kernel_thread(_measured_advance, *args)
         except ScheduleOverflow as e:
             raise InvalidRequest(
                 f"{e}; nothing was changed. This session cannot step past step {template.step}: resume its "
@@ -932,7 +931,7 @@ def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
 
 
 def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: float, bound: bool, in_place: bool,
-                   sizes, grad_max: float | None) -> tuple[Session, object, float, np.ndarray | None]:
+                   grad_max: float | None, sizes) -> tuple[Session, object, float, np.ndarray | None]:
     """The step ``template`` takes (``_advance``) and its time in ms, taken where it runs: Server-Timing's
     compute is the update (with the proof that it may go in place), not also its wait behind other
     sessions' updates on the kernel thread (that is latency). It writes a working copy (in
@@ -962,15 +961,14 @@ def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: floa
     return session, result, (time.perf_counter() - started) * 1e3, old
 
 
-def _measured(grads, bound: bool) -> tuple[float, float | None]:
-    """The line's gradient norm, taken before the update, and with a proof to make max|g| too (one pass)."""
-    return history.grad_norm_and_max(grads) if bound else (history.grad_norm(grads), None)
-
-
-def _measured_advance(early: bool, args: tuple) -> tuple[float | None, tuple]:
-    """``_timed_advance``, after ``_measured`` if ``early``: a large step's passes, all on the kernel thread."""
-    norm, grad_max = _measured(args[2], args[5]) if early else (None, None)
-    return norm, _timed_advance(*args, grad_max)
+def _measured_advance(early: bool, template: Session, memory, grads, fused: bool, lr_scale: float, bound: bool,
+                      in_place: bool, sizes) -> tuple[float | None, tuple]:
+    """``_timed_advance``, after the line's gradient norm when ``early`` (with max|g| for a proof, in the
+    same pass): where a step's update runs, its passes over the gradients run too."""
+    norm = grad_max = None
+    if early:
+        norm, grad_max = history.grad_norm_and_max(grads) if bound else (history.grad_norm(grads), None)
+    return norm, _timed_advance(template, memory, grads, fused, lr_scale, bound, in_place, grad_max, sizes)
 
 
 async def on_kernel_thread(fn, *args):

@@ -162,10 +162,7 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
             extra["round"] = result.round
         if into_region is not None:  # the params into the client's region, and only where they went in the body
             try:
-                if _large(into_region.size, state):
-                    await on_kernel_thread(shm.write, into_region, session.params_bytes())
-                else:
-                    shm.write(into_region, session.params_bytes())
+                await _copying(into_region.size, state, shm.write, into_region, session.params_bytes())
             except OSError as e:  # e.g. /dev/shm full: the step stands, its answer can be asked again
                 raise AnswerUndelivered(
                     f"step {session.step} was applied, but its params could not be written into region "
@@ -184,9 +181,12 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
         raise
 
 
-def _large(nbytes: int, state: State) -> bool:
-    """Whether a copy of ``nbytes`` goes to the kernel thread, as an update of as many float32s would."""
-    return nbytes >= 4 * state.settings.thread_offload_elements
+async def _copying(nbytes: int, state: State, copy: Callable, *args):
+    """``copy(*args)``, which moves ``nbytes``: on the kernel thread where an update of as many float32s
+    would go, off the event loop."""
+    if nbytes >= 4 * state.settings.thread_offload_elements:
+        return await on_kernel_thread(copy, *args)
+    return copy(*args)
 
 
 async def read_shared_step(body, caller: Tenant, session_id: str, state: State):
@@ -202,9 +202,7 @@ async def read_shared_step(body, caller: Tenant, session_id: str, state: State):
     if req.params is not None:
         into = regions.span(owner, req.params.model_dump(), span.size, "params")
     memory = caller.sessions.binary_memory(owner, session_id, span.size)
-    limit = state.settings.max_body_bytes
-    grads = await on_kernel_thread(shm.read, span, memory, limit) if _large(span.size, state) else shm.read(
-        span, memory, limit)
+    grads = await _copying(span.size, state, shm.read, span, memory, state.settings.max_body_bytes)
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
     step = StepBody(lambda session: decode_binary(grads, session.layout), req.loss, {}, said)
     return step, into, memory
