@@ -291,23 +291,56 @@ def test_gradients_in_the_shared_buffers_and_params_as_views_need_no_copies(serv
         assert plain.create_session(start, "adam").shared_buffers() is None  # over the wire
 
 
-def test_params_copied_out_of_the_region_reuse_memory_no_array_views(server_with_regions):
-    """``step(grads)`` copies the params out of the region into memory of an earlier answer that
-    nothing views any more, never into one the caller keeps."""
-    from optim_client import OptimClient
+@pytest.mark.parametrize("sealing", [True, False])
+def test_answers_are_regions_nothing_writes_while_they_are_viewed(server_with_regions, sealing, monkeypatch):
+    """``step(grads)`` has the server write the params into an answer region no array views any more
+    (two at most, registered on first need) and answers its views, with no copy: an answer the caller
+    keeps is never written over. With both still viewed, or over /dev/shm files (whose views cannot be
+    told), the params are copied out of the params region into memory of an earlier answer nothing views."""
+    import mmap
+
+    from optim_client import OptimClient, _shm
+
+    monkeypatch.setattr(_shm, "SEALING", sealing)
+
+    def mapped(array: np.ndarray) -> bool:  # a view of a mapped region, not memory of its own
+        while isinstance(array, np.ndarray) and array.base is not None:
+            array = array.base
+        return isinstance(array, memoryview) and isinstance(array.obj, mmap.mmap)
 
     grad = np.ones(1000, np.float32)
     with OptimClient(server_with_regions.url, shared_memory=True) as client:
         session = client.create_session(np.zeros(1000, np.float32), "sgd", lr=1.0)
         kept = [session.step(grad) for _ in range(3)]
-        assert [a[0] for a in kept] == [-1, -2, -3]  # each as it came, though the region moved on
+        assert [a[0] for a in kept] == [-1, -2, -3]  # each as it came, though the regions moved on
+        assert [mapped(a) for a in kept] == [sealing, sealing, False]  # the third, copied
         del kept
         seen = []
         for k in range(4, 10):
             out = session.step(grad)
-            assert out[0] == -k
+            assert out[0] == -k and mapped(out) == sealing
             seen.append(out.__array_interface__["data"][0])
-        assert len(set(seen[1:])) == 2 and seen[1] == seen[3] == seen[5], seen
+        assert len(set(seen[1:])) == 2 and seen[1] == seen[3] == seen[5], seen  # two regions (or buffers), in turn
+        registered = httpx.get(f"{server_with_regions.url}/v1/shm/regions").json()
+        assert len(registered) == (4 if sealing else 2)  # g, p and two answers
+
+
+def test_answers_fall_back_to_a_copy_at_the_servers_cap_of_regions():
+    """A server that lets a key hold only one answer region more: the SDK registers it, is refused
+    the second, asks no more, and copies the answers it cannot write into a free region."""
+    from optim_client import OptimClient
+
+    server = ServerProcess("--store", "memory", env={"OPTIM_SHM": "true", "OPTIM_SHM_REGIONS_PER_KEY": "3"})
+    try:
+        with OptimClient(server.url, shared_memory=True) as client:
+            session = client.create_session(np.zeros(100, np.float32), "sgd", lr=1.0)
+            kept = [session.step(np.ones(100, np.float32)) for _ in range(4)]
+            assert [a[0] for a in kept] == [-1, -2, -3, -4]
+            regions = client._shm.sessions[session.id]
+            assert regions.answers == 1 and len(regions.files) == 3
+            assert len(httpx.get(f"{server.url}/v1/shm/regions").json()) == 3
+    finally:
+        server.stop()
 
 
 async def test_the_async_client_steps_through_shared_memory_as_the_sync_one(server_with_regions):

@@ -209,14 +209,16 @@ def _step_call(session: "_SessionBase", gradients, loss: float | None, fields: d
 
 
 def _shm_step_call(session: "_SessionBase", regions: _shm.SessionRegions | None, gradients, loss: float | None,
-                   fields: dict) -> _Call | None:
-    """A step through the session's shared-memory regions, or None to go over the wire."""
+                   fields: dict, answer: int) -> _Call | None:
+    """A step through the session's shared-memory regions, its params into region ``answer``, or None
+    to go over the wire."""
     if regions is None:
         return None
     _, arrays = _wire.as_arrays(gradients, session.layout)
     if any(a is None for a in arrays):  # a tensor without a gradient needs JSON's null
         return None
-    return _Call("POST", f"/v1/sessions/{session.id}/step", content=[memoryview(regions.step_body(arrays, loss, fields))],
+    body = regions.step_body(arrays, loss, fields, answer)
+    return _Call("POST", f"/v1/sessions/{session.id}/step", content=[memoryview(body)],
                  headers={"Idempotency-Key": uuid.uuid4().hex, "Content-Type": _shm.MEDIA_TYPE})
 
 
@@ -298,9 +300,9 @@ class _SessionBase:
         self.last_round = None
         return self._take(answer)
 
-    def _take_shared(self, answer: dict, regions: _shm.SessionRegions, copy: bool) -> Any:
+    def _take_shared(self, answer: dict, regions: _shm.SessionRegions, copy: bool, into: int) -> Any:
         self.step_count = answer["step"]
-        self._params = regions.params(copy, self._answers)
+        self._params = regions.params(copy, self._answers, into)
         return self.params
 
     def _take(self, answer) -> Any:
@@ -332,9 +334,10 @@ class Session(_SessionBase):
         writes them into: updated in place by the next step, as torch updates parameters."""
         fields = self._push_fields(base_step)
         regions = _drive_sync(self._client, self._client._shm.regions(self.id, self.layout))
-        call = _shm_step_call(self, regions, gradients, loss, fields)
+        into = 1 if regions is None else _drive_sync(self._client, self._client._shm.answer_to(regions, copy))
+        call = _shm_step_call(self, regions, gradients, loss, fields, into)
         if call is not None:
-            return self._take_shared(self._client._send(call), regions, copy)
+            return self._take_shared(self._client._send(call), regions, copy, into)
         return self._take(self._client._send(_step_call(self, gradients, loss, fields)))
 
     def shared_buffers(self):
@@ -373,9 +376,10 @@ class AsyncSession(_SessionBase):
     async def step(self, gradients, loss: float | None = None, *, base_step: int | None = None, copy: bool = True):
         fields = self._push_fields(base_step)
         regions = await _drive_async(self._client, self._client._shm.regions(self.id, self.layout))
-        call = _shm_step_call(self, regions, gradients, loss, fields)
+        into = 1 if regions is None else await _drive_async(self._client, self._client._shm.answer_to(regions, copy))
+        call = _shm_step_call(self, regions, gradients, loss, fields, into)
         if call is not None:
-            return self._take_shared(await self._client._send(call), regions, copy)
+            return self._take_shared(await self._client._send(call), regions, copy, into)
         return self._take(await self._client._send(_step_call(self, gradients, loss, fields)))
 
     async def shared_buffers(self):

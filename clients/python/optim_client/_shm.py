@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Generator
@@ -51,15 +52,29 @@ def copyto(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 class SessionRegions:
-    """A session's two regions: ``grads`` (in) and ``params`` (out), each as long as its parameters."""
+    """A session's regions, each as long as its parameters: ``grads`` (in, 0), ``params`` (out, 1), and
+    over sealed memfds up to ``ANSWERS`` more params regions (out, 2...) whose views are a step's
+    answer with no copy."""
+
+    ANSWERS = 2  # answers a caller may hold while it steps on: the last one (the session holds it too)
 
     def __init__(self, layout: _wire.Layout, sealed: bool):
         self.layout = layout
         self.dtype = _wire.np_dtype(layout.dtype)
         self.nbytes = layout.nbytes  # (never a narrower wire dtype: regions() refuses those)
-        tag = uuid.uuid4().hex[:12]
-        self.names = (f"g-{tag}", f"p-{tag}")
+        self.sealed = sealed
+        self.answers = self.ANSWERS  # answer regions it may still register
+        self._tag = uuid.uuid4().hex[:12]
+        self.names = [f"g-{self._tag}", f"p-{self._tag}"]
         self.files = [(SealedFile if sealed else SharedFile)(self.nbytes) for _ in self.names]
+
+    def free_answer(self) -> int | None:
+        """An answer region no array views any more (its answer was let go of), if there is one."""
+        return next((i for i in range(2, len(self.files)) if not self.files[i].viewed()), None)
+
+    def new_answer(self) -> tuple[str, object]:
+        """A further answer region's name and file, not yet registered."""
+        return f"a{len(self.files) - 2}-{self._tag}", (SealedFile if self.sealed else SharedFile)(self.nbytes)
 
     def registrations(self) -> list[dict]:
         return [{"name": name, "key": f.key, "byte_size": self.nbytes} for name, f in zip(self.names, self.files)]
@@ -72,9 +87,9 @@ class SessionRegions:
         """One array per tensor over region ``which``."""
         return _wire.from_binary(self._flat(which), self.layout)
 
-    def step_body(self, arrays: list[np.ndarray], loss: float | None, fields: dict) -> bytes:
+    def step_body(self, arrays: list[np.ndarray], loss: float | None, fields: dict, answer: int = 1) -> bytes:
         """Copies the gradients into the gradients' region, unless they are its views already
-        (``Session.shared_buffers``); the step's JSON body naming both regions."""
+        (``Session.shared_buffers``); the step's JSON body naming it and params region ``answer``."""
         flat = self._flat(0)
         offset = 0
         for array, size in zip(arrays, self.layout.sizes):
@@ -83,17 +98,18 @@ class SessionRegions:
                     and array.ctypes.data == target.ctypes.data):
                 copyto(target, array.reshape(-1))
             offset += size
-        body = {"gradients": {"region": self.names[0]}, "params": {"region": self.names[1]}, **fields}
+        body = {"gradients": {"region": self.names[0]}, "params": {"region": self.names[answer]}, **fields}
         if loss is not None:
             body["loss"] = float(loss)
         return orjson.dumps(body)
 
-    def params(self, copy: bool, into) -> list[np.ndarray]:
-        """The params the server wrote, copied out (the region is written over by the next step) into
-        ``into(nbytes)`` (memory of an earlier answer nothing views any more, ``_AnswerMemory``).
-        ``copy=False``: views of the region itself."""
-        flat = self._flat(1)
-        if not copy:
+    def params(self, copy: bool, into, answer: int = 1) -> list[np.ndarray]:
+        """The params the server wrote into region ``answer``: views of an answer region (nothing writes
+        it while they live); else, of the params region, which the next step writes over, copied out
+        into ``into(nbytes)`` (memory of an earlier answer nothing views any more, ``_AnswerMemory``),
+        or with ``copy=False`` its views."""
+        flat = self._flat(answer)
+        if answer != 1 or not copy:
             return _wire.from_binary(flat, self.layout)
         out = np.frombuffer(into(self.nbytes), self.dtype)
         copyto(out, flat)
@@ -114,6 +130,11 @@ class SealedFile:
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.buf = mmap.mmap(self.fd, nbytes)
         self.key = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self._alone = sys.getrefcount(self.buf)
+
+    def viewed(self) -> bool:
+        """Whether an array still views the memory (each holds a reference to the mapping)."""
+        return sys.getrefcount(self.buf) > self._alone
 
     def close(self) -> None:
         try:
@@ -183,6 +204,27 @@ class SharedMemory:
             self.sessions[session_id] = regions
             return regions
         return None
+
+    def answer_to(self, regions: SessionRegions, copy: bool) -> Generator[Request, object, int]:
+        """Which params region a step's answer goes into: with ``copy`` an answer region nothing views
+        (registered on first need, up to ``ANSWERS``), whose views are the answer with no copy; else,
+        or when every one is still viewed, the params region (1). Only over sealed memfds: a view of a
+        /dev/shm file's memoryview leaves no trace on it to tell whether the region is still viewed."""
+        if not copy or not regions.sealed:
+            return 1
+        free = regions.free_answer()
+        if free is None and len(regions.files) - 2 < regions.answers:
+            name, file = regions.new_answer()
+            try:
+                yield "POST", "/v1/shm/regions", {"name": name, "key": file.key, "byte_size": regions.nbytes}
+            except OptimError:  # e.g. this key's regions are at the server's cap: copy out, as before
+                file.close()
+                regions.answers = len(regions.files) - 2  # and ask no more
+                return 1
+            regions.names.append(name)
+            regions.files.append(file)
+            free = len(regions.files) - 1
+        return 1 if free is None else free
 
     def unregister(self, regions: SessionRegions) -> Generator[Request, object, None]:
         for name in regions.names:
