@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -44,8 +45,7 @@ def copyto(dst: np.ndarray, src: np.ndarray) -> None:
         if _helpers is None:
             _helpers = ThreadPoolExecutor(_WAYS - 1, thread_name_prefix="optim-client-copy")
     cuts = np.linspace(0, dst.size, _WAYS + 1).astype(int)
-    pieces = [_helpers.submit(np.copyto, dst[a:b], src[a:b], casting="same_kind")
-              for a, b in zip(cuts[1:-1], cuts[2:])]
+    pieces = [_helpers.submit(np.copyto, dst[a:b], src[a:b], casting="same_kind") for a, b in pairwise(cuts[1:])]
     np.copyto(dst[:cuts[1]], src[:cuts[1]], casting="same_kind")
     for piece in pieces:
         piece.result()
