@@ -53,13 +53,15 @@ async def serve(tmp_path, store: str = "memory", **settings):
     return app, lifespan, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "memory-offloaded", "sqlite", "redis"])
 async def client(request, tmp_path):
-    store = request.param
+    store, extra = request.param, {}
     if store == "redis":
         store = request.getfixturevalue("redis_url")
         redis.Redis.from_url(store).flushdb()
-    app, lifespan, client = await serve(tmp_path, store, shm=True)
+    if store == "memory-offloaded":  # every copy and update on the kernel thread, as a large step's
+        store, extra = "memory", {"thread_offload_elements": 0}
+    app, lifespan, client = await serve(tmp_path, store, shm=True, **extra)
     yield client
     await client.aclose()
     await lifespan.__aexit__(None, None, None)
