@@ -31,7 +31,7 @@ from .observability import MeteredStore, Metrics, RequestContextMiddleware
 from .ratelimit import Unlimited, open_limiter
 from .sessions import KERNEL_THREAD, SessionService
 from .settings import Settings
-from .shm import Regions
+from .shm import Regions, warm as warm_shm
 from .store import MemoryStore, StoreUnavailable, open_store, redact
 
 logger = logging.getLogger("optim_service")
@@ -59,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, history.warm)
             warm_team()  # this thread's, for the updates too small to hand over
             logger.info("kernels ready in %.1f s", time.perf_counter() - started)
+        if settings.shm:  # a large step's copies through a mapped region, on the thread that makes them
+            await asyncio.get_running_loop().run_in_executor(KERNEL_THREAD, warm_shm)
         store = open_store(settings.store, settings.session_ttl_seconds, settings.cache_bytes,
                            settings.store_timeout_seconds, settings.redis_wait_replicas)
         if not isinstance(store, MemoryStore):  # its calls never wait: timing them would only slow them

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import OPTIMIZERS
 from .base import Hyperparameters, Top, Unproven, adopt, joined, reference
-from .kernels import max_abs
+from .kernels import PARALLEL_MIN_ELEMENTS, max_abs
 from .aggregation import Aggregation, Each
 from .clipping import ClipGradNorm, clip_coefficient
 from .schedules import Schedule
@@ -280,8 +280,6 @@ def warm_kernels() -> None:
     both dtypes now, not on a first request. An update in place compiles what a step runs: every
     array a kernel only reads goes in read-only (``flat_read``, in ``kernels.apply``), whether or not it is
     the array written."""
-    from .kernels import PARALLEL_MIN_BYTES, PARALLEL_MIN_ELEMENTS, copy
-
     for dtype in (np.float32, np.float64):
         for name, algorithm in OPTIMIZERS.items():
             for variant in algorithm.warm:
@@ -292,7 +290,6 @@ def warm_kernels() -> None:
                     algorithm.fused(param, np.zeros(size, dtype), state, config.optimizer, 1)
         for size in (1, PARALLEL_MIN_ELEMENTS):  # what an update in place measures the state with
             max_abs(np.zeros(size, dtype))
-    copy(np.zeros(PARALLEL_MIN_BYTES, np.uint8), np.zeros(PARALLEL_MIN_BYTES, np.uint8))  # a shm step's
 
 
 def warm_team() -> None:
@@ -300,8 +297,6 @@ def warm_team() -> None:
     thread back the CPUs it had. Bound (``OMP_PROC_BIND``, which ``optim-service serve`` sets), libgomp
     pins a team's primary thread to one core for good: right for the kernel thread, whose worker it
     keeps off that core, but not for the event loop, which runs the steps too small to hand over."""
-    from .kernels import PARALLEL_MIN_ELEMENTS
-
     cpus = os.sched_getaffinity(0)
     max_abs(np.zeros(PARALLEL_MIN_ELEMENTS, np.float32))
     os.sched_setaffinity(0, cpus)

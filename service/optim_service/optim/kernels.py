@@ -187,7 +187,7 @@ def _copy(dst, src):
         dst[i] = src[i]
 
 
-_COPY = compiled(_copy)
+_COPY = njit(parallel=True, **_OPTIONS)(_copy)  # (below PARALLEL_MIN_BYTES numpy copies: no serial build)
 PARALLEL_MIN_BYTES = 1 << 20  # a smaller copy is faster as numpy's one memcpy than on a woken team
 
 
@@ -197,7 +197,7 @@ def copy(dst: np.ndarray, src: np.ndarray) -> None:
     if dst.nbytes < PARALLEL_MIN_BYTES:
         np.copyto(dst, src)
     else:
-        _COPY.parallel(dst, src)
+        _COPY(dst, src)
 
 
 def run(k: Kernel, p: np.ndarray, *args) -> int:
