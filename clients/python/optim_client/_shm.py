@@ -72,9 +72,9 @@ class SessionRegions:
         """An answer region no array views any more (its answer was let go of), if there is one."""
         return next((i for i in range(2, len(self.files)) if not self.files[i].viewed()), None)
 
-    def new_answer(self) -> tuple[str, object]:
-        """A further answer region's name and file, not yet registered."""
-        return f"a{len(self.files) - 2}-{self._tag}", (SealedFile if self.sealed else SharedFile)(self.nbytes)
+    def new_answer(self) -> tuple[str, SealedFile]:
+        """A further answer region's name and file, not yet registered (sealed only: ``answer_to``)."""
+        return f"a{len(self.files) - 2}-{self._tag}", SealedFile(self.nbytes)
 
     def registrations(self) -> list[dict]:
         return [{"name": name, "key": f.key, "byte_size": self.nbytes} for name, f in zip(self.names, self.files)]
