@@ -113,11 +113,13 @@ class Unproven(Exception):
 class Bounds:
     """Interval arithmetic for an update in ``dtype``, upward: each call bounds |x| of a sum of
     bounded terms, grown by ``SLACK`` for the kernel's rounding (each operation is within 2⁻²⁴ of
-    exact in float32; a bound covers at most a dozen), and raises ``Unproven`` unless it stays under
-    ``limit``, the dtype's largest value over ``MARGIN``. A comparison with NaN is false, so a NaN
-    anywhere is unproven too."""
+    exact in float32; a bound covers at most a dozen) and by ``STEPS`` of the smallest subnormal
+    (among subnormals rounding is within half of that, not relative), and raises ``Unproven`` unless
+    it stays under ``limit``, the dtype's largest value over ``MARGIN``. A comparison with NaN is
+    false, so a NaN anywhere is unproven too."""
 
     SLACK = 1 + 1e-6
+    STEPS = 16
     MARGIN = 1024.0
 
     def __new__(cls, dtype):  # one per dtype: a bound is computed on every large step
@@ -126,19 +128,23 @@ class Bounds:
             self = _BOUNDS[dtype] = super().__new__(cls)
             self.limit = float(np.finfo(dtype).max) / cls.MARGIN
             self.tiny = float(np.finfo(dtype).tiny)
+            self.floor = cls.STEPS * float(np.finfo(dtype).smallest_subnormal)
             self.code = {4: "f", 8: "d"}[dtype.itemsize]
         return _BOUNDS[dtype]
 
     def __call__(self, *terms: float) -> float:
-        x = sum(terms) * self.SLACK
+        return self._under_limit(sum(terms) * self.SLACK + self.floor)
+
+    def _under_limit(self, x: float) -> float:
         if not x <= self.limit:
             raise Unproven
         return x
 
     def cast(self, scalars: tuple) -> list[float]:
         """|c| for each scalar as the kernel casts it (``f = p.dtype.type``), rounded to nearest: an lr
-        past float32 is inf there, an eps under its smallest subnormal is 0."""
-        return [self(abs(c)) for c in array(self.code, scalars)]
+        past float32 is inf there, an eps under its smallest subnormal is 0 (and stays 0 here, no
+        floor added: ``positive`` refuses it as a divisor)."""
+        return [self._under_limit(abs(c) * self.SLACK) for c in array(self.code, scalars)]
 
     def ratio(self, g: float, eps: float, weight: float = 1.0) -> float:
         """|g|/(√s + ε) where s ≥ (weight·g)·g as the kernel rounds it (a sum of squares that holds this
