@@ -30,6 +30,8 @@ def test_the_dashboard_draws_a_session_and_follows_its_steps(browser, tmp_path):
         errors = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
+        missing = []  # everything the page asks for is there (its icon too: it names none to fetch)
+        page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
         page.goto(f"{server.url}/dashboard?session={sid}")
         page.wait_for_selector("#key-form:not([hidden])", timeout=10000)  # the API said 401: a key is asked
         errors.clear()  # the 401 the page met on purpose
@@ -46,6 +48,7 @@ def test_the_dashboard_draws_a_session_and_follows_its_steps(browser, tmp_path):
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
         assert (tmp_path / "dashboard.png").stat().st_size > 20_000
         assert errors == [], errors
+        assert missing == [], missing
         page.close()
     finally:
         server.stop()
