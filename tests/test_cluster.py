@@ -3,11 +3,12 @@
 The store contract runs on a cluster in tests/test_store_contract.py (``cluster`` and
 ``cluster+wait``); here two servers share one cluster, and a master dies under a session whose
 steps were acknowledged only once its replica had them (``OPTIM_REDIS_WAIT_REPLICAS=1``): its replica
-is promoted and every acknowledged step is there."""
+is promoted and every acknowledged step is there; a read during the failover waits it out."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -49,10 +50,15 @@ def test_a_masters_failover_loses_no_step_its_replica_acknowledged(tmp_path):
         master, replica = cluster.master_of(f"optim:{{s:{sid}}}:rec")
         cluster.procs[master].kill()  # kill -9: nothing flushed, nothing handed over
         cluster.procs[master].wait()
-        cluster.cli(replica, "cluster", "failover", "takeover")
+        with ThreadPoolExecutor(1) as pool:  # a read meets the dead master, and waits out the promotion
+            during = pool.submit(httpx.get, f"{server.url}/v1/sessions/{sid}/params", timeout=30)
+            time.sleep(0.3)
+            cluster.cli(replica, "cluster", "failover", "takeover")
+            answer = during.result()
+        assert answer.status_code == 200 and answer.json()["step"] == 25, answer.text
         cluster.wait_ok()
         answer = httpx.get(f"{server.url}/v1/sessions/{sid}/params", timeout=30)
-        assert answer.status_code == 200 and answer.json()["step"] == 25
+        assert answer.status_code == 200 and answer.json()["step"] == 25, answer.text
         np.testing.assert_array_equal(answer.json()["params"], after_one_hot_steps(25))
         # a retried step is still answered once: its claim was replicated with it
         again = step(server.url, sid, 24, headers={"Idempotency-Key": "k24"})

@@ -228,6 +228,8 @@ def test_redis_killed_with_aof_on_keeps_every_acknowledged_step(tmp_path):
         down = httpx.post(f"{server.url}/v1/sessions/{sid}/step", json={"gradients": one_hot(0)})
         assert down.status_code == 503 and down.headers["retry-after"] == "1"
         assert "nothing was changed" in down.json()["detail"]
+        # the client's answer names no backend; the operator's log names the cause
+        assert f"store unavailable (ConnectionError: Error 111 connecting to 127.0.0.1:{port}" in server.logs()
         assert httpx.get(f"{server.url}/readyz").status_code == 503
         redis_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         wait_for_port(port)

@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .store.base import translate_errors
-from .store.redis import connect, primed
+from .store.redis import connect, primed, riding_failovers
 
 # KEYS[1]: the key's theoretical arrival time (ms). ARGV: interval ms, burst tolerance ms.
 # Redis's own clock, so replicas with skewed clocks agree. Returns 0, or ms until allowed.
@@ -59,9 +59,11 @@ class LocalLimiter:
 
 @translate_errors(RedisConnectionError, RedisTimeoutError, ClusterError)
 @primed
+@riding_failovers
 class RedisLimiter:
     def __init__(self, url: str, rate: float, burst: int, prefix: str = "optim", timeout_seconds: float = 5.0):
         self._redis = connect(url, timeout_seconds)
+        self._timeout = timeout_seconds
         self._script = self._redis.register_script(GCRA)
         self._interval_ms = 1000.0 / rate
         self._tolerance_ms = self._interval_ms * burst

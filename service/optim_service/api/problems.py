@@ -5,6 +5,8 @@ Only errors we know are mapped; anything else is a bug and surfaces as Starlette
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -13,6 +15,8 @@ from starlette.routing import Match
 from .. import errors
 from ..store import OutcomeUnknown, StoreUnavailable
 from .responses import JSONResponse
+
+logger = logging.getLogger("optim_service")
 
 STATUS: dict[type[errors.OptimServiceError], int] = {
     errors.InvalidRequest: 422,
@@ -86,6 +90,8 @@ def install(app: FastAPI) -> None:
         return problem(exc.status_code, exc.detail if isinstance(exc.detail, str) else "Error", detail, headers=headers)
 
     async def store_unavailable(request: Request, exc: StoreUnavailable):
+        # the client's answer names no backend detail; the operator's log does
+        logger.warning("%s %s: store unavailable (%s)", request.method, request.url.path, exc)
         if isinstance(exc, OutcomeUnknown):
             return problem(503, "Store did not confirm",
                            "the session store did not confirm this write in time, so it may or may not "

@@ -21,6 +21,7 @@ Durability is the server's: run Redis with ``appendonly yes`` (docker-compose.ym
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from urllib.parse import unquote
@@ -222,6 +223,39 @@ def primed(cls):
     return wrap_methods(cls, around, skip=("close",))
 
 
+def riding_failovers(cls):
+    """Decorate a class over a Redis client (``self._redis``, its timeout ``self._timeout``) so that on
+    a cluster a call whose connection was refused is tried again, after a jittered backoff, for up to
+    ¾ of that timeout: a master is down, and its replica's promotion may not be in every node's view
+    yet. A refused connection sent nothing, so any call may be tried again. redis-py's cluster client
+    tries 4 times in ~0.1 s with no pause, and a test in CI saw all 4 refused by a master that had
+    been replaced (each refresh of its map still named the old one)."""
+    def around(fn):
+        async def method(self, *args, **kwargs):
+            if not isinstance(self._redis, RedisCluster):
+                return await fn(self, *args, **kwargs)
+            deadline, pause = time.monotonic() + 0.75 * self._timeout, 0.02
+            while True:
+                try:
+                    return await fn(self, *args, **kwargs)
+                except RedisConnectionError as e:
+                    wait = random.uniform(pause / 2, pause)
+                    if not _refused(e) or time.monotonic() + wait > deadline:
+                        raise
+                await asyncio.sleep(wait)
+                pause = min(2 * pause, 0.5)
+        return method
+    return wrap_methods(cls, around, skip=("close",))
+
+
+def _refused(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, ConnectionRefusedError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def connect(url: str, timeout_seconds: float) -> aioredis.Redis | RedisCluster:
     """A client whose every wait is bounded here, whatever the library's defaults (redis-py 5 waits
     forever, 8 five seconds), retrying once at once: a restarted Redis leaves dropped connections in
@@ -238,6 +272,7 @@ def connect(url: str, timeout_seconds: float) -> aioredis.Redis | RedisCluster:
 
 @translate_errors(RedisConnectionError, RedisTimeoutError, ClusterError)
 @primed
+@riding_failovers
 class RedisStore:
     """``wait_replicas`` > 0: a write (a create, a step, a round's contribution) is acknowledged only
     once that many replicas of its master have it (``WAIT``, within half the store timeout), so a
@@ -251,6 +286,7 @@ class RedisStore:
     def __init__(self, url: str, session_ttl_seconds: int = 0, prefix: str = "optim",
                  timeout_seconds: float = 5.0, wait_replicas: int = 0, chunk_bytes: int = CHUNK_BYTES):
         self._redis = connect(url, timeout_seconds)
+        self._timeout = timeout_seconds
         self._cluster = isinstance(self._redis, RedisCluster)
         self._ttl = session_ttl_seconds
         self._p = prefix
