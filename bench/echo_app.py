@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 
 from optim_service.optim.adam import Scalars
 from optim_service.optim.adam import _adam as adam_kernel
+from optim_service.optim.kernels import UNGUARDED
 
 
 async def app(scope, receive, send):
@@ -59,6 +60,6 @@ def _adam_step(request: bytes) -> bytes:
     lr, beta1, beta2 = 1e-3, 0.9, 0.999
     scalars = Scalars(1.0, 0.0, 1.0, 1 - beta1, beta2, 1 - beta2, 1e-8, lr / (1 - beta1**step),
                            math.sqrt(1 - beta2**step))
-    adam_kernel.serial(new[0], grad, new[1], new[2], old[0], old[1], old[2], *scalars)
+    adam_kernel.serial(new[0], grad, new[1], new[2], old[0], old[1], old[2], *scalars, *UNGUARDED, new[0])
     _adam["state"], _adam["step"] = new, step
     return orjson.dumps({"step": step, "params": {"w": new[0]}}, option=orjson.OPT_SERIALIZE_NUMPY)

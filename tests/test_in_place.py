@@ -97,6 +97,74 @@ def test_where_the_bound_admits_an_update_in_place_it_is_the_same_bits_and_finit
 
 
 @pytest.mark.parametrize("kind,variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_guarded_update_in_place_takes_gradients_changed_past_the_proof_as_0(kind, variant, dtype, data):
+    """A shared-memory step's gradients lie in the client's memory: it may change them between the
+    pass that measures max|g| for the proof and the update. Guarded at that max|g|, the update in
+    place is the update of what it read with every value past it (NaN and ±Inf too) taken as 0:
+    the same bits as that update out of place, finite, within the bound, and its new parameters
+    written to ``out`` as well."""
+    from optim_service.optim.kernels import max_abs
+
+    draw = data.draw
+    top_exponent = 38 if dtype is np.float32 else 300
+    cfg = _config(kind, variant, draw(st.sampled_from([1e-3, 1e-1, 10.0, 1e20])),
+                  draw(st.sampled_from([None, 1e-8, 1e-30])))
+    step, n = draw(st.integers(1, 10**6)), draw(st.integers(1, 40))
+    param, state = _arrays(cfg, draw, n, dtype, top_exponent)
+    if not (np.isfinite(param).all() and all(np.isfinite(b).all() for b in state if b is not None)):
+        return
+    measured = _magnitudes(draw, n, top_exponent).astype(dtype)
+    grad_max = max_abs(measured)
+    hps = cfg.hyperparameters_for(["w"])
+    after = bound_step(cfg, hps, measure(cfg.algorithm, [param], [state]), grad_max, step, dtype)
+    if after is None:
+        return
+    read = measured.copy()  # what the update reads: some values changed since the measure
+    past = float(np.finfo(dtype).max)
+    for i in draw(st.lists(st.integers(0, n - 1), max_size=n)):
+        read[i] = draw(st.sampled_from([np.nan, np.inf, -np.inf, past, -past, 2.0 * grad_max + 1, -grad_max,
+                                        grad_max / 3]))
+    with np.errstate(invalid="ignore"):
+        taken = np.where(np.abs(read) <= grad_max, read, 0).astype(dtype)
+    out_param, out_state = np.empty_like(param), cfg.algorithm.state_type(*(
+        None if b is None else np.empty_like(b) for b in state))
+    _, finite_out = apply_step(cfg, hps, [out_param], [taken], [out_state], step, source=([param], [state], None))
+    answer = np.full(n, np.nan, dtype)
+    _, finite_in = apply_step(cfg, hps, [param], [read], [state], step, guard=(grad_max, 0.0), out=answer)
+    assert finite_out and finite_in
+    assert _bits([param, *state]) == _bits([out_param, *out_state])
+    assert answer.tobytes() == param.tobytes()
+    now = measure(cfg.algorithm, [param], [state])
+    assert now.param <= after.param
+    for field, value in zip(state._fields, now.state):
+        if value is not None:
+            assert value <= getattr(after.state, field), field
+
+
+@pytest.mark.parametrize("kind,variant", VARIANTS)
+def test_an_update_in_place_writes_each_tensors_parameters_into_its_run_of_out(kind, variant):
+    """Tensor by tensor (different hyperparameters per tensor, so no single flat update), each
+    tensor's new parameters go to its own run of ``out``, in creation order; unguarded, the values
+    are the update's as ever."""
+    from optim_service.optim.kernels import UNGUARDED
+
+    cfg = _config(kind, variant, 1e-2, None)
+    hps = cfg.hyperparameters_for(["a", "b"])
+    rng = np.random.default_rng(7)
+    params = [rng.standard_normal(5).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32)]
+    states = [cfg.algorithm.init(p, hp) for p, hp in zip(params, hps)]
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    copies = [p.copy() for p in params], [s._make(None if b is None else b.copy() for b in s) for s in states]
+    apply_step(cfg, hps, copies[0], grads, copies[1], 3)
+    out = np.full(11, np.nan, np.float32)
+    apply_step(cfg, hps, params, grads, states, 3, guard=UNGUARDED, out=out)
+    assert out.tobytes() == b"".join(p.tobytes() for p in params) == b"".join(p.tobytes() for p in copies[0])
+
+
+@pytest.mark.parametrize("kind,variant", VARIANTS)
 def test_the_bound_admits_a_real_run_carried_from_step_to_step(kind, variant):
     """A real run (unit gradients, the usual lr): every step of 2,000 is admitted, on the maxima the
     previous bound carried or, where those grew past what proves the next step, measured again (as

@@ -444,10 +444,13 @@ async def test_a_sealed_memfd_is_mapped_and_steps_as_the_binary_body(client, tmp
         os.close(plain)
 
 
-async def test_gradients_in_a_mapped_region_are_copied_so_the_step_may_go_in_place(tmp_path):
-    """A sealed memfd's gradients are read into the server's memory before the step: what the client
-    writes into its region afterwards changes nothing of the step, so the step's checks and its
-    bound hold for what the update reads, and it updates in place as a binary step does, bit for bit."""
+async def test_a_mapped_regions_step_in_place_copies_nothing_and_is_the_binary_step(tmp_path, monkeypatch):
+    """An update in place reads a sealed memfd's gradients where the client wrote them (guarded
+    against a change since the proof measured them: tests/test_in_place.py) and writes the new params
+    into the answer's region in its own pass: no copy either way, and bit for bit the binary step's.
+    A step that does not go in place (the first, which measures the maxima) copies the gradients into
+    the server's memory first (``shm.read``: what the client writes afterwards changes nothing), and
+    the params into the region after."""
     import fcntl
     import mmap
 
@@ -465,6 +468,10 @@ async def test_gradients_in_a_mapped_region_are_copied_so_the_step_may_go_in_pla
         assert np.frombuffer(read, np.float32).tolist() == [1.5] * 9
         regions.close()
 
+        copies = []
+        for name in ("read", "write"):
+            monkeypatch.setattr(shm, name, lambda *a, _name=name, _fn=getattr(shm, name): (copies.append(_name),
+                                                                                             _fn(*a))[1])
         start = np.arange(9, dtype=np.float32)
         wire, shared = await session(client, start), await session(client, start)
         for name, offset in (("g", 0), ("p", 36)):
@@ -477,13 +484,15 @@ async def test_gradients_in_a_mapped_region_are_copied_so_the_step_may_go_in_pla
             view[:9] = grads
             by_wire = await client.post(f"/v1/sessions/{wire}/step", content=grads.tobytes(), headers={
                 "Content-Type": "application/octet-stream", "Accept": "application/octet-stream"})
-            before = in_place.get()
+            before, copies[:] = in_place.get(), []
+            view[9:] = np.nan  # the answer overwrites it whole
             answer = await client.post(f"/v1/sessions/{shared}/step", json={
                 "gradients": {"region": "g"}, "params": {"region": "p"}}, headers={"Content-Type": SHM})
             assert answer.status_code == 200, answer.text
             assert view[9:].tobytes() == by_wire.content
-            went.append(in_place.get() - before)
-        assert went == [0, 1, 1, 1]  # every step but the first, which measures the maxima
+            went.append((in_place.get() - before, copies[:]))
+        # every step but the first, which measures the maxima, in place and with no copy
+        assert went == [(0, ["read", "write"]), (1, []), (1, []), (1, [])]
     finally:
         await client.aclose()
         await lifespan.__aexit__(None, None, None)

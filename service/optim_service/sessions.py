@@ -17,7 +17,7 @@ import secrets
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
 from typing import NamedTuple
@@ -42,7 +42,7 @@ from .finite import first_non_finite, require_finite
 from .lru import ByteBoundedLRU
 from .optim.config import TrainingConfig, apply_step, bound_step, measure
 from .optim.base import Run, Top, joined
-from .optim.kernels import max_abs
+from .optim.kernels import UNGUARDED, max_abs
 from .optim.schedules import ScheduleOverflow
 from .rounds import Contribution, Round, RoundStatus
 from .record import POOL, Layout, Session, from_record, parse_config, read_meta
@@ -66,6 +66,7 @@ class StepResult(NamedTuple):
     round: int | None = None  # the round this step committed
     dry_run: bool = False  # computed and answered, written nowhere
     in_place: bool = False  # the update wrote the stored state itself
+    answered: bool = False  # and the new parameters into ``step``'s ``answer_into`` as well
     # what is left once the answer is out, with ``step(..., settle_later=True)``: the committed
     # session frozen and kept warm, waiters on its rounds woken (``SessionService._settle``)
     settle: Callable[[], None] | None = None
@@ -367,12 +368,21 @@ class SessionService:
         contribution: Contribution = Contribution(),
         dry_run: bool = False,
         settle_later: bool = False,
+        volatile: Callable[[], Awaitable[None]] | None = None,
+        answer_into: memoryview | None = None,
     ) -> StepResult:
         """One step, after the steps on this session ahead of it in this process; the lock is
         dropped with the last step that needs it, so idle sessions hold none. With ``settle_later``
         a committed step's bookkeeping is left to the caller, to run once its answer is sent
-        (``StepResult.settle``): none of it is the answer's, and a small step's client waited for it."""
+        (``StepResult.settle``): none of it is the answer's, and a small step's client waited for it.
+        ``volatile``: ``decode``'s gradients lie in memory a client can still write (a mapped region),
+        and awaiting it copies them into the server's. An update in place reads them where they lie,
+        guarded (``kernels.guarded``); every other path takes the copy first, as it reads them more than once.
+        An update in place also writes the new parameters into ``answer_into`` (a client's mapped region
+        of the layout's size) in its own pass, and says so (``StepResult.answered``)."""
         if dry_run:  # the would-be step, written nowhere: no lock, claim, history or round
+            if volatile is not None:
+                await volatile()
             return await self._dry_run(owner, session_id, decode, loss, if_match, memory)
         turn = self._turns.take(session_id)  # the session's turn, after the steps ahead of it
         if turn is not None:
@@ -398,6 +408,11 @@ class SessionService:
                 if schedule is not None and schedule.type == "lr_range_test" and loss is not None:
                     await self._range_test_goes_on(template, loss)
                 aggregation = template.config.aggregation
+                provable = self._provable(template)  # (never for a round: it checks a contribution, then adds it)
+                in_place = provable and template.id not in self._dry_runs and template.alone(record)
+                if volatile is not None and not in_place:
+                    await volatile()
+                    volatile = None
                 if aggregation.mode == "sync":
                     result = await self._contribute(record, template, decode, loss, idempotency, contribution)
                     if result is not None:
@@ -407,9 +422,8 @@ class SessionService:
                 if aggregation.mode == "async":
                     tau, lr_scale = _staleness(template.step, contribution.base_step, aggregation)
                 args = (record, template, decode, memory, loss, lr_scale, tau, contribution.worker, idempotency)
-                provable = self._provable(template)
-                if provable and template.id not in self._dry_runs and template.alone(record):
-                    result = await self._in_place(*args)
+                if in_place:
+                    result = await self._in_place(*args, guarded=volatile is not None, answer=answer_into)
                 else:  # a proof still carries the maxima to the next step, which may then go in place
                     result = await self._apply(*args, bound=provable, settle_later=settle_later)
                 if result is not None:
@@ -528,11 +542,12 @@ class SessionService:
         return _Turn(self._turns, session_id)
 
     async def _apply(self, record, template, decode, memory, loss, lr_scale, tau, worker, idempotency,
-                     in_place: bool = False, bound: bool = False, settle_later: bool = False) -> StepResult | None:
+                     in_place: bool = False, bound: bool = False, settle_later: bool = False,
+                     guarded: bool = False, answer: memoryview | None = None) -> StepResult | None:
         """Compute the step and commit it; None when the session changed meanwhile (retry)."""
         later = settle_later and self.store.private  # the history line too: measured once it is read
         session, grad_norm, compute_ms, skipped, line = await self._compute(
-            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place, later)
+            template, decode, memory, loss, lr_scale or 1.0, worker, in_place, bound or in_place, later, guarded, answer)
         claim = self._claim(idempotency, session.version, session.step)
         written = session.buffer is template.buffer
         if await self.store.compare_and_set(*self._writes(session, record.version, claim, history=line)):
@@ -542,7 +557,7 @@ class SessionService:
             else:
                 self._stored(session)
             return StepResult(session, grad_norm, compute_ms, skipped=skipped, lr_scale=lr_scale, staleness=tau,
-                              in_place=written, settle=settle)
+                              in_place=written, answered=written and answer is not None, settle=settle)
         if written:  # written in place, not stored (the session was deleted meanwhile): drop the copy
             self._warm.forget(template.id)
             logger.warning("an update in place of %s found its session gone", template.id)
@@ -559,7 +574,8 @@ class SessionService:
                 and config.algorithm.bound is not None and not self._snapshots_kept(config)
                 and config.aggregation.mode != "sync" and template.tensor_steps is None)
 
-    async def _in_place(self, record, template, *args) -> StepResult | None:
+    async def _in_place(self, record, template, *args, guarded: bool = False,
+                        answer: memoryview | None = None) -> StepResult | None:
         """``_apply`` that may write the stored state: readers wait until it has committed, and it runs
         to its commit even if the request is cancelled (the memory is the store's record)."""
         session_id = template.id
@@ -567,7 +583,7 @@ class SessionService:
 
         async def run():
             try:
-                return await self._apply(record, template, *args, in_place=True)
+                return await self._apply(record, template, *args, in_place=True, guarded=guarded, answer=answer)
             finally:
                 waiter = self._writing.pop(session_id, None)
                 if waiter is not None and not waiter.done():
@@ -588,12 +604,15 @@ class SessionService:
                 "GET .../diagnosis suggests a learning rate")
 
     async def _compute(self, template: Session, decode, memory, loss, lr_scale: float = 1.0, worker=None,
-                       in_place: bool = False, bound: bool = False, line_later: bool = False):
+                       in_place: bool = False, bound: bool = False, line_later: bool = False, guarded: bool = False,
+                       answer: memoryview | None = None):
         """The step ``template`` takes on ``decode``'s gradients: a new session (version bumped),
         the gradient norm, the update's time, whether ``nan_policy: "skip"`` skipped it, and its
         history line (None with history off; with ``line_later`` a ``history.Pending``, for a private
         store, measured once read). With ``bound`` the update is proven finite where it
-        can be, and with ``in_place`` it then writes ``template``'s own memory (``_timed_advance``)."""
+        can be, and with ``in_place`` it then writes ``template``'s own memory (``_timed_advance``);
+        ``guarded``: the gradients lie in a client's live memory, read once, after the norm's pass;
+        ``answer``: where an update in place writes the new parameters as well."""
         grads = decode(template)  # (a decoder reads the layout only: the working copy's is the same)
         if bound and any(g is None for g in grads):  # some tensors skip this step: unproven
             in_place = bound = False
@@ -601,10 +620,10 @@ class SessionService:
         clipping = template.config.clip_grad_norm is not None  # the update's own norm is the line's then
         # the line's pass takes the norm of one run of gradients after the update, unless the update
         # overwrites it (a body read into the working copy) or it is in pieces: then now, apart
-        whole = history.one_run(grads) if keep and memory is None and not clipping else None
+        whole = history.one_run(grads) if keep and memory is None and not clipping and not guarded else None
         early = keep and whole is None and (memory is not None or not clipping)  # the norm, before the update
         args = (early, template, memory, grads, self.settings.fused_kernels, lr_scale, bound, in_place,
-                template.layout.sizes if keep else None)
+                template.layout.sizes if keep else None, guarded, answer)
         try:
             if sum(template.layout.sizes) < self.settings.thread_offload_elements:
                 norm, (session, grad_norm, compute_ms, old) = _measured_advance(*args)
@@ -931,16 +950,23 @@ def _staleness(step: int, base_step: int | None, config) -> tuple[int, float]:
 
 
 def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: float, bound: bool, in_place: bool,
-                   grad_max: float | None, sizes) -> tuple[Session, object, float, np.ndarray | None]:
+                   grad_max: float | None, sizes, guarded: bool = False,
+                   answer: memoryview | None = None) -> tuple[Session, object, float, np.ndarray | None]:
     """The step ``template`` takes (``_advance``) and its time in ms, taken where it runs: Server-Timing's
     compute is the update (with the proof that it may go in place), not also its wait behind other
     sessions' updates on the kernel thread (that is latency). It writes a working copy (in
     ``memory`` if given), or, with ``in_place`` where ``template``'s bound holds (proven with
     ``bound``, given ``grad_max``, max|g|, when the history's pass took it), ``template``'s own memory;
     returns the session written, the result, the time and, in place, the history's sample of the
-    old parameters (``sizes``: the history is on). A proven step carries its maxima either way."""
+    old parameters (``sizes``: the history is on). A proven step carries its maxima either way. With
+    ``guarded`` (gradients a client may still change) an update in place reads each gradient through
+    ``kernels.guarded`` at the max|g| the proof took, so a changed one cannot break the proof; it
+    writes the new parameters into ``answer`` (bytes in creation order) as well, if given."""
     started = time.perf_counter()
-    top = _in_place_bound(template, grads, lr_scale, grad_max) if bound else None
+    if bound and grad_max is None:
+        whole = history.one_run(grads)
+        grad_max = max_abs(whole) if whole is not None else max(max_abs(g) for g in grads)
+    top = _in_place_bound(template, lr_scale, grad_max) if bound else None
     old = None
     if top is None or not in_place:
         session = template.fork(copy=False, memory=memory)  # the update writes every element of it
@@ -952,7 +978,8 @@ def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: floa
             old = history.sample(template.all_params(), sizes)
         session = template.fork_in_place()
         try:
-            result = _advance(session, grads, fused, None, lr_scale)
+            out = None if answer is None else np.frombuffer(answer, template.layout.np_dtype)
+            result = _advance(session, grads, fused, None, lr_scale, (grad_max, 0.0) if guarded else UNGUARDED, out)
         except InvalidRequest:
             result = SKIPPED
         if result is SKIPPED:  # cannot be, unless a bound is wrong: the stored state is lost
@@ -962,13 +989,15 @@ def _timed_advance(template: Session, memory, grads, fused: bool, lr_scale: floa
 
 
 def _measured_advance(early: bool, template: Session, memory, grads, fused: bool, lr_scale: float, bound: bool,
-                      in_place: bool, sizes) -> tuple[float | None, tuple]:
+                      in_place: bool, sizes, guarded: bool = False,
+                      answer: memoryview | None = None) -> tuple[float | None, tuple]:
     """``_timed_advance``, after the line's gradient norm when ``early`` (with max|g| for a proof, in the
     same pass): where a step's update runs, its passes over the gradients run too."""
     norm = grad_max = None
     if early:
         norm, grad_max = history.grad_norm_and_max(grads) if bound else (history.grad_norm(grads), None)
-    return norm, _timed_advance(template, memory, grads, fused, lr_scale, bound, in_place, grad_max, sizes)
+    return norm, _timed_advance(template, memory, grads, fused, lr_scale, bound, in_place, grad_max, sizes, guarded,
+                                answer)
 
 
 async def on_kernel_thread(fn, *args):
@@ -990,15 +1019,11 @@ def _call_boxed(box: list) -> None:
 UNPROVEN_BACKOFF = 16
 
 
-def _in_place_bound(template: Session, grads, lr_scale: float, grad_max: float | None = None) -> Top | None:
+def _in_place_bound(template: Session, lr_scale: float, grad_max: float) -> Top | None:
     """The state's maxima after this step if its update provably writes only finite values (then it
-    may go in place): from the maxima the last update in place carried, else measured (one pass
-    over the state, only where the bound could hold at all). ``grad_max``: max|g|, if the history's
-    pass took it; else a pass over the gradients takes it."""
+    may go in place), given max|g|: from the maxima the last update in place carried, else measured
+    (one pass over the state, only where the bound could hold at all)."""
     config, hps, dtype = template.config, template.hyperparameters, template.layout.np_dtype
-    if grad_max is None:
-        whole = history.one_run(grads)
-        grad_max = max_abs(whole) if whole is not None else max(max_abs(g) for g in grads)
     step, lr_of = template.step + 1, _lr_of(template)
     if template.top is not None:
         top = bound_step(config, hps, template.top, grad_max, step, dtype, lr_scale, lr_of)
@@ -1018,7 +1043,7 @@ def _in_place_bound(template: Session, grads, lr_scale: float, grad_max: float |
 
 
 def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: Session | None,
-             lr_scale: float = 1.0):
+             lr_scale: float = 1.0, guard: tuple[float, float] | None = None, out: np.ndarray | None = None):
     """Apply one step to ``session``, a fork of ``template`` that the update writes whole (or, with
     no ``template``, in place); a non-finite gradient or result is refused (``nan_policy: "error"``)
     or skipped, with the stored state unchanged (``"skip"``). Returns the gradient norm when clipping."""
@@ -1028,7 +1053,7 @@ def _advance(session: Session, grads: list[np.ndarray], fused: bool, template: S
         steps = [s + (g is not None) for s, g in zip(session.tensor_steps or [session.step] * len(grads), grads)]
     grad_norm, finite = apply_step(session.config, session.hyperparameters, session.params, grads,
                                    session.states, step, fused, session.flat(), template and template.source(), steps, lr_scale,
-                                   _lr_of(session))
+                                   _lr_of(session), guard, out)
     if not finite:
         if session.config.nan_policy == "skip":
             return SKIPPED

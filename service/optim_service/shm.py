@@ -175,12 +175,24 @@ def warm() -> None:
     copy(np.zeros(PARALLEL_MIN_BYTES, np.uint8), np.zeros(PARALLEL_MIN_BYTES, np.uint8))
 
 
+def mapped(span: Span) -> memoryview | None:
+    """A checked span's bytes where they lie in a sealed region's mapping, which the client can still
+    write (``SessionService.step``'s ``volatile`` and ``answer_into``); None for a file, which is only
+    ever read and written with pread and pwrite."""
+    region = span.region
+    return None if region.mapping is None else memoryview(region.mapping)[span.start:span.start + span.size]
+
+
+def check_size(span: Span, limit: int) -> None:
+    if span.size > limit:
+        raise InvalidRequest(f"gradients: {span.size} bytes, over this server's limit of {limit} per step")
+
+
 def read(span: Span, into: np.ndarray | None, limit: int) -> memoryview:
     """A checked span's bytes, read into ``into`` (uint8, long enough) or fresh memory: a copy the
     client cannot change, so that what a check or a proof read before the update is what it reads."""
     region, size = span.region, span.size
-    if size > limit:
-        raise InvalidRequest(f"gradients: {size} bytes, over this server's limit of {limit} per step")
+    check_size(span, limit)
     buffer = memoryview(into)[:size] if into is not None and len(into) >= size else memoryview(bytearray(size))
     if region.mapping is not None:
         copy(np.frombuffer(buffer, np.uint8), np.frombuffer(region.mapping, np.uint8, size, span.start))

@@ -125,8 +125,10 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     body = body_at_hand(scope, limit) if scope is not None and memory is None and hasher is None else None
     if body is None:
         body = await read_body(length, receive, limit, into=memory, sink=sink, hasher=hasher)
+    volatile = answer_into = None
     if ctype == SHARED_MEMORY:
-        request, into_region, memory = await read_shared_step(body, caller, session_id, state)
+        request, into_region, memory, volatile = await read_shared_step(body, caller, session_id, state)
+        answer_into = shm.mapped(into_region) if into_region is not None else None
     else:
         request, into_region = CODECS[ctype].read_step(body, headers, state.settings.max_json_depth), None
     said.update(request.contribution)  # the body's own fields win over headers
@@ -137,7 +139,8 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
     result = await caller.sessions.step(caller.owner, session_id, request.decode, loss=request.loss,
                                         if_match=expected, idempotency=idempotency, memory=memory,
                                         contribution=Contribution(**said) if said else Contribution(),
-                                        dry_run=dry_run, settle_later=True)
+                                        dry_run=dry_run, settle_later=True, volatile=volatile,
+                                        answer_into=answer_into)
     try:
         if result.pending is not None and wait:  # RFC 7240: hold the answer while the round may commit
             result = await caller.sessions.wait_round(caller.owner, session_id, result.pending.round, wait) or result
@@ -162,7 +165,8 @@ async def serve_step(session_id: str, headers: Mapping[str, str], receive, calle
             extra["round"] = result.round
         if into_region is not None:  # the params into the client's region, and only where they went in the body
             try:
-                await _copying(into_region.size, state, shm.write, into_region, session.params_bytes())
+                if not result.answered:  # (an update in place wrote them there as it went)
+                    await _copying(into_region.size, state, shm.write, into_region, session.params_bytes())
             except OSError as e:  # e.g. /dev/shm full: the step stands, its answer can be asked again
                 raise AnswerUndelivered(
                     f"step {session.step} was applied, but its params could not be written into region "
@@ -190,22 +194,33 @@ async def _copying(nbytes: int, state: State, copy: Callable, *args):
 
 
 async def read_shared_step(body, caller: Tenant, session_id: str, state: State):
-    """A step whose gradients lie in a registered region: they are read (into the step's working
-    copy where the binary path would read its body) before anything else, and the region its answer
-    should go into is checked now, so that a bad one refuses the step rather than lose its answer.
-    Returns the step's body, where its answer goes (None: in the body) and the memory the gradients
-    were read into (None: fresh)."""
+    """A step whose gradients lie in a registered region, and the region its answer should go into,
+    both checked now, so that a bad one refuses the step rather than lose its answer. A file's
+    gradients are read now (into the step's working copy where the binary path would read its
+    body); a sealed memfd's are left where they lie, with a copy to take (the same way) unless the
+    update goes in place (``SessionService.step``'s ``volatile``). Returns the step's body, where its
+    answer goes (None: in the body), the memory the gradients are read into (None: fresh) and
+    that copy (None: made)."""
     req = parse_json(body, SharedMemoryStep, "gradients", state.settings.max_json_depth)
     regions, owner = state.regions, caller.owner
     span = regions.span(owner, req.gradients.model_dump(), None, "gradients")
     into = None  # the params take as many bytes as the gradients
     if req.params is not None:
         into = regions.span(owner, req.params.model_dump(), span.size, "params")
-    memory = caller.sessions.binary_memory(owner, session_id, span.size)
-    grads = await _copying(span.size, state, shm.read, span, memory, state.settings.max_body_bytes)
+    memory, limit = caller.sessions.binary_memory(owner, session_id, span.size), state.settings.max_body_bytes
+    shm.check_size(span, limit)
+    grads = [shm.mapped(span)]
+
+    async def copy() -> None:
+        grads[0] = await _copying(span.size, state, shm.read, span, memory, limit)
+
+    volatile = copy
+    if grads[0] is None:
+        await copy()
+        volatile = None
     said = {k: v for k in ("worker", "weight", "round", "base_step") if (v := getattr(req, k)) is not None}
-    step = StepBody(lambda session: decode_binary(grads, session.layout), req.loss, {}, said)
-    return step, into, memory
+    step = StepBody(lambda session: decode_binary(grads[0], session.layout), req.loss, {}, said)
+    return step, into, memory, volatile
 
 
 def _sink_of(scope):

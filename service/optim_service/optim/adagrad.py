@@ -13,7 +13,7 @@ from . import kernels
 from .base import (
     Bool, Bounds, Float, Hyperparameters, Optimizer, Top, decay_scalars, directed, require_non_negative, zeros,
 )
-from .kernels import directed_at, finite
+from .kernels import directed_at, finite, guarded
 
 
 class AdagradHyperparameters(Hyperparameters):
@@ -60,17 +60,19 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _adagrad(p, g, s, p0, s0, sign, wd, decay, clr, eps):
+def _adagrad(p, g, s, p0, s0, sign, wd, decay, clr, eps, top, fill, q):
     f = p.dtype.type
+    top, fill = f(top), f(fill)  # kernels.guarded
     sign, wd, decay, clr, eps = f(sign), f(wd), f(decay), f(clr), f(eps)
     bad = 0
     for i in prange(p.size):
-        gr = g[i]
+        gr = guarded(g[i], top, fill)
         gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         si = s0[i] + gi * gi
         s[i] = si
         pi = pi - clr * gi / (np.sqrt(si) + eps)
         p[i] = pi
+        q[i] = pi  # (p itself, or where the step's answer goes)
         bad += not finite(pi, si, gr, pi)
     return bad
 
@@ -79,8 +81,10 @@ def scalars(hp: AdagradHyperparameters, step: int) -> Scalars:
     return Scalars(*decay_scalars(hp), hp.lr / (1 + (step - 1) * hp.lr_decay), hp.eps)
 
 
-def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None) -> int:
-    return kernels.apply(_adagrad, param, grad, state, source, scalars(hp, step))
+def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None,
+          guard=kernels.UNGUARDED, out=None) -> int:
+    return kernels.apply(_adagrad, param, grad, state, source, scalars(hp, step),
+                         guard=guard, out=out)
 
 
 def bound(hp: AdagradHyperparameters, step: int, top: Top, g: float, dtype) -> Top:

@@ -14,7 +14,7 @@ from .base import (
     Bool, Bounds, Float, Hyperparameters, Optimizer, Top, Unproven, decay_scalars, directed, lerp_,
     require_non_negative, zeros,
 )
-from .kernels import directed_at, finite, moments_at
+from .kernels import directed_at, finite, guarded, moments_at
 
 Betas = Annotated[tuple[Float, Float], Field(strict=False)]  # a JSON list of two numbers
 
@@ -107,35 +107,40 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
+def _adam(p, g, m, v, p0, m0, v0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt, top, fill, q):
     f = p.dtype.type
+    top, fill = f(top), f(fill)  # kernels.guarded
     sign, wd, decay, b1_c, b2 = f(sign), f(wd), f(decay), f(b1_c), f(b2)
     b2_c, eps, step_size, bc2_sqrt = f(b2_c), f(eps), f(step_size), f(bc2_sqrt)
     bad = 0
     for i in prange(p.size):
-        gr = g[i]
+        gr = guarded(g[i], top, fill)
         gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         mi, vi = moments_at(m, v, m0, v0, i, gi, b1_c, b2, b2_c)
         pi = pi - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
         p[i] = pi
+        q[i] = pi  # (p itself, or where the step's answer goes)
         bad += not finite(pi, mi, vi, gr)
     return bad
 
 
 @kernels.kernel
-def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt):
+def _adam_amsgrad(p, g, m, v, vmax, p0, m0, v0, vmax0, sign, wd, decay, b1_c, b2, b2_c, eps, step_size, bc2_sqrt,
+                  top, fill, q):
     f = p.dtype.type
+    top, fill = f(top), f(fill)  # kernels.guarded
     sign, wd, decay, b1_c, b2 = f(sign), f(wd), f(decay), f(b1_c), f(b2)
     b2_c, eps, step_size, bc2_sqrt = f(b2_c), f(eps), f(step_size), f(bc2_sqrt)
     bad = 0
     for i in prange(p.size):
-        gr = g[i]
+        gr = guarded(g[i], top, fill)
         gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         mi, vi = moments_at(m, v, m0, v0, i, gi, b1_c, b2, b2_c)
         second = max(vmax0[i], vi)
         vmax[i] = second
         pi = pi - step_size * mi / (np.sqrt(second) / bc2_sqrt + eps)
         p[i] = pi
+        q[i] = pi  # (p itself, or where the step's answer goes)
         bad += not finite(pi, mi, second, gr)
     return bad
 
@@ -147,8 +152,11 @@ def scalars(hp: AdamHyperparameters, step: int) -> Scalars:
 
 
 @kernels.torch_lerp(update)
-def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None) -> int:
-    return kernels.apply(_adam_amsgrad if hp.amsgrad else _adam, param, grad, state, source, scalars(hp, step))
+def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None,
+          guard=kernels.UNGUARDED, out=None) -> int:
+    return kernels.apply(_adam_amsgrad if hp.amsgrad else _adam, param, grad, state, source,
+                         scalars(hp, step),
+                         guard=guard, out=out)
 
 
 def bound(hp: AdamHyperparameters, step: int, top: Top, g: float, dtype) -> Top:

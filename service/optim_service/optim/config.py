@@ -171,6 +171,8 @@ def apply_step(
     steps: list[int] | None = None,
     lr_scale: float = 1.0,
     lr_of: dict[int, float] | None = None,
+    guard: tuple[float, float] | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[float | None, bool]:
     """Run optimizer step number ``step`` (from 1) in place, with the fused kernels or the numpy
     reference. Returns the gradient norm (when clipping) and whether every gradient, parameter and
@@ -189,7 +191,9 @@ def apply_step(
     number (its count of updates, as torch's per-parameter ``state["step"]``); the schedule follows
     ``step``, the optimizer's. ``lr_scale`` multiplies the (scheduled) learning rate of this step: an
     asynchronous push's staleness scale. ``lr_of`` (id of a tensor's hyperparameters → lr) is the
-    lr a stateful schedule (reduce_on_plateau) has set for each group."""
+    lr a stateful schedule (reduce_on_plateau) has set for each group. ``guard`` (max|g|, 0), for an
+    update in place of gradients in a client's live memory, goes to a bounded kernel (``kernels.guarded``),
+    and with it ``out``: where the new parameters go as well, one 1-D run in creation order, or None."""
     grad_norm, coef = None, 1.0
     partial = steps is not None
     if config.clip_grad_norm:  # its overflow shows in the norm (the updates count theirs): no warning
@@ -203,8 +207,13 @@ def apply_step(
         params, states, hyperparameters = [flat[0]], [flat[1]], hyperparameters[:1]
         sources = [source[2] if source is not None else None]
         grads = [joined(grads)]
+        outs = [out]
     else:  # (only here: a session's per-tensor arrays are laid when first read)
         sources = list(zip(source[0], source[1])) if source is not None else [None] * len(params)
+        outs = [None] * len(params)
+        if out is not None:  # each tensor's run of it
+            ends = np.cumsum([p.size for p in params])
+            outs = [out[end - p.size:end] for p, end in zip(params, ends)]
     if coef != 1.0:  # scaled copies: the gradients may be read-only views of a request body
         with np.errstate(over="ignore", invalid="ignore"):
             grads = [None if g is None else g * coef for g in grads]
@@ -212,7 +221,7 @@ def apply_step(
     scheduled: dict[int, Any] = {}
     rescheduled = config.schedule is not None or lr_scale != 1.0
     finite = True
-    for i, (param, grad, state, hp, read) in enumerate(zip(params, grads, states, hyperparameters, sources)):
+    for i, (param, grad, state, hp, read, into) in enumerate(zip(params, grads, states, hyperparameters, sources, outs)):
         if grad is None or param.size == 0:  # skipped this step (or nothing to update): kept as it is
             adopt(param, state, read)
             continue
@@ -220,7 +229,9 @@ def apply_step(
             hp = _scheduled(config, hp, step, lr_scale, lr_of, scheduled)
         t = steps[i] if partial else step
         try:
-            if fused:
+            if guard is not None:  # (only an update in place has one, and only a bounded kernel runs in place)
+                finite &= algorithm.fused(param, grad, state, hp, t, read, guard=guard, out=into) == 0
+            elif fused:
                 finite &= algorithm.fused(param, grad, state, hp, t, read) == 0
             else:
                 finite &= reference(algorithm.update, param, grad, state, hp, t, read) == 0

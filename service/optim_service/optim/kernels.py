@@ -21,6 +21,12 @@ passed as the kernel's last arguments, one per field in its order (``apply`` unp
 dispatch took a NamedTuple argument 1 µs slower than its floats); the kernel casts them to the
 tensor's dtype (``f = p.dtype.type``) before the loop, so a float32 update computes in float32 as
 torch's does.
+An update in place whose gradients lie in a client's live memory (a shared-memory step) passes
+``guard``: (max|g| as measured before the update, 0). Each bounded kernel reads ``g[i]`` through
+``guarded``, so a gradient the client changed since it was measured, beyond what the proof allowed,
+counts as 0 and the update stays within its bound; ``UNGUARDED`` (∞, NaN) changes no value, NaN included.
+A bounded kernel also writes each new parameter to ``q``: ``p`` itself, or, for an update in place
+that answers into a client's region, that region (one pass fewer than copying the parameters there).
 Each kernel also reports, in the same pass, whether any gradient or output is non-finite
 (``max|x| < inf`` is false for NaN and ±Inf alike), replacing a separate scan.
 """
@@ -45,6 +51,15 @@ PARALLEL_MIN_ELEMENTS = 1 << 14  # below this, waking the other cores costs more
 @njit(inline="always")
 def finite(a, b, c, d):
     return max(max(abs(a), abs(b)), max(abs(c), abs(d))) < np.inf
+
+
+@njit(inline="always")
+def guarded(g, top, fill):
+    """``g``, or ``fill`` where ``|g| ≤ top`` does not hold (a select, which vectorises)."""
+    return g if abs(g) <= top else fill
+
+
+UNGUARDED = (math.inf, math.nan)  # every value as it is: a NaN fails the test and is filled with NaN
 
 
 @njit(inline="always")
@@ -115,18 +130,20 @@ def torch_lerp(update):
     as torch's lerp switches formula there and the kernels have the other one only (a rare case)."""
     def wrap(fused):
         @functools.wraps(fused)
-        def checked(param, grad, state, hp, step: int, source=None) -> int:
-            if 1 - hp.betas[0] >= 0.5:
+        def checked(param, grad, state, hp, step: int, source=None, **guard) -> int:
+            if 1 - hp.betas[0] >= 0.5:  # (never in place: the bound refuses it, so never guarded)
                 return reference(update, param, grad, state, hp, step, source)
-            return fused(param, grad, state, hp, step, source)
+            return fused(param, grad, state, hp, step, source, **guard)
         return checked
     return wrap
 
 
-def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[str, ...] | None = None) -> int:
+def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[str, ...] | None = None,
+          guard: tuple[float, float] | None = None, out=None) -> int:
     """Run kernel ``k`` as every optimizer's does: written ``param`` and ``buffers`` (default: every
     buffer ``state`` holds; either way in field order), the gradient, the values read (``source``, or the same
-    arrays for an update in place), then ``scalars``."""
+    arrays for an update in place), then ``scalars``; a bounded kernel's then ``guard`` and where it
+    writes the new parameters a second time (``out``, or ``param`` itself)."""
     param0, state0 = read_from(param, state, source)
     written = [flat(param), flat_read(np.ascontiguousarray(grad, param.dtype))]  # (the gradient is only read)
     read = [flat_read(param0)]
@@ -135,6 +152,8 @@ def apply(k: Kernel, param, grad, state: tuple, source, scalars, buffers: tuple[
         if a is not None and (buffers is None or fields[i] in buffers):
             written.append(flat(a))
             read.append(flat_read(state0[i]))
+    if guard is not None:
+        scalars = (*scalars, *guard, written[0] if out is None else flat(out))
     return run(k, *written, *read, *scalars)
 
 

@@ -18,7 +18,7 @@ from .base import (
     Bool, Bounds, Float, Hyperparameters, Optimizer, Top, Unproven, decay_scalars, directed, lerp_, reference,
     require_non_negative, zeros,
 )
-from .kernels import directed_at, ema_sq, finite
+from .kernels import directed_at, ema_sq, finite, guarded
 
 
 class RMSpropHyperparameters(Hyperparameters):
@@ -89,31 +89,35 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _rmsprop(p, g, sq, p0, sq0, sign, wd, decay, lr, alpha, alpha_c, eps, momentum):
+def _rmsprop(p, g, sq, p0, sq0, sign, wd, decay, lr, alpha, alpha_c, eps, momentum, top, fill, q):
     f = p.dtype.type
+    top, fill = f(top), f(fill)  # kernels.guarded
     sign, wd, decay, lr, alpha, alpha_c, eps = (f(sign), f(wd), f(decay), f(lr), f(alpha),
                                                 f(alpha_c), f(eps))
     bad = 0
     for i in prange(p.size):
-        gr = g[i]
+        gr = guarded(g[i], top, fill)
         gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         v = ema_sq(sq0[i], gi, alpha, alpha_c)
         sq[i] = v
         pi = pi - lr * gi / (np.sqrt(v) + eps)
         p[i] = pi
+        q[i] = pi  # (p itself, or where the step's answer goes)
         bad += not finite(pi, v, gr, pi)
     return bad
 
 
 @kernels.kernel
-def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, sign, wd, decay, lr, alpha, alpha_c, eps, momentum):
+def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, sign, wd, decay, lr, alpha, alpha_c, eps, momentum,
+                      top, fill, q):
     f = p.dtype.type
+    top, fill = f(top), f(fill)  # kernels.guarded
     sign, wd, decay, lr, alpha, alpha_c, eps = (f(sign), f(wd), f(decay), f(lr), f(alpha),
                                                 f(alpha_c), f(eps))
     momentum = f(momentum)
     bad = 0
     for i in prange(p.size):
-        gr = g[i]
+        gr = guarded(g[i], top, fill)
         gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         v = ema_sq(sq0[i], gi, alpha, alpha_c)
         sq[i] = v
@@ -122,6 +126,7 @@ def _rmsprop_momentum(p, g, sq, buf, p0, sq0, buf0, sign, wd, decay, lr, alpha, 
         buf[i] = b
         pi = pi - lr * b
         p[i] = pi
+        q[i] = pi  # (p itself, or where the step's answer goes)
         bad += not finite(pi, v, b, gr)
     return bad
 
@@ -132,11 +137,13 @@ def scalars(hp: RMSpropHyperparameters, step: int) -> Scalars:
                    hp.eps, hp.momentum)
 
 
-def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int, source=None) -> int:
+def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: int, source=None,
+          guard=kernels.UNGUARDED, out=None) -> int:
     if hp.centered:  # no kernel: the reference, and its own finiteness count
         return reference(update, param, grad, state, hp, step, source)
     return kernels.apply(_rmsprop_momentum if hp.momentum > 0 else _rmsprop, param, grad, state, source,
-                         scalars(hp, step))
+                         scalars(hp, step),
+                         guard=guard, out=out)
 
 
 def bound(hp: RMSpropHyperparameters, step: int, top: Top, g: float, dtype) -> Top:

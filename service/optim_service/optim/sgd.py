@@ -12,7 +12,7 @@ from . import kernels
 from .base import (
     Bool, Bounds, Float, Hyperparameters, Optimizer, Top, decay_scalars, directed, require_non_negative, zeros,
 )
-from .kernels import directed_at, finite
+from .kernels import directed_at, finite, guarded
 
 
 class SGDHyperparameters(Hyperparameters):
@@ -67,33 +67,38 @@ class Scalars(NamedTuple):
 
 
 @kernels.kernel
-def _sgd(p, g, p0, sign, wd, decay, lr, momentum_now, grad_weight, momentum, nesterov, plain):
+def _sgd(p, g, p0, sign, wd, decay, lr, momentum_now, grad_weight, momentum, nesterov, plain, top, fill, q):
     f = p.dtype.type
+    top, fill = f(top), f(fill)  # kernels.guarded
     sign, wd, decay, lr = f(sign), f(wd), f(decay), f(lr)
     bad = 0
     for i in prange(p.size):
-        gr = g[i]
+        gr = guarded(g[i], top, fill)
         gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         pi = pi - lr * gi
         p[i] = pi
+        q[i] = pi  # (p itself, or where the step's answer goes)
         bad += not finite(pi, gr, pi, pi)
     return bad
 
 
 @kernels.kernel
-def _sgd_momentum(p, g, buf, p0, buf0, sign, wd, decay, lr, momentum_now, grad_weight, momentum, nesterov, plain):
+def _sgd_momentum(p, g, buf, p0, buf0, sign, wd, decay, lr, momentum_now, grad_weight, momentum, nesterov, plain,
+                  top, fill, q):
     f = p.dtype.type  # (a Python literal in the loop would promote the sum to float64)
+    top, fill = f(top), f(fill)  # kernels.guarded
     sign, wd, decay, lr, momentum_now = f(sign), f(wd), f(decay), f(lr), f(momentum_now)
     grad_weight, momentum, nesterov, plain = f(grad_weight), f(momentum), f(nesterov), f(plain)
     bad = 0
     for i in prange(p.size):
-        gr = g[i]
+        gr = guarded(g[i], top, fill)
         gi, pi = directed_at(gr, p0[i], sign, wd, decay)
         b = buf0[i] * momentum_now
         b = b + grad_weight * gi
         buf[i] = b
         pi = pi - lr * (nesterov * (gi + momentum * b) + plain * b)
         p[i] = pi
+        q[i] = pi  # (p itself, or where the step's answer goes)
         bad += not finite(pi, b, gr, pi)
     return bad
 
@@ -106,8 +111,11 @@ def scalars(hp: SGDHyperparameters, step: int) -> Scalars:
                    hp.momentum, 1.0 if hp.nesterov else 0.0, 0.0 if hp.nesterov else 1.0)
 
 
-def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None) -> int:
-    return kernels.apply(_sgd_momentum if hp.momentum else _sgd, param, grad, state, source, scalars(hp, step))
+def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None,
+          guard=kernels.UNGUARDED, out=None) -> int:
+    return kernels.apply(_sgd_momentum if hp.momentum else _sgd, param, grad, state, source,
+                         scalars(hp, step),
+                         guard=guard, out=out)
 
 
 def bound(hp: SGDHyperparameters, step: int, top: Top, g: float, dtype) -> Top:
