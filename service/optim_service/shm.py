@@ -6,9 +6,11 @@ of sending the bytes through a socket.
 A file of ``/dev/shm`` is read and written with ``pread``/``pwrite`` on a descriptor opened at
 registration, never mapped: a client that shrinks its file under a mapping would crash the server
 (SIGBUS), while a short read is a 422. A memfd sealed against shrinking (``F_SEAL_SHRINK``), named
-``/proc/<pid>/fd/<n>`` by the process that holds it, cannot shrink: it is mapped, and the gradients
-and params are copied with plain loads and stores, on every core. The gradients are always copied
-before the step, so the client cannot change them under its checks. Regions belong
+``/proc/<pid>/fd/<n>`` by the process that holds it, cannot shrink: it is mapped. An update in place
+reads its gradients there and writes the params there in its own pass, guarded against gradients
+the client changes under it (``kernels.guarded``); any other step copies the gradients into the
+server's memory first, with plain loads and stores on every core, so that the client cannot change
+them under its checks. Regions belong
 to the API key that registered them, live in this process (hence one worker), and are closed by
 unregistering or when the server stops.
 """
