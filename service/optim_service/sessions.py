@@ -376,8 +376,9 @@ class SessionService:
         a committed step's bookkeeping is left to the caller, to run once its answer is sent
         (``StepResult.settle``): none of it is the answer's, and a small step's client waited for it.
         ``volatile``: ``decode``'s gradients lie in memory a client can still write (a mapped region),
-        and awaiting it copies them into the server's. An update in place reads them where they lie,
-        guarded (``kernels.guarded``); every other path takes the copy first, as it reads them more than once.
+        and awaiting it copies them into the server's. A step that may go in place reads them where they
+        lie, guarded in place (``kernels.guarded``), out of place refused if non-finite; every other path
+        (a dry run, a round, a store of its own) takes the copy first, as it reads them more than once.
         An update in place also writes the new parameters into ``answer_into`` (a client's mapped region
         of the layout's size) in its own pass, and says so (``StepResult.answered``)."""
         if dry_run:  # the would-be step, written nowhere: no lock, claim, history or round
