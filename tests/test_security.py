@@ -13,6 +13,7 @@ import redis
 
 from conftest import ServerProcess
 from optim_service.app import create_app
+from optim_service.errors import InvalidRequest
 from optim_service.settings import Settings
 
 KEY_A, KEY_B = "sk-tenant-a-0123456789", "sk-tenant-b-9876543210"
@@ -157,6 +158,23 @@ async def test_elements_tensors_and_depth_limits():
         r = await client.post("/v1/sessions", json=deep)
         assert r.status_code == 422 and "deeper than 6" in r.json()["detail"]
         assert (await client.get("/v1/sessions")).json()["sessions"] == []
+
+
+@pytest.mark.parametrize("pad", [0, 1 << 16])  # below and above where the bracket count goes to numpy
+def test_the_json_depth_check_counts_nesting_not_brackets_at_any_size(pad):
+    import orjson
+
+    from optim_service.api.limits import check_json_depth
+
+    filler = [0.125] * (pad // 6)
+    deep = orjson.dumps({"pad": filler, "w": [[[[[[[1.0]]]]]]]})
+    with pytest.raises(InvalidRequest, match="deeper than 6"):
+        check_json_depth(deep, 6)
+    wide = orjson.dumps({"pad": filler, "w": [[[1.0]]] * 1000})  # 3000 brackets, 4 levels
+    quoted = orjson.dumps({"pad": filler, "w": [1.0], "note": "[{" * 1000})  # brackets in a string
+    for body in (wide, quoted):
+        check_json_depth(body, 6)
+    assert len(deep) > pad
 
 
 async def test_body_limit_by_content_length_and_while_streaming():
