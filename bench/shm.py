@@ -7,8 +7,8 @@ wire and torch's fused Adam step in this process, timed alternately.
 Target: at 10M, ≤ 3× torch's local fused step. A plain ``step(grads)`` copies the gradients into
 the SDK's region and the params out of it; with ``shared_buffers()`` (gradients written where the
 step reads them) and ``step(..., copy=False)`` (params as views of the region the server writes)
-the SDK copies nothing; the server copies the gradients out of the region (so that the client
-cannot change them under the step's checks) and the params into it.
+the SDK copies nothing, and neither does the server when the step updates in place: its update
+reads the gradients in the region and writes the params into the answer's in the same pass.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ shared_memory=True)``): each session gets two files, one its gradients are copie
 server writes its new params into, registered with ``POST /v1/shm/regions``. A step then sends a
 few dozen bytes of JSON naming them, instead of the arrays both ways.
 
-The files are memfds sealed against shrinking where the system has them (the server maps those and
-copies on every core), else files of ``/dev/shm`` (which it reads and writes with ``pread`` and
-``pwrite``)."""
+The files are memfds sealed against shrinking where the system has them (the server maps those: an
+update in place reads and writes them directly, any other step copies on every core), else files of
+``/dev/shm`` (which it reads and writes with ``pread`` and ``pwrite``)."""
 
 from __future__ import annotations
 

@@ -83,8 +83,7 @@ def scalars(hp: AdagradHyperparameters, step: int) -> Scalars:
 
 def fused(param, grad, state: AdagradState, hp: AdagradHyperparameters, step: int, source=None,
           guard=kernels.UNGUARDED, out=None) -> int:
-    return kernels.apply(_adagrad, param, grad, state, source, scalars(hp, step),
-                         guard=guard, out=out)
+    return kernels.apply(_adagrad, param, grad, state, source, scalars(hp, step), guard=guard, out=out)
 
 
 def bound(hp: AdagradHyperparameters, step: int, top: Top, g: float, dtype) -> Top:

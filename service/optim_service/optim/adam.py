@@ -155,8 +155,7 @@ def scalars(hp: AdamHyperparameters, step: int) -> Scalars:
 def fused(param, grad, state: AdamState, hp: AdamHyperparameters, step: int, source=None,
           guard=kernels.UNGUARDED, out=None) -> int:
     return kernels.apply(_adam_amsgrad if hp.amsgrad else _adam, param, grad, state, source,
-                         scalars(hp, step),
-                         guard=guard, out=out)
+                         scalars(hp, step), guard=guard, out=out)
 
 
 def bound(hp: AdamHyperparameters, step: int, top: Top, g: float, dtype) -> Top:

@@ -142,8 +142,7 @@ def fused(param, grad, state: RMSpropState, hp: RMSpropHyperparameters, step: in
     if hp.centered:  # no kernel: the reference, and its own finiteness count
         return reference(update, param, grad, state, hp, step, source)
     return kernels.apply(_rmsprop_momentum if hp.momentum > 0 else _rmsprop, param, grad, state, source,
-                         scalars(hp, step),
-                         guard=guard, out=out)
+                         scalars(hp, step), guard=guard, out=out)
 
 
 def bound(hp: RMSpropHyperparameters, step: int, top: Top, g: float, dtype) -> Top:

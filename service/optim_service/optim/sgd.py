@@ -114,8 +114,7 @@ def scalars(hp: SGDHyperparameters, step: int) -> Scalars:
 def fused(param, grad, state: SGDState, hp: SGDHyperparameters, step: int, source=None,
           guard=kernels.UNGUARDED, out=None) -> int:
     return kernels.apply(_sgd_momentum if hp.momentum else _sgd, param, grad, state, source,
-                         scalars(hp, step),
-                         guard=guard, out=out)
+                         scalars(hp, step), guard=guard, out=out)
 
 
 def bound(hp: SGDHyperparameters, step: int, top: Top, g: float, dtype) -> Top:
